@@ -1,0 +1,130 @@
+"""Checkpoints: atomic writes, safe (weights_only) reads, and models rebuilt from them.
+
+Two formats load:
+- this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
+  ``ncls``, ``stage``, ``epoch``, ``best_acc``, ``optimizer``, ``lr_scheduler``, ``config``;
+- the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
+  ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .delf import Delf, feature_dim
+
+SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")
+_SEED_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+               (True, 23): "resnet101", (True, 36): "resnet152"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model asked for."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load(weights_only=True) on CPU, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_seed_format(ckpt: dict[str, Any]) -> bool:
+    return "state_dict" not in ckpt and "base" in ckpt
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The flat model state_dict of either format."""
+    if not is_seed_format(ckpt):
+        return ckpt["state_dict"]
+    return {f"{m}.{k}": v for m in SEED_MODULES for k, v in ckpt.get(m, {}).items()}
+
+
+def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """arch, target_layer, ncls, stage and attn_batchnorm of a checkpoint of either format."""
+    state = model_state(ckpt)
+    has_attn = any(k.startswith("attn.") for k in state)
+    info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state)}
+    if not is_seed_format(ckpt):
+        return {**info, **{k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")}}
+    blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("base.6."))
+    arch = _SEED_ARCHS.get(("base.6.0.conv3.weight" in state, blocks))
+    if arch is None:
+        raise CheckpointError("seed-format checkpoint with an unknown ResNet layout")
+    target = "layer3"
+    if has_attn and state["attn.conv1.weight"].shape[1] == feature_dim(arch, "layer4"):
+        target = "layer4"
+    return {**info, "arch": arch, "target_layer": target, "ncls": state["logits.0.weight"].shape[0],
+            "stage": "keypoint" if has_attn else "finetune"}
+
+
+def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf, dict[str, Any]]:
+    """A keypoint-stage checkpoint as a model in ``stage`` ('inference' or 'keypoint'), on CPU."""
+    ckpt = load_file(path)
+    info = describe(ckpt)
+    if info["stage"] == "finetune":
+        raise CheckpointError(
+            f"{path}: a finetune-stage checkpoint has no attention network; "
+            "train the keypoint stage (--stage keypoint --load_from this file) and use its checkpoint"
+        )
+    model = Delf(info["ncls"], arch=info["arch"], stage=stage, target_layer=info["target_layer"],
+                 attn_batchnorm=info["attn_batchnorm"])
+    _load(model, model_state(ckpt), path)
+    return model, ckpt
+
+
+def load_backbone(model: Delf, path: str | os.PathLike) -> dict[str, Any]:
+    """Load the frozen backbone (base, and layer4 for layer4 features) from a finetune
+    checkpoint of either format into a keypoint-stage ``model``."""
+    ckpt = load_file(path)
+    info = describe(ckpt)
+    if info["arch"] != model.arch:
+        raise CheckpointError(f"{path}: checkpoint is {info['arch']}, but --arch is {model.arch}")
+    prefixes = tuple(f"{m}." for m in ("base", "layer4")[: len(model.backbone())])
+    state = {k: v for k, v in model_state(ckpt).items() if k.startswith(prefixes)}
+    if model.target_layer == "layer4" and not any(k.startswith("layer4.") for k in state):
+        raise CheckpointError(f"{path}: has no layer4 weights, needed for --target_layer layer4")
+    for module, prefix in zip(model.backbone(), prefixes):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        _load(module, sub, path)
+    return ckpt
+
+
+def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {e}") from None

@@ -1,0 +1,51 @@
+"""Small building blocks of the DeLF model."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNormalize(nn.Module):
+    """Maps RGB in [0, 1] to ImageNet-normalised input (the model's first step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class SpatialAttention2d(nn.Module):
+    """Attention score map: conv1x1(C->512) [-> BN] -> ReLU -> conv1x1(512->1) -> softplus.
+
+    ``batchnorm=False`` gives the seed repo's head (no BN) so its checkpoints load.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 512, batchnorm: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 1)
+        self.bn = nn.BatchNorm2d(hidden) if batchnorm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(hidden, 1, 1)
+        self.softplus = nn.Softplus(beta=1, threshold=20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.softplus(self.conv2(self.relu(self.bn(self.conv1(x)))))
+
+
+class WeightedSum2d(nn.Module):
+    """y = sum_{h,w} a_hw * normalize_L2(F_hw): attention-weighted sum of unit features.
+
+    A sum, as in the seed (the official TF code takes the mean; the classifier absorbs the
+    constant). Returns (B, C, 1, 1).
+    """
+
+    def forward(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(features, p=2, dim=1) * attention
+        return y.sum(dim=(2, 3), keepdim=True)

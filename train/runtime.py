@@ -1,0 +1,104 @@
+"""Process set-up shared by the trainer and the extractor: devices, torchrun, seeds, flags."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REPO_DIR = PROJECT_ROOT / "repo"
+log = logging.getLogger("delf")
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse type for booleans: true/false, 1/0, yes/no (any case)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "y"):
+        return True
+    if v in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its device and its place among torchrun's processes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group
+    (nccl on CUDA, gloo on CPU).
+
+    ``gpu_id`` sets CUDA_VISIBLE_DEVICES as the seed did; it must happen before CUDA initialises,
+    which is why it lives here. ``device``: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.
+    """
+    if gpu_id is not None and gpu_id != "":
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        else:
+            hint = f" (--gpu_id {gpu_id} shows no GPU)" if gpu_id else ""
+            if rank == 0:
+                log.info("CUDA is not available%s: running on CPU", hint)
+            dev = torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit(f"error: --device {device} asked for, but CUDA is not available")
+            if dev.index is None:
+                dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world_size, local_rank)
+
+
+def teardown_runtime() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(is_main: bool = True) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> torch.autocast:
+    """bf16 autocast on CPU; fp16 (default) or ``dtype`` on CUDA."""
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
