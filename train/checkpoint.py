@@ -43,6 +43,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
+    """This project's checkpoint format for ``model``; ``extra`` adds epoch, optimizer, ...."""
+    ckpt = {"state_dict": model.state_dict(), "arch": model.arch, "target_layer": model.target_layer,
+            "ncls": model.ncls, "stage": model.stage, "epoch": 0, "best_acc": 0.0,
+            "optimizer": {}, "lr_scheduler": {}, "config": {}}
+    ckpt.update(extra)
+    return ckpt
+
+
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load(weights_only=True) on CPU, with errors that name the file."""
     path = Path(path)
