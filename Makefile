@@ -19,6 +19,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+demo: install
+	$(PY) extract/demo.py
+
+demo-clean:
+	rm -rf repo/demo
+
 bench: install
 	for b in tests/bench/bench_*.py; do $(PY) $$b || exit 1; done
 
