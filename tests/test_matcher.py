@@ -1,0 +1,158 @@
+"""Matching and RANSAC on a real photo and its known affine / homography warp."""
+from __future__ import annotations
+
+import cv2
+import matplotlib
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from extract.matcher import MatchResult, draw_matches, match_descriptors, match_features, verify
+from tests.utils import photo
+
+matplotlib.use("Agg")
+
+AFFINE = np.array([[0.85, 0.18, 30.0], [-0.12, 0.9, 20.0]])
+HOMOGRAPHY = np.array([[0.9, 0.05, 15.0], [-0.08, 0.95, 25.0], [2e-4, -1e-4, 1.0]])
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def apply(transform: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Map (N, 2) points by a 2x3 affine or 3x3 homography."""
+    h = np.concatenate([pts, np.ones((len(pts), 1))], axis=1) @ np.asarray(transform).T
+    return h[:, :2] / h[:, 2:] if h.shape[1] == 3 else h
+
+
+def warped_pair(transform: np.ndarray, n_outliers: int = 60, seed: int = 0):
+    """The astronaut photo, its warp, and features consistent with the warp plus outliers.
+
+    Keypoints are the photo's corners (image 1) and their warped positions with 1 px noise
+    (image 2); descriptors are random unit vectors, noisy in image 2. Outliers: random positions
+    and descriptors in both images.
+    """
+    rng = np.random.default_rng(seed)
+    img1 = photo("astronaut", 256)
+    size = (img1.shape[1], img1.shape[0])
+    img2 = (cv2.warpAffine(img1, transform, size) if transform.shape == (2, 3)
+            else cv2.warpPerspective(img1, transform, size))
+    corners = cv2.goodFeaturesToTrack(cv2.cvtColor(img1, cv2.COLOR_RGB2GRAY), 300, 0.01, 5)
+    kp1 = corners.reshape(-1, 2).astype(np.float32)
+    kp2 = apply(transform, kp1) + rng.normal(0, 1.0, kp1.shape)
+    inside = np.all((kp2 >= 0) & (kp2 < size), axis=1)
+    kp1, kp2 = kp1[inside], kp2[inside].astype(np.float32)
+    d1 = unit(rng.normal(size=(len(kp1), 40)))
+    d2 = unit(d1 + 0.05 * rng.normal(size=d1.shape))
+    out1, out2 = (rng.uniform(0, 256, (n_outliers, 2)).astype(np.float32) for _ in range(2))
+    o1, o2 = (unit(rng.normal(size=(n_outliers, 40))) for _ in range(2))
+    perm = rng.permutation(len(kp2) + n_outliers)  # image-2 order unrelated to image 1's
+    f1 = {"keypoints": np.concatenate([kp1, out1]), "descriptors": np.concatenate([d1, o1])}
+    f2 = {"keypoints": np.concatenate([kp2, out2])[perm],
+          "descriptors": np.concatenate([d2, o2])[perm]}
+    return img1, img2, f1, f2, len(kp1)
+
+
+@pytest.mark.parametrize("model,transform", [("affine", AFFINE), ("homography", HOMOGRAPHY)])
+def test_recovers_known_warp(model: str, transform: np.ndarray) -> None:
+    img1, img2, f1, f2, n_true = warped_pair(transform)
+    res = match_features(f1, f2, model=model)
+    assert res.transform is not None and res.transform.shape == ((2, 3) if model == "affine"
+                                                                 else (3, 3))
+    assert n_true - 5 <= res.num_inliers <= n_true + 3
+    grid = np.stack(np.meshgrid(np.linspace(0, 255, 9), np.linspace(0, 255, 9)), -1).reshape(-1, 2)
+    assert np.abs(apply(res.transform, grid) - apply(transform, grid)).max() < 3.0
+    # the recovered transform re-creates the warped photo
+    size = (img1.shape[1], img1.shape[0])
+    redo = (cv2.warpAffine(img1, res.transform, size) if model == "affine"
+            else cv2.warpPerspective(img1, res.transform, size))
+    valid = (cv2.warpAffine(np.ones(img1.shape[:2], np.uint8), transform, size) if model == "affine"
+             else cv2.warpPerspective(np.ones(img1.shape[:2], np.uint8), transform, size)) > 0
+    assert np.abs(redo.astype(float) - img2)[valid].mean() < 12.0
+    # inliers are the true correspondences: same descriptor index in image 1
+    i, j = res.matches[res.inliers].T
+    assert np.allclose(apply(transform, f1["keypoints"][i]), f2["keypoints"][j], atol=5.0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_few_matches_give_zero_inliers(n: int) -> None:
+    rng = np.random.default_rng(0)
+    d = unit(rng.normal(size=(n, 40)))
+    f = {"keypoints": rng.uniform(0, 100, (n, 2)).astype(np.float32), "descriptors": d}
+    res = match_features(f, f)
+    assert len(res.matches) == n and res.num_inliers == 0 and res.transform is None
+    pts = rng.uniform(0, 100, (3, 2))
+    inliers, transform = verify(pts, pts, np.array([[0, 0], [1, 1], [2, 2]]), model="homography")
+    assert not inliers.any() and transform is None
+
+
+def test_empty_feature_sets() -> None:
+    rng = np.random.default_rng(0)
+    empty = {"keypoints": np.zeros((0, 2), np.float32), "descriptors": np.zeros((0, 40), np.float32)}
+    full = {"keypoints": rng.uniform(0, 100, (50, 2)).astype(np.float32),
+            "descriptors": unit(rng.normal(size=(50, 40)))}
+    for a, b in ((empty, empty), (empty, full), (full, empty)):
+        res = match_features(a, b)
+        assert isinstance(res, MatchResult)
+        assert res.matches.shape == (0, 2) and res.num_inliers == 0 and res.transform is None
+    with pytest.raises(ValueError, match="shapes"):
+        match_descriptors(full["descriptors"], full["descriptors"][:, :20])
+    with pytest.raises(ValueError, match="unknown model"):
+        verify(full["keypoints"], full["keypoints"], np.zeros((5, 2), np.int64), model="similarity")
+
+
+def test_distance_bound_matches_kdtree() -> None:
+    """Same putative matches as the official code's cKDTree query with distance_upper_bound."""
+    rng = np.random.default_rng(1)
+    d1 = unit(rng.normal(size=(300, 40)))
+    d2 = unit(np.concatenate([d1[:150] + 0.1 * rng.normal(size=(150, 40)),
+                              rng.normal(size=(100, 40))]))
+    dist, nn = cKDTree(d1).query(d2, distance_upper_bound=0.8)
+    expected = np.stack([nn[np.isfinite(dist)], np.flatnonzero(np.isfinite(dist))], axis=1)
+    got = match_descriptors(d1, d2, max_distance=0.8)
+    assert 100 < len(got) < 250
+    np.testing.assert_array_equal(got, expected)
+    assert len(match_descriptors(d1, d2, max_distance=0.0)) == 0
+    assert len(match_descriptors(d1, d2, max_distance=2.01)) == len(d2)
+
+
+def test_mutual_and_ratio() -> None:
+    e = np.eye(4, dtype=np.float32)
+    d1 = unit(np.stack([e[0], e[1], e[1] + 0.05 * e[2]]))  # 1 and 2 are near-duplicates
+    d2 = unit(np.stack([e[0] + 0.1 * e[3], e[0] + 0.2 * e[3],
+                    e[1] + 0.02 * e[2] + 0.01 * e[3]]))
+    plain = match_descriptors(d1, d2, max_distance=1.0)
+    np.testing.assert_array_equal(plain, [[0, 0], [0, 1], [1, 2]])
+    # image-1 descriptor 0's nearest image-2 descriptor is 0: (0, 1) is not mutual
+    np.testing.assert_array_equal(match_descriptors(d1, d2, max_distance=1.0, mutual=True),
+                                  [[0, 0], [1, 2]])
+    # image-2 descriptor 2 is ambiguous between image-1 descriptors 1 and 2
+    np.testing.assert_array_equal(match_descriptors(d1, d2, max_distance=1.0, ratio=0.5),
+                                  [[0, 0], [0, 1]])
+    one = match_descriptors(d1[:1], d2, max_distance=1.0, ratio=0.5)  # no second neighbour
+    np.testing.assert_array_equal(one, [[0, 0], [0, 1]])
+
+
+def test_draw_matches_figure() -> None:
+    from matplotlib.collections import LineCollection, PathCollection
+    import matplotlib.pyplot as plt
+
+    img1, img2, f1, f2, _ = warped_pair(AFFINE)
+    res = match_features(f1, f2)
+    fig = draw_matches(img1, img2[:200], f1["keypoints"], f2["keypoints"], res, show_keypoints=True)
+    try:
+        (ax,) = fig.axes
+        lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+        assert len(lines) == 1 and len(lines[0].get_segments()) == res.num_inliers > 0
+        points = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert len(points[0].get_offsets()) == len(f1["keypoints"]) + len(f2["keypoints"])
+        assert ax.images[0].get_array().shape == (256, 512, 3)
+        assert f"{res.num_inliers} inliers" in ax.get_title()
+        fig.canvas.draw()
+    finally:
+        plt.close(fig)
+    empty = MatchResult(np.empty((0, 2), np.int64), np.empty(0, bool), None)
+    fig = draw_matches(img1[..., 0], img2, np.empty((0, 2)), np.empty((0, 2)), empty)
+    assert len(fig.axes[0].collections[0].get_segments()) == 0
+    plt.close(fig)
