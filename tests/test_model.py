@@ -1,0 +1,172 @@
+"""The DeLF model: shapes per stage, receptive field, normalisation, checkpoint formats."""
+from __future__ import annotations
+
+import copy
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from tests.utils import save_keypoint_checkpoint
+from train.checkpoint import describe, load_backbone, load_file, load_model
+from train.delf import Delf, PretrainedUnavailable, feature_dim
+from train.layers import IMAGENET_MEAN, IMAGENET_STD
+
+NCLS = 5
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_output_shapes_per_stage(arch: str) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 64)
+    for layer, stride in (("layer3", 16), ("layer4", 32)):
+        for stage in ("finetune", "keypoint", "inference"):
+            model = Delf(NCLS, arch=arch, stage=stage, target_layer=layer).eval()
+            with torch.no_grad():
+                assert model(x).shape == (2, NCLS)
+                if stage == "finetune":
+                    continue
+                features, attention = model.extract(x)
+            assert features.shape == (2, feature_dim(arch, layer), 96 // stride, 64 // stride)
+            assert attention.shape == (2, 1, 96 // stride, 64 // stride)
+            assert (attention >= 0).all()
+            trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable == {"attn", "logits"}
+
+
+def _linearised(modules: list[nn.Module]) -> nn.Sequential:
+    """A copy with positive constant conv weights, no BN, no ReLU, and max-pools turned into
+    average pools of the same geometry: a linear map whose input gradient is strictly positive
+    exactly on each output cell's receptive field."""
+    net = copy.deepcopy(nn.Sequential(*modules)).float()
+    for name, m in list(net.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        owner = net.get_submodule(parent) if parent else net
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 1.0 / m.weight[0].numel())
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.ReLU)):
+            setattr(owner, attr, nn.Identity())
+        elif isinstance(m, nn.MaxPool2d):
+            setattr(owner, attr, nn.AvgPool2d(m.kernel_size, m.stride, m.padding))
+    return net.requires_grad_(False)
+
+
+def _support(grad: torch.Tensor) -> tuple[int, int, int, int]:
+    """(first row, last row, first col, last col) where ``grad`` (3, H, W) is non-zero."""
+    rows = grad.abs().sum(dim=(0, 2)).nonzero().flatten()
+    cols = grad.abs().sum(dim=(0, 1)).nonzero().flatten()
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+@pytest.mark.parametrize("arch, layer, size, stride, padding, input_size", [
+    ("resnet50", "layer3", 267, 16, 133, 288),
+    ("resnet50", "layer4", 427, 32, 213, 448),
+    ("resnet18", "layer3", 211, 16, 105, 224),
+])
+def test_receptive_field_matches_input_gradients(arch: str, layer: str, size: int, stride: int,
+                                                 padding: int, input_size: int) -> None:
+    model = Delf(NCLS, arch=arch, stage="inference", target_layer=layer)
+    rf = model.receptive_field()
+    assert (rf.size, rf.stride, rf.padding) == (size, stride, padding)
+
+    net = _linearised(model.backbone())
+    x = torch.zeros(2, 3, input_size, input_size, requires_grad=True)
+    out = net(x)
+    i = -(-padding // stride)  # first cell whose field starts inside the image
+    assert stride * i - padding + size <= input_size, "input too small for an interior cell"
+    (out[0, :, i, i].sum() + out[1, :, 0, 0].sum()).backward()
+    start = stride * i - padding
+    assert _support(x.grad[0]) == (start, start + size - 1) * 2          # interior cell
+    assert _support(x.grad[1]) == (0, size - 1 - padding) * 2            # corner cell: clipped
+    assert torch.equal(rf.boxes(1, 1), torch.tensor([[-padding, -padding, size - 1 - padding,
+                                                      size - 1 - padding]], dtype=torch.float32))
+
+
+def test_model_normalises_its_input() -> None:
+    model = Delf(NCLS, arch="resnet18", stage="finetune").eval()
+    seen = []
+    model.base[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (x - mean) / std)
+
+
+def _seed_checkpoint(model: Delf, modules: tuple[str, ...]) -> dict:
+    """A checkpoint as the seed repo's Solver wrote it: per-module state dicts + epoch/acc/optimizer."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"epoch": 3, "acc": 12.5, "optimizer": optimizer.state_dict()}
+    for name in modules:
+        state[name] = getattr(model, name).state_dict() if name != "pool" else {}
+    return state
+
+
+def _assert_same(module: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    actual = module.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])
+def test_seed_format_finetune_checkpoint_gives_keypoint_backbone(tmp_path: Path, layer: str) -> None:
+    torch.manual_seed(0)
+    finetuned = Delf(7, arch="resnet18", stage="finetune")
+    for m in finetuned.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "seed_finetune.pth.tar"
+    torch.save(_seed_checkpoint(finetuned, ("base", "layer4", "pool", "logits")), path)
+
+    info = describe(load_file(path))
+    assert (info["arch"], info["stage"], info["ncls"]) == ("resnet18", "finetune", 7)
+    keypoint = Delf(3, arch="resnet18", stage="keypoint", target_layer=layer)
+    load_backbone(keypoint, path)
+    _assert_same(keypoint.base, finetuned.base.state_dict())
+    if layer == "layer4":
+        _assert_same(keypoint.layer4, finetuned.layer4.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_seed_format_keypoint_checkpoint_loads(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(0)
+    seed_model = Delf(4, arch=arch, stage="keypoint", attn_batchnorm=False)
+    ckpt = _seed_checkpoint(seed_model, ("base", "attn", "pool", "logits"))
+    assert set(ckpt["attn"]) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"}
+    assert set(ckpt["logits"]) == {"0.weight", "0.bias"}
+    path = tmp_path / "seed_keypoint.pth.tar"
+    torch.save(ckpt, path)
+
+    model, raw = load_model(path)
+    assert (model.arch, model.target_layer, model.ncls, model.stage) == (arch, "layer3", 4, "inference")
+    assert raw["epoch"] == 3
+    for name in ("base", "attn", "logits"):
+        _assert_same(getattr(model, name), ckpt[name])
+
+
+def test_project_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    path = save_keypoint_checkpoint(tmp_path / "kp.pth.tar", target_layer="layer4", ncls=3)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    model, _ = load_model(path)
+    assert (model.target_layer, model.ncls) == ("layer4", 3)
+    for key, value in raw["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_imagenet_download_failure_names_the_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(PretrainedUnavailable) as err:
+        Delf(NCLS, arch="resnet18", stage="finetune", pretrained="imagenet")
+    assert "--pretrained none" in str(err.value) and "--pretrained PATH" in str(err.value)
+    Delf(NCLS, arch="resnet18", stage="keypoint", pretrained="imagenet")  # never downloads

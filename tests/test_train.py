@@ -1,0 +1,246 @@
+"""The two-stage trainer: options, the keypoint stage's frozen backbone, the CLI end to end,
+--resume, corrupt images, user errors, NaN losses and torchrun."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from train.checkpoint import load_file, load_model
+from train.config import parse_args
+from train.dataloader import CorruptImageWarning
+from train.delf import Delf
+from train.main import main
+from train.runtime import PROJECT_ROOT, REPO_DIR
+from train.solver import Settings, Solver, build_optimizer, correct_topk
+
+PYTHON = sys.executable
+TINY = ["--arch", "resnet18", "--pretrained", "none", "--finetune_sample_size", "72",
+        "--finetune_crop_size", "64", "--keypoint_sample_size", "80", "--keypoint_crop_size", "64",
+        "--train_batch_size", "4", "--val_batch_size", "4", "--manualSeed", "7"]
+
+
+def finetune_argv(expr: str, data: tuple[Path, Path], *extra: str) -> list[str]:
+    return ["--stage", "finetune", "--expr", expr, "--finetune_train_path", str(data[0]),
+            "--finetune_val_path", str(data[1]), "--finetune_epoch", "1", "--workers", "0", *TINY, *extra]
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+# --- options ---------------------------------------------------------------------------------
+def test_seed_readme_flags_parse() -> None:
+    args = parse_args(["--stage", "keypoint", "--gpu_id", "6", "--ncls", "586", "--optim", "sgd",
+                       "--use_random_gamma_scaling", "true", "--expr", "landmark", "--load_from", "m.pth.tar",
+                       "--keypoint_train_path", "t", "--keypoint_val_path", "v"])
+    assert (args.stage, args.gpu_id, args.ncls, args.optim, args.expr) == ("keypoint", "6", 586, "sgd", "landmark")
+    assert args.use_random_gamma_rescale is True
+    assert (args.lr, args.lr_gamma, args.lr_stepsize, args.weight_decay, args.momentum) == (0.008, 0.5, 10, 1e-4, 0.9)
+    assert (args.train_batch_size, args.keypoint_epoch, args.keypoint_sample_size, args.keypoint_crop_size) == (8, 30, 900, 720)
+    assert (args.arch, args.target_layer, args.pretrained, args.device, args.amp, args.resume) == (
+        "resnet50", "layer3", "imagenet", "auto", False, False)
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("1", True), ("false", False), ("0", False)])
+def test_boolean_flags(text: str, value: bool) -> None:
+    base = ["--finetune_train_path", "t", "--finetune_val_path", "v"]
+    args = parse_args([*base, "--use_random_gamma_rescale", text, "--amp", text])
+    assert args.use_random_gamma_rescale is value and args.amp is value
+    assert parse_args([*base, "--amp", "--resume"]).amp is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--finetune_train_path", "t", "--finetune_val_path", "v", "--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--finetune_train_path", "t", "--finetune_val_path", "v", "--amp", "maybe"], "expected true/false"),
+    (["--finetune_val_path", "v"], "--finetune_train_path is required"),
+    (["--stage", "keypoint", "--keypoint_train_path", "t", "--keypoint_val_path", "v"], "needs --load_from"),
+    (["--finetune_train_path", "t", "--finetune_val_path", "v", "--finetune_sample_size", "100"], "smaller than"),
+    (["--finetune_train_path", "t", "--finetune_val_path", "v", "--optim", "lbfgs"], "invalid choice"),
+    (["--finetune_train_path", "t", "--finetune_val_path", "v", "--expr", "../x"], "plain name"),
+])
+def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# --- solver pieces ---------------------------------------------------------------------------
+def test_optimisers_and_topk() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(params, Settings(optim="sgd")), torch.optim.SGD)
+    assert build_optimizer(params, Settings(optim="sgd")).param_groups[0]["momentum"] == 0.9
+    assert isinstance(build_optimizer(params, Settings(optim="adam")), torch.optim.Adam)
+    assert isinstance(build_optimizer(params, Settings(optim="rmsprop")), torch.optim.RMSprop)
+    outputs = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert correct_topk(outputs, torch.tensor([1, 1, 0])).tolist() == [1, 3, 3]  # k clamped to 2 classes
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])
+def test_keypoint_step_keeps_backbone_frozen(layer: str) -> None:
+    torch.manual_seed(0)
+    model = Delf(3, arch="resnet18", stage="keypoint", target_layer=layer, use_random_gamma_rescale=True)
+    backbone = {f"{i}.{k}": v.clone() for i, m in enumerate(model.backbone()) for k, v in m.state_dict().items()}
+    attn_before = model.attn.conv1.weight.clone()
+    solver = Solver(model, Settings(lr=0.1))
+    optimised = {id(p) for group in solver.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in [*model.attn.parameters(), *model.logits.parameters()]}
+
+    solver.net.train()
+    solver.train_step(torch.rand(4, 3, 96, 96), torch.tensor([0, 1, 2, 0]))
+    after = {f"{i}.{k}": v for i, m in enumerate(model.backbone()) for k, v in m.state_dict().items()}
+    assert after.keys() == backbone.keys()
+    for key, value in backbone.items():  # weights AND BatchNorm statistics
+        assert torch.equal(after[key], value), key
+    assert not torch.equal(model.attn.conv1.weight, attn_before)
+    assert int(model.attn.bn.num_batches_tracked) == 1
+
+
+# --- end to end ------------------------------------------------------------------------------
+def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _check_outputs(stage_dir: Path, epochs: int) -> None:
+    for name in ("ckpt/bestshot.pth.tar", "ckpt/last.pth.tar", "log/config.json"):
+        assert (stage_dir / name).is_file(), name
+    assert list((stage_dir / "log").glob("events.out.tfevents.*"))
+    for split in ("train", "val"):
+        rows = read_csv(stage_dir / "log" / f"{split}.log")
+        assert rows[0] == ["epoch", "lr", "loss", "top1", "top3", "top5"]
+        assert [r[0] for r in rows[1:]] == [str(e + 1) for e in range(epochs)]
+    ckpt = torch.load(stage_dir / "ckpt" / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert {"state_dict", "arch", "target_layer", "ncls", "stage", "epoch", "best_acc", "optimizer",
+            "lr_scheduler", "config"} <= ckpt.keys()
+    assert ckpt["epoch"] == epochs
+
+
+@pytest.mark.slow
+def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], expr: str) -> None:
+    train_dir, val_dir = image_data
+    _run([PYTHON, "main.py", "--stage", "finetune", "--optim", "sgd", "--gpu_id", "6", "--expr", expr,
+          "--ncls", "3", "--finetune_train_path", str(train_dir), "--finetune_val_path", str(val_dir),
+          *TINY, "--finetune_epoch", "2"], cwd=PROJECT_ROOT / "train")
+    finetune = REPO_DIR / expr / "finetune"
+    _check_outputs(finetune, epochs=2)
+
+    result = _run([PYTHON, "main.py", "--stage", "keypoint", "--gpu_id", "6", "--ncls", "3", "--optim", "sgd",
+                   "--use_random_gamma_scaling", "true", "--expr", expr,
+                   "--load_from", str(finetune / "ckpt" / "bestshot.pth.tar"),
+                   "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
+                   *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
+    assert "running on CPU" in result.stderr
+    keypoint = REPO_DIR / expr / "keypoint"
+    _check_outputs(keypoint, epochs=1)
+    model, ckpt = load_model(keypoint / "ckpt" / "bestshot.pth.tar")
+    assert (model.arch, model.target_layer, model.ncls) == ("resnet18", "layer3", 3)
+    assert ckpt["config"]["use_random_gamma_rescale"] is True
+    base = load_file(finetune / "ckpt" / "bestshot.pth.tar")["state_dict"]
+    for key, value in model.base.state_dict().items():  # frozen: identical to the finetune stage
+        assert torch.equal(value, base[f"base.{key}"]), key
+
+
+def test_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: str) -> None:
+    main(finetune_argv(expr + "-a", image_data, "--finetune_epoch", "2", "--lr_stepsize", "1"))
+    main(finetune_argv(expr, image_data, "--finetune_epoch", "1", "--lr_stepsize", "1"))
+    main(finetune_argv(expr, image_data, "--finetune_epoch", "2", "--lr_stepsize", "1", "--resume"))
+    try:
+        straight = load_file(REPO_DIR / (expr + "-a") / "finetune" / "ckpt" / "last.pth.tar")
+        resumed = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+        assert resumed["epoch"] == straight["epoch"] == 2
+        assert resumed["lr_scheduler"] == straight["lr_scheduler"]
+        assert resumed["best_acc"] == straight["best_acc"]
+        for key, value in straight["state_dict"].items():
+            assert torch.equal(resumed["state_dict"][key], value), key
+        for i, state in straight["optimizer"]["state"].items():
+            assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+        log_dir = REPO_DIR / expr / "finetune" / "log"
+        assert read_csv(log_dir / "val.log") == read_csv(REPO_DIR / (expr + "-a") / "finetune" / "log" / "val.log")
+    finally:
+        shutil.rmtree(REPO_DIR / (expr + "-a"), ignore_errors=True)
+
+
+def test_corrupt_training_image_is_skipped(image_data: tuple[Path, Path], tmp_path: Path, expr: str) -> None:
+    train_dir = shutil.copytree(image_data[0], tmp_path / "train")
+    (train_dir / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    truncated = (train_dir / "coffee" / "000.jpg").read_bytes()[:300]
+    (train_dir / "coffee" / "truncated.jpg").write_bytes(truncated)
+    with pytest.warns(CorruptImageWarning) as warned:
+        main(finetune_argv(expr, (train_dir, image_data[1])))
+    messages = " ".join(str(w.message) for w in warned)
+    assert "broken.jpg" in messages and "truncated.jpg" in messages
+    assert (REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ncls", "5"], "--ncls 5 does not match"),
+    (["--resume"], "--resume:"),
+    (["--pretrained", "imagenet"], "--pretrained none"),
+])
+def test_user_errors_exit_with_a_message(image_data: tuple[Path, Path], expr: str, extra: list[str],
+                                         message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, image_data, *extra))
+    assert str(exit_.value.code).startswith("error: ") and message in str(exit_.value.code)
+
+
+def test_missing_data_folder(image_data: tuple[Path, Path], tmp_path: Path, expr: str) -> None:
+    with pytest.raises(SystemExit, match="no such data folder"):
+        main(finetune_argv(expr, (tmp_path / "nowhere", image_data[1])))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_data: tuple[Path, Path], expr: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = torch.nn.CrossEntropyLoss.forward
+    calls = {"train": 0}
+
+    def nan_in_second_epoch(self: torch.nn.Module, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = forward(self, outputs, labels)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] > 3:  # 3 training steps per epoch
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_in_second_epoch)
+    with pytest.raises(SystemExit, match=r"error: loss is nan at epoch 2, step 1.*last good checkpoint"):
+        main(finetune_argv(expr, image_data, "--finetune_epoch", "2"))
+    last = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
+    main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
+    ckpt = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+    assert ckpt["config"]["amp"] is True
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
+    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT)
+    stage_dir = REPO_DIR / expr / "finetune"
+    _check_outputs(stage_dir, epochs=1)
+    assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
+    assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
+    assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs

@@ -1,0 +1,121 @@
+"""Training data: ImageFolder datasets with the seed's transforms, and their loaders.
+
+Images come out as RGB float tensors in [0, 1]; the model normalises them itself.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.utils.data as data
+import torchvision.datasets as datasets
+import torchvision.transforms as T
+from PIL import Image
+
+MAX_RETRIES = 100
+
+
+class DataError(RuntimeError):
+    """A data folder is missing, empty or inconsistent."""
+
+
+class CorruptImageWarning(UserWarning):
+    """An image file could not be decoded and was skipped."""
+
+
+def train_transform(sample_size: int, crop_size: int) -> T.Compose:
+    """Resize (shorter side) -> random crop -> horizontal flip -> [0, 1] tensor."""
+    return T.Compose([T.Resize(sample_size), T.RandomCrop(crop_size), T.RandomHorizontalFlip(),
+                      T.ToTensor()])
+
+
+def val_transform(sample_size: int, crop_size: int) -> T.Compose:
+    """Resize (shorter side) -> centre crop -> [0, 1] tensor."""
+    return T.Compose([T.Resize(sample_size), T.CenterCrop(crop_size), T.ToTensor()])
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision ImageFolder that skips unreadable images: a corrupt file is reported once
+    (a :class:`CorruptImageWarning` naming it) and the next readable image takes its place, so
+    batches keep their size and distributed processes stay in step."""
+
+    def __init__(self, root: str | Path, transform: T.Compose) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such data folder")
+        try:
+            super().__init__(str(root), transform=transform, loader=_load_rgb)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{root}: not an ImageFolder (one sub-folder of images per class): {e}") from None
+        self.corrupt: set[int] = set()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(min(MAX_RETRIES, len(self))):
+            i = (index + attempt) % len(self)
+            if i in self.corrupt:
+                continue
+            try:
+                return super().__getitem__(i)
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
+                self.corrupt.add(i)
+                warnings.warn(f"skipping corrupt image {self.samples[i][0]}: {e}", CorruptImageWarning,
+                              stacklevel=2)
+        raise DataError(f"{self.root}: no readable image among {MAX_RETRIES} files from index {index}")
+
+
+def image_folders(train_path: str | Path, val_path: str | Path, sample_size: int,
+                  crop_size: int) -> tuple[ImageFolder, ImageFolder]:
+    """Training and validation ImageFolders; their class lists must be identical."""
+    train = ImageFolder(train_path, train_transform(sample_size, crop_size))
+    val = ImageFolder(val_path, val_transform(sample_size, crop_size))
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))[:5]
+        raise DataError(
+            f"{train_path} has {len(train.classes)} classes and {val_path} has {len(val.classes)}; "
+            f"they must be the same class folders (differing, first ones: {', '.join(only) or 'order'})")
+    return train, val
+
+
+def check_ncls(ncls: int | None, dataset: ImageFolder) -> int:
+    """``--ncls`` if it matches the folder's class count, else the folder's count when omitted."""
+    found = len(dataset.classes)
+    if ncls is not None and ncls != found:
+        raise DataError(f"--ncls {ncls} does not match {dataset.root}, which has {found} class folders; "
+                        f"pass --ncls {found} or leave it out")
+    return found
+
+
+class ShardSampler(data.Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order, no padding: each sample is
+    evaluated exactly once across processes."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def loaders(train: ImageFolder, val: ImageFolder, train_batch_size: int, val_batch_size: int,
+            workers: int, seed: int, rank: int = 0, world_size: int = 1,
+            pin_memory: bool = False) -> tuple[data.DataLoader, data.DataLoader]:
+    """Shuffled training loader (a DistributedSampler, also for one process: its order depends
+    only on the seed and the epoch; call ``loader.sampler.set_epoch``) and an ordered
+    validation loader sharded across processes."""
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    train_sampler = data.DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
+                                            seed=seed)
+    return (data.DataLoader(train, batch_size=train_batch_size, sampler=train_sampler, **common),
+            data.DataLoader(val, batch_size=val_batch_size, sampler=ShardSampler(len(val), rank, world_size),
+                            **common))

@@ -1,0 +1,290 @@
+"""The training loop: one step, one epoch, validation, checkpoints and logs.
+
+Shaped like pytorch/examples' ImageNet trainer: ``train_epoch`` and ``validate`` over loaders,
+metrics accumulated per epoch (and summed across torchrun processes), checkpoints and logs
+written by rank 0 only.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils.data as data
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
+from .delf import Delf
+from .runtime import Runtime, autocast, seed_everything
+
+log = logging.getLogger("delf")
+
+TOPK = (1, 3, 5)
+LOG_COLUMNS = ("epoch", "lr", "loss", "top1", "top3", "top5")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Optimisation settings (seed defaults, plus momentum 0.9)."""
+
+    optim: str = "sgd"
+    lr: float = 0.008
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_stepsize: int = 10
+    lr_gamma: float = 0.5
+    amp: bool = False
+    seed: int = 0
+
+
+def build_optimizer(params: Iterable[nn.Parameter], s: Settings) -> torch.optim.Optimizer:
+    """sgd (with momentum) | adam | rmsprop over ``params``."""
+    params = list(params)
+    if s.optim == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optim == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optim == "rmsprop":
+        return torch.optim.RMSprop(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimiser {s.optim!r}: choose sgd, adam or rmsprop")
+
+
+def correct_topk(outputs: torch.Tensor, labels: torch.Tensor, topk: Iterable[int] = TOPK) -> torch.Tensor:
+    """Number of samples whose label is among the k best scores, for each k (k clamped to the
+    number of classes)."""
+    ks = [min(k, outputs.shape[1]) for k in topk]
+    best = outputs.topk(max(ks), dim=1).indices
+    hits = best.eq(labels.view(-1, 1)).cumsum(dim=1)
+    return torch.stack([hits[:, k - 1].sum() for k in ks]).float()
+
+
+class EpochMeter:
+    """Sums of loss, sample count and top-k hits over an epoch, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        batch = torch.cat([torch.stack([loss.double() * n, loss.new_tensor(n, dtype=torch.float64)]),
+                           correct_topk(outputs, labels).double()])
+        self.sums += batch
+
+    def all_reduce(self) -> None:
+        if dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def averages(self) -> dict[str, float]:
+        """loss (mean) and top1/top3/top5 (percent)."""
+        loss_sum, n, *hits = self.sums.tolist()
+        n = max(n, 1.0)
+        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits)}}
+
+
+class RunLog:
+    """config.json, CSV train.log / val.log (epoch, lr, loss, top1, top3, top5) and
+    tensorboardX events in ``log_dir``. On resume, rows after ``start_epoch`` are dropped."""
+
+    def __init__(self, log_dir: Path, config: dict[str, Any], start_epoch: int = 0) -> None:
+        from tensorboardX import SummaryWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.csv = {split: log_dir / f"{split}.log" for split in ("train", "val")}
+        for path in self.csv.values():
+            _restart_csv(path, start_epoch)
+        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=start_epoch + 1 if start_epoch else None)
+
+    def write(self, split: str, epoch: int, lr: float, metrics: dict[str, float]) -> None:
+        row = {"epoch": epoch, "lr": lr, **metrics}
+        with self.csv[split].open("a", newline="") as f:
+            csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
+        for name in LOG_COLUMNS[1:]:
+            self.writer.add_scalar(f"{split}/{name}", row[name], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _restart_csv(path: Path, start_epoch: int) -> None:
+    """A CSV log holding the header and the rows of epochs <= ``start_epoch``."""
+    rows: list[list[str]] = []
+    if start_epoch and path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_epoch]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([list(LOG_COLUMNS), *rows])
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch on one process: augmentation and gamma rescaling depend only on
+    (seed, epoch, rank), so a resumed run draws the same numbers as an uninterrupted one."""
+    return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
+
+
+class Solver:
+    """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage).
+
+    Only parameters that require gradients reach the optimiser: in the keypoint stage, the
+    attention network and the classifier. ``out_dir`` (``repo/<expr>/<stage>``) receives
+    ``ckpt/`` and ``log/``; None writes nothing.
+    """
+
+    def __init__(self, model: Delf, settings: Settings, runtime: Runtime | None = None,
+                 out_dir: Path | None = None, config: dict[str, Any] | None = None) -> None:
+        self.rt = runtime or Runtime(torch.device("cpu"))
+        self.settings, self.out_dir, self.config = settings, out_dir, config or {}
+        self.device = self.rt.device
+        self.amp = settings.amp
+        self.memory_format = torch.channels_last if self.amp else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.net: nn.Module = model
+        if self.rt.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), settings)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, settings.lr_stepsize, settings.lr_gamma)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        self.start_epoch = 0
+        self.best_acc = 0.0
+
+    # --- one step ------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached.
+        Raises :class:`TrainingDiverged` before touching the weights if the loss is not finite."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp):
+            outputs = self.net(images)
+            loss = self.criterion(outputs, labels)
+        self._check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), outputs.detach()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.rt.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise TrainingDiverged(f"loss is {loss.item()}")
+
+    # --- epochs --------------------------------------------------------------------------------
+    def train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
+        """One pass over ``loader``; metrics averaged over all processes."""
+        self.net.train()
+        meter = EpochMeter(self.device)
+        bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", disable=not self.rt.is_main,
+                   leave=False, dynamic_ncols=True)
+        for step, (images, labels) in enumerate(bar):
+            try:
+                loss, outputs = self.train_step(images, labels)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}: training stopped") from None
+            meter.update(loss, outputs, labels.to(self.device))
+            if self.rt.is_main:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.averages().items() if k in ("loss", "top1")})
+        meter.all_reduce()
+        return meter.averages()
+
+    @torch.no_grad()
+    def validate(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
+        """Loss and accuracy on ``loader`` (each process its own shard, then summed)."""
+        self.model.eval()
+        meter = EpochMeter(self.device)
+        bar = tqdm(loader, desc=f"val {epoch + 1}/{epochs}", disable=not self.rt.is_main,
+                   leave=False, dynamic_ncols=True)
+        for images, labels in bar:
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            labels = labels.to(self.device, non_blocking=True)
+            with autocast(self.device, self.amp):
+                outputs = self.model(images)
+                loss = self.criterion(outputs, labels)
+            meter.update(loss, outputs, labels)
+        meter.all_reduce()
+        return meter.averages()
+
+    def fit(self, train_loader: data.DataLoader, val_loader: data.DataLoader, epochs: int) -> None:
+        """Train from ``start_epoch`` to ``epochs``: train, step the LR schedule, validate,
+        save bestshot (best val top-1) and last checkpoints, log."""
+        run_log = None
+        if self.out_dir is not None and self.rt.is_main:
+            run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                self._run_epoch(train_loader, val_loader, epoch, epochs, run_log)
+        finally:
+            if run_log is not None:
+                run_log.close()
+
+    def _run_epoch(self, train_loader: data.DataLoader, val_loader: data.DataLoader, epoch: int,
+                   epochs: int, run_log: RunLog | None) -> None:
+        start = time.perf_counter()
+        seed_everything(epoch_seed(self.settings.seed, epoch, self.rt.rank))
+        if isinstance(train_loader.sampler, data.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        train = self.train_epoch(train_loader, epoch, epochs)
+        self.scheduler.step()
+        val = self.validate(val_loader, epoch, epochs)
+        is_best = epoch == 0 or val["top1"] > self.best_acc
+        if is_best:
+            self.best_acc = val["top1"]
+        if self.rt.is_main:
+            self.save(epoch + 1, is_best)
+            if run_log is not None:
+                run_log.write("train", epoch + 1, lr, train)
+                run_log.write("val", epoch + 1, lr, val)
+            log.info("epoch %d/%d  lr %.3g  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 %.2f"
+                     "%s  (%.1f s)", epoch + 1, epochs, lr, train["loss"], train["top1"], val["loss"],
+                     val["top1"], val["top5"], "  *best*" if is_best else "", time.perf_counter() - start)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "ckpt"
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        """This project's checkpoint format after ``epoch`` completed epochs."""
+        extra = {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        return checkpoint_dict(self.model, epoch=epoch, best_acc=self.best_acc,
+                               optimizer=self.optimizer.state_dict(),
+                               lr_scheduler=self.scheduler.state_dict(), config=self.config, **extra)
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        """Write bestshot.pth.tar (when ``is_best``) then last.pth.tar, each atomically."""
+        if self.ckpt_dir is None:
+            return
+        ckpt = self.checkpoint(epoch)
+        if is_best:
+            atomic_save(ckpt, self.ckpt_dir / "bestshot.pth.tar")
+        atomic_save(ckpt, self.ckpt_dir / "last.pth.tar")
+
+    def load_state(self, ckpt: dict[str, Any], source: str | Path) -> None:
+        """Continue from a checkpoint of this trainer: weights, optimiser, LR schedule, AMP
+        scaler, best accuracy and the epoch count."""
+        try:
+            self.model.load_state_dict(ckpt["state_dict"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.scaler.is_enabled() and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{source}: cannot resume from it: {e}") from None
+        self.start_epoch = int(ckpt["epoch"])
+        self.best_acc = float(ckpt["best_acc"])
