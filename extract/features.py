@@ -1,0 +1,188 @@
+"""The feature file (SPEC §4): one HDF5 group per image, written image by image, resumable.
+
+Layout: group ``<name>`` ('/' in a name makes nested groups) with datasets ``keypoints`` (N, 2)
+float32 x, y; ``descriptors`` (N, D) float32; ``scores`` (N,) float32; ``scales`` (N,) float32;
+``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0. Root attributes:
+the extraction parameters.
+
+A group is built under ``/__incomplete__`` and moved to its name only when complete, then the
+file is flushed; so a killed run leaves whole groups only, and a rerun skips them.
+"""
+from __future__ import annotations
+
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+FEATURE_KEYS = ("keypoints", "descriptors", "scores", "scales", "image_size")
+DTYPES = {"keypoints": np.float32, "descriptors": np.float32, "scores": np.float32, "scales": np.float32,
+          "image_size": np.int32}
+INCOMPLETE = "__incomplete__"
+FORMAT = "delf-pytorch features 1"
+
+
+class FeatureFileError(RuntimeError):
+    """A feature file is unreadable, lacks an image, or was made with other parameters."""
+
+
+class FeatureWriter:
+    """Appends image groups to ``path``; a context manager.
+
+    A new file gets ``attrs`` as root attributes. An existing one is resumed when its attributes
+    equal ``attrs`` (keys in ``informational`` are stored but not compared), else refused;
+    ``overwrite`` starts afresh.
+    """
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any], overwrite: bool = False,
+                 informational: Iterable[str] = ()) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+        try:
+            self._file = h5py.File(self.path, "a")
+        except OSError as e:
+            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({e}); delete it or pass --overwrite") from None
+        try:
+            self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational))
+        except BaseException:
+            self._file.close()
+            raise
+        if INCOMPLETE in self._file:
+            del self._file[INCOMPLETE]
+        self._file.flush()
+
+    def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str]) -> None:
+        stored = dict(self._file.attrs)
+        if not stored and not len(self._file):
+            self._file.attrs.update({k: _storable(v) for k, v in attrs.items()})
+            return
+        if stored.get("format") != FORMAT:
+            raise FeatureFileError(f"{self.path}: exists and is not a DeLF feature file of this project; "
+                                   "choose another --output_path or pass --overwrite")
+        diffs = [f"{k}: {_plain(stored.get(k))!r} in the file, {_plain(_storable(v))!r} now"
+                 for k, v in attrs.items() if k not in informational and _plain(stored.get(k)) != _plain(_storable(v))]
+        if diffs:
+            raise FeatureFileError(f"{self.path}: holds features made with other parameters ("
+                                   + "; ".join(diffs) + "): pass --overwrite to replace it, or choose another --output_path")
+
+    def has(self, name: str) -> bool:
+        """Whether a complete group for ``name`` is in the file."""
+        obj = self._file.get(name)
+        return isinstance(obj, h5py.Group) and isinstance(obj.get("keypoints"), h5py.Dataset)
+
+    def write(self, name: str, feats: Mapping[str, Any], save_attention: bool = False) -> None:
+        """Write one image's features as group ``name`` (replacing an existing one) and flush.
+
+        With ``save_attention``, ``feats["attention"]`` is stored as float16: either one (h, w) map
+        or the per-scale list, of which the map at scale 1.0 (``feats["attention_scales"]``) is kept.
+        """
+        tmp = self._file.require_group(INCOMPLETE).create_group(uuid.uuid4().hex)
+        for key in FEATURE_KEYS:
+            tmp.create_dataset(key, data=np.asarray(feats[key], dtype=DTYPES[key]))
+        if save_attention:
+            tmp.create_dataset("attention", data=_attention_at_scale_1(feats).astype(np.float16))
+        if name in self._file:
+            del self._file[name]
+        parent = posixpath.dirname(name)
+        if parent:
+            self._file.require_group(parent)
+        self._file.move(tmp.name, "/" + name)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            if INCOMPLETE in self._file:
+                del self._file[INCOMPLETE]
+            self._file.close()
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attention_at_scale_1(feats: Mapping[str, Any]) -> np.ndarray:
+    attention = feats["attention"]
+    if isinstance(attention, np.ndarray) and attention.ndim == 2:
+        return attention
+    scales = [float(s) for s in feats.get("attention_scales", [])]
+    if 1.0 not in scales:
+        raise ValueError("save_attention needs the attention map at scale 1.0; add 1.0 to the scales")
+    return np.asarray(attention[scales.index(1.0)])
+
+
+def _storable(value: Any) -> Any:
+    """An HDF5 attribute value for ``value`` (None -> '', sequences -> float64 arrays)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value, dtype=np.float64)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Comparable Python value of an attribute as stored or read back."""
+    if isinstance(value, np.ndarray):
+        return [float(v) for v in value.ravel()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
+    return {key: group[key][()] for key in (*FEATURE_KEYS, "attention") if key in group}
+
+
+def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:
+    """The features of image ``name`` in ``path`` as numpy arrays (+ ``attention`` if stored)."""
+    with _open(path) as f:
+        group = f.get(name)
+        if not isinstance(group, h5py.Group) or "keypoints" not in group:
+            raise FeatureFileError(f"{path}: no features for image {name!r}")
+        return _read_group(group)
+
+
+def feature_names(path: str | Path) -> list[str]:
+    """Names of all images in ``path``, sorted."""
+    with _open(path) as f:
+        return sorted(name for name, _ in _walk(f))
+
+
+def iter_features(path: str | Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(name, features) of every image in ``path``, sorted by name, with the file opened once."""
+    with _open(path) as f:
+        for name, group in sorted(_walk(f), key=lambda item: item[0]):
+            yield name, _read_group(group)
+
+
+def file_attrs(path: str | Path) -> dict[str, Any]:
+    """The root attributes of ``path`` as plain Python values."""
+    with _open(path) as f:
+        return {k: _plain(v) for k, v in f.attrs.items()}
+
+
+def _walk(f: h5py.File) -> list[tuple[str, h5py.Group]]:
+    found: list[tuple[str, h5py.Group]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group) and isinstance(obj.get("keypoints"), h5py.Dataset) \
+                and not name.startswith(INCOMPLETE):
+            found.append((name, obj))
+
+    f.visititems(visit)
+    return found
+
+
+def _open(path: str | Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from None

@@ -1,0 +1,130 @@
+"""Finding images and opening them robustly: every failure becomes a :class:`BadImage` with a reason."""
+from __future__ import annotations
+
+import posixpath
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".jpe", ".jfif"})
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; ``str(e)`` is the reason."""
+
+
+class InputError(Exception):
+    """``--input_path`` is missing, empty, or a list with unusable lines."""
+
+
+def list_images(input_path: str | Path) -> list[tuple[str, Path]]:
+    """(name, path) of every image under ``input_path``, sorted by name.
+
+    ``input_path`` is a folder (searched recursively for image extensions, any case; names are
+    '/'-separated paths relative to it) or a text file listing one image path per line relative
+    to the file's folder (blank lines and '#' comments ignored; names are those paths). Dangling
+    links are listed, so that they are reported rather than silently missed.
+    """
+    root = Path(input_path)
+    if root.is_dir():
+        items = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*")
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())]
+    elif root.is_file():
+        items = _read_list(root)
+    else:
+        raise InputError(f"{root}: no such folder or image list")
+    if not items:
+        raise InputError(f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return sorted(items)
+
+
+def _read_list(list_file: Path) -> list[tuple[str, Path]]:
+    items = {}
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name = posixpath.normpath(entry.replace("\\", "/"))
+        if posixpath.isabs(name) or name.split("/")[0] == "..":
+            raise InputError(f"{list_file}:{number}: {entry!r} must be a path relative to {list_file.parent}, inside it")
+        items[name] = list_file.parent / name
+    return list(items.items())
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` as an 8-bit RGB PIL image, as displayed (EXIF orientation applied;
+    first frame of an animation). Raises :class:`BadImage` with the reason when it is unusable."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BadImage(f"dangling symbolic link (to {path.readlink()})")
+    if not path.is_file():
+        raise BadImage("no such file")
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF / palette-transparency chatter
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(_upright(img))
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (format not recognised)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data, odd modes
+        raise BadImage(f"unreadable image data ({type(e).__name__}: {e})") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: keep the stored orientation
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. Higher bit depths (I;16*, I, F) are scaled to 0..255 from their
+    full range, not clipped; alpha is dropped; palette, grayscale, CMYK, YCbCr are converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        peak = a.max(initial=0)
+        full = 65535.0 if img.mode.startswith("I;16") or peak > 255 else 255.0
+        if img.mode == "F" and peak <= 1.0:
+            full = 1.0
+        full = max(full, peak)
+        a = np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes images for a DataLoader: item = (name, path, uint8 tensor (3, H, W) or None,
+    reason or None). Failures come back as reasons, never as exceptions."""
+
+    def __init__(self, items: list[tuple[str, Path]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[str, Path, torch.Tensor | None, str | None]:
+        name, path = self.items[index]
+        try:
+            image = load_image(path)
+        except BadImage as e:
+            return name, path, None, str(e)
+        return name, path, torch.from_numpy(np.array(image)).permute(2, 0, 1), None
+
+
+def image_loader(items: list[tuple[str, Path]], workers: int = 1) -> torch.utils.data.DataLoader:
+    """Images in ``items`` order, decoded by ``workers`` background processes (0: in this one)."""
+    return torch.utils.data.DataLoader(ImageDataset(items), batch_size=None, shuffle=False, num_workers=workers,
+                                       prefetch_factor=2 if workers else None)
