@@ -187,22 +187,29 @@ def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, 
         return
     with tqdm(total=len(items), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for name, path, image, reason in image_loader(items, workers):
+            feats = _extract_one(ex, path, image, reason, report)
+            if feats is not None:
+                yield name, feats
             bar.update()
-            if image is None:
-                report.skip(path, reason)
-                continue
-            try:
-                feats = ex(image)
-            except Exception as e:  # one image must never cost the others
-                log.warning("%s: extraction failed: %s", path, e)
-                report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
-                continue
-            small = too_small(image.shape[2], image.shape[1], ex.max_image_size)
-            if small:
-                report.skip(path, f"{small}; zero features")
-            else:
-                report.processed += 1
-            yield name, feats
+
+
+def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reason: str | None,
+                 report: Report) -> dict[str, Any] | None:
+    if image is None:
+        report.skip(path, str(reason))
+        return None
+    try:
+        feats = ex(image)
+    except Exception as e:  # one image must never cost the others
+        log.warning("%s: extraction failed: %s", path, e)
+        report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
+        return None
+    small = too_small(image.shape[2], image.shape[1], ex.max_image_size)
+    if small:
+        report.skip(path, f"{small}; zero features")
+    else:
+        report.processed += 1
+    return feats
 
 
 def feature_attrs(args: argparse.Namespace, ex: DelfExtractor, pca_file: Path | None) -> dict[str, Any]:

@@ -68,14 +68,17 @@ def merge_samples(samples: list[np.ndarray], seen: list[int], capacity: int, see
 
 
 def fit_pca(descriptors: np.ndarray) -> dict[str, np.ndarray]:
-    """Full PCA (all D components) of (N, D) descriptors with sklearn; needs N >= D."""
+    """Full PCA (all D components) of (N, D) descriptors with sklearn; needs N >= D.
+
+    The covariance solver keeps memory at one copy of the data plus D x D (a full SVD of
+    100k x 1024 descriptors would need gigabytes)."""
     from sklearn.decomposition import PCA
 
     n, dim = descriptors.shape if descriptors.ndim == 2 else (0, 0)
     if n < max(dim, 2):
         raise PcaError(f"PCA needs at least as many descriptors as dimensions: got {n} descriptors of "
                        f"dimension {dim}; use more images or a lower --attn_thres")
-    pca = PCA(n_components=dim, svd_solver="full").fit(descriptors.astype(np.float64))
+    pca = PCA(n_components=dim, svd_solver="covariance_eigh").fit(np.asarray(descriptors, dtype=np.float32))
     return {"pca_matrix": pca.components_.astype(np.float32), "pca_mean": pca.mean_.astype(np.float32),
             "pca_vars": pca.explained_variance_.astype(np.float32)}
 

@@ -1,0 +1,82 @@
+"""The feature file (SPEC §4): schema, nested names, zero features, resume rules, complete groups."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.features import (INCOMPLETE, FeatureFileError, FeatureWriter, feature_names, file_attrs,
+                              iter_features, read_features)
+
+ATTRS = {"attn_thres": 0.31, "top_k": 1000, "scale_list": [0.5, 1.0], "checkpoint_sha256": "ab" * 32,
+         "pca_sha256": "", "device": "cpu"}
+
+
+def feats(n: int, dim: int = 40, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"keypoints": rng.random((n, 2)) * 100, "descriptors": rng.random((n, dim)),
+            "scores": np.sort(rng.random(n))[::-1], "scales": np.full(n, 0.5), "image_size": [120, 90],
+            "attention": [rng.random((4, 5)), rng.random((8, 10))], "attention_scales": np.float32([0.5, 1.0])}
+
+
+def test_schema_with_plain_h5py(tmp_path: Path):
+    path = tmp_path / "f.h5"
+    with FeatureWriter(path, ATTRS) as w:
+        w.write("a/b/x.jpg", feats(7), save_attention=True)
+        w.write("y.png", feats(0))
+    with h5py.File(path, "r") as f:
+        g = f["a"]["b"]["x.jpg"]
+        assert {k: (g[k].dtype, g[k].shape) for k in g} == {
+            "keypoints": (np.float32, (7, 2)), "descriptors": (np.float32, (7, 40)), "scores": (np.float32, (7,)),
+            "scales": (np.float32, (7,)), "image_size": (np.int32, (2,)), "attention": (np.float16, (8, 10))}
+        assert f["y.png"]["descriptors"].shape == (0, 40) and f["y.png"]["keypoints"].shape == (0, 2)
+        assert f.attrs["checkpoint_sha256"] == "ab" * 32 and list(f.attrs["scale_list"]) == [0.5, 1.0]
+        assert INCOMPLETE not in f
+    assert feature_names(path) == ["a/b/x.jpg", "y.png"]
+    got = read_features(path, "a/b/x.jpg")
+    np.testing.assert_allclose(got["keypoints"], feats(7)["keypoints"], rtol=1e-6)
+    assert got["image_size"].tolist() == [120, 90]
+    assert [name for name, _ in iter_features(path)] == ["a/b/x.jpg", "y.png"]
+    assert file_attrs(path)["top_k"] == 1000
+    with pytest.raises(FeatureFileError, match="no features for image 'a/b'"):
+        read_features(path, "a/b")
+
+
+def test_resume_rules(tmp_path: Path):
+    path = tmp_path / "f.h5"
+    with FeatureWriter(path, ATTRS) as w:
+        w.write("x.jpg", feats(3))
+    with FeatureWriter(path, {**ATTRS, "device": "cuda:0"}, informational=("device",)) as w:
+        assert w.has("x.jpg") and not w.has("z.jpg")
+    with pytest.raises(FeatureFileError, match=r"attn_thres: 0.31 in the file, 0.5 now.*--overwrite"):
+        FeatureWriter(path, {**ATTRS, "attn_thres": 0.5})
+    with pytest.raises(FeatureFileError, match="scale_list"):
+        FeatureWriter(path, {**ATTRS, "scale_list": [1.0]})
+    with FeatureWriter(path, {**ATTRS, "attn_thres": 0.5}, overwrite=True) as w:
+        assert not w.has("x.jpg")
+    assert file_attrs(path)["attn_thres"] == 0.5
+
+
+def test_incomplete_groups_are_dropped(tmp_path: Path):
+    path = tmp_path / "f.h5"
+    with FeatureWriter(path, ATTRS) as w:
+        w.write("x.jpg", feats(3))
+    with h5py.File(path, "a") as f:  # what a run killed in the middle of a write leaves
+        f.require_group(INCOMPLETE).create_group("0").create_dataset("keypoints", data=np.zeros((2, 2)))
+    assert feature_names(path) == ["x.jpg"]
+    with FeatureWriter(path, ATTRS):
+        pass
+    with h5py.File(path, "r") as f:
+        assert INCOMPLETE not in f
+
+
+def test_refuses_foreign_files(tmp_path: Path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("data", data=[1, 2])
+    with pytest.raises(FeatureFileError, match="not a DeLF feature file"):
+        FeatureWriter(tmp_path / "other.h5", ATTRS)
+    (tmp_path / "junk.h5").write_text("junk")
+    with pytest.raises(FeatureFileError, match="not a readable HDF5 file"):
+        FeatureWriter(tmp_path / "junk.h5", ATTRS)

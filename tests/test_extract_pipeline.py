@@ -1,0 +1,126 @@
+"""DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs (SPEC §3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from extract.pca import fit_pca
+from extract.pipeline import DelfExtractor, fit_size, nms_top_k, too_small
+from tests.utils import photo
+from train.delf import Delf
+
+SCALES = (0.5, 1.0, 1.4142)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> Delf:
+    torch.manual_seed(0)
+    return Delf(3, arch="resnet18", stage="inference").eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray(photo("coffee", 160))
+
+
+def test_nms_top_k_equals_full_nms_prefix():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3000, 2, generator=g) * 200
+    size = 20 + torch.rand(3000, 1, generator=g) * 60
+    boxes = torch.cat([xy, xy + size], 1)
+    scores = torch.rand(3000, generator=g)
+    for iou in (0.3, 0.7, 0.95):
+        full = torchvision.ops.nms(boxes, scores, iou)
+        for k in (1, 10, 200, 5000):
+            assert torch.equal(nms_top_k(boxes, scores, iou, k), full[:k])
+
+
+def test_selection_invariants(model: Delf, image: Image.Image):
+    ex = DelfExtractor(model, scales=SCALES, attn_thres=0.5, iou_thres=0.6, top_k=40)
+    f = ex(image)
+    n = len(f["scores"])
+    assert 0 < n <= 40
+    assert np.all(np.diff(f["scores"]) <= 0), "scores descending"
+    assert np.all(f["scores"] >= 0.5)
+    pairs = {(float(x), float(y), float(s)) for (x, y), s in zip(f["keypoints"], f["scales"])}
+    assert len(pairs) == n, "no duplicate features"
+    assert set(np.unique(f["scales"])) <= {np.float32(s) for s in SCALES}
+    w, h = image.size
+    assert np.all((f["keypoints"] > -1) & (f["keypoints"] < [w, h])), "cell centres lie in the image"
+    assert [a.shape for a in f["attention"]] == [(4, 5), (7, 10), (10, 15)]
+
+
+def test_no_padding_when_fewer_cells_than_top_k(model: Delf, image: Image.Image):
+    ex = DelfExtractor(model, scales=(0.5,), attn_thres=0.0, iou_thres=1.0, top_k=1000)
+    f = ex(image)
+    assert len(f["scores"]) == f["attention"][0].size  # every cell once, not padded to top_k
+
+
+def test_descriptors_unit_norm_with_and_without_pca(model: Delf, image: Image.Image):
+    raw = DelfExtractor(model, scales=SCALES, attn_thres=0.0, top_k=200)(image)
+    assert raw["descriptors"].shape == (200, 256)
+    np.testing.assert_allclose(np.linalg.norm(raw["descriptors"], axis=1), 1, atol=1e-5)
+    pca = fit_pca(np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32))
+    f = DelfExtractor(model, pca=pca, pca_dims=40, scales=SCALES, attn_thres=0.0, top_k=200)(image)
+    assert f["descriptors"].shape == (200, 40) and f["descriptors"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(f["keypoints"], raw["keypoints"])
+
+
+def test_zero_features_is_valid(model: Delf, image: Image.Image):
+    f = DelfExtractor(model, scales=SCALES, attn_thres=1e9)(image)
+    assert f["keypoints"].shape == (0, 2) and f["descriptors"].shape == (0, 256)
+    assert f["scores"].shape == f["scales"].shape == (0,)
+    assert f["image_size"].tolist() == [160, 107]
+
+
+def test_tiny_image_gives_zero_features(model: Delf):
+    ex = DelfExtractor(model, scales=SCALES)
+    f = ex(Image.new("RGB", (200, 20)))
+    assert f["keypoints"].shape == (0, 2) and f["image_size"].tolist() == [200, 20]
+    assert "too small" in too_small(200, 20, 1024)
+    assert too_small(4000, 100, 1024) is not None  # 1024x26 after the shrink
+    assert too_small(32, 32, 1024) is None
+    assert fit_size(2000, 1000, 1024) == (1024, 512) and fit_size(500, 400, 1024) == (500, 400)
+
+
+def test_input_types_agree(model: Delf, image: Image.Image):
+    ex = DelfExtractor(model, scales=SCALES, attn_thres=0.0, top_k=200)
+    from_pil = ex(image)
+    u8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    for other in (ex(u8), ex(u8.float() / 255), ex(image.convert("RGBA"))):
+        np.testing.assert_allclose(other["keypoints"], from_pil["keypoints"])
+        np.testing.assert_allclose(other["descriptors"], from_pil["descriptors"], atol=1e-5)
+
+
+def test_large_image_is_shrunk_but_keypoints_are_original_pixels(model: Delf):
+    big = Image.fromarray(photo("coffee", 300))  # 300x200
+    f = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=10**6, max_image_size=150)(big)
+    assert f["attention"][0].shape == (7, 10)  # from the 150x100 image
+    assert f["image_size"].tolist() == [300, 200]
+    # cell (0, 0) of the 150x100 image is at (0, 0) there, i.e. (0.5 / 0.5 - 0.5) = 0.5 here
+    assert [0.5, 0.5] in f["keypoints"].tolist()
+
+
+def test_amp_agrees_with_fp32(model: Delf, image: Image.Image):
+    small = image.resize((96, 72))
+    ref = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=1000)(small)
+    amp = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=1000, amp=True)(small)
+    assert amp["descriptors"].dtype == np.float32
+    ref_kp = {tuple(k) for k in ref["keypoints"].tolist()}
+    assert ref_kp == {tuple(k) for k in amp["keypoints"].tolist()}
+    order = {tuple(k): i for i, k in enumerate(amp["keypoints"].tolist())}
+    idx = [order[tuple(k)] for k in ref["keypoints"].tolist()]
+    cos = (ref["descriptors"] * amp["descriptors"][idx]).sum(1)
+    assert cos.mean() > 0.99
