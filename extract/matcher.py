@@ -149,9 +149,41 @@ def draw_matches(img1: Any, img2: Any, kp1: np.ndarray, kp2: np.ndarray, res: Ma
     return fig
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from extract.extractor import add_extraction_args
+def add_extraction_args(p: argparse.ArgumentParser) -> None:
+    """The extractor's model and feature flags (same names and defaults as extract/extractor.py)."""
+    from extract.pipeline import DEFAULT_SCALES
+    from train.runtime import str2bool
 
+    flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
+    g = p.add_argument_group("extraction (as extract/extractor.py)")
+    g.add_argument("--load_expr", default="delf", help="experiment under repo/ whose fix.pth.tar is used")
+    g.add_argument("--load_from", help="checkpoint instead of repo/<load_expr>/keypoint/ckpt/fix.pth.tar")
+    g.add_argument("--use_pca", type=str2bool, default=True, help="reduce descriptors with the PCA file")
+    g.add_argument("--pca_parameters_path", help="the PCA file (default repo/<load_expr>/pca/pca.h5)")
+    g.add_argument("--pca_dims", type=int, default=40, help="descriptor dimension after PCA")
+    g.add_argument("--attn_thres", type=float, default=0.31, help="keep cells with attention >= this")
+    g.add_argument("--iou_thres", type=float, default=0.92, help="NMS IoU threshold on receptive boxes")
+    g.add_argument("--top_k", type=int, default=1000, help="features kept per image")
+    g.add_argument("--scale_list", type=float, nargs="+", default=list(DEFAULT_SCALES),
+                   help="image pyramid scales")
+    g.add_argument("--max_image_size", type=int, default=1024,
+                   help="larger images are first shrunk to this longest side")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", **flag, help="bf16 autocast on CPU, fp16 on CUDA")
+    p.set_defaults(batch_size=1, save_attention=False, workers=0)
+
+
+def build_extractor(args: argparse.Namespace):
+    """(DelfExtractor, PCA file or None) from add_extraction_args' flags, exactly as the
+    extractor CLI builds it (fix.pth.tar rule, PCA/checkpoint sha256 check)."""
+    from extract.extractor import make_extractor, pca_path
+    from train.runtime import setup_runtime
+
+    pca_file = pca_path(args) if args.use_pca else None
+    return make_extractor(args, setup_runtime(args.device).device, pca_file), pca_file
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Match two images with DeLF features and RANSAC.")
     p.add_argument("images", nargs=2, metavar="IMG", help="two image paths, or two feature names "
                    "with --features")
@@ -166,60 +198,70 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=MODELS, default="affine")
     p.add_argument("--residual", type=float, default=20.0, help="RANSAC residual (px)")
     p.add_argument("--max_iters", type=int, default=1000, help="RANSAC iterations")
-    add_extraction_args(p, required=False)
+    add_extraction_args(p)
     return p.parse_args(argv)
 
 
 def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:
-    """Features of the two images (and the images themselves when a figure is asked for)."""
+    """Features of the two images, and the images themselves when a figure is asked for."""
+    from extract.features import read_features
     from extract.images import BadImage, load_image
 
     if args.features is not None:
-        from extract.features import read_features
-
-        if not args.features.is_file():
-            raise SystemExit(f"error: {args.features}: no such feature file")
-        try:
-            feats = [read_features(args.features, name) for name in args.images]
-        except KeyError as e:
-            raise SystemExit(f"error: {args.features}: {e.args[0] if e.args else e}") from None
+        feats = [read_features(args.features, name) for name in args.images]
         if args.output is None:
             return feats, None
         if args.images_root is None:
-            raise SystemExit("error: --output with --features needs --images_root")
+            raise ValueError("--output with --features needs --images_root (to draw the images)")
         paths = [args.images_root / name for name in args.images]
     else:
-        from extract.extractor import extractor_from_args
-
         paths = [Path(p) for p in args.images]
-    try:
-        images = [load_image(p) for p in paths]
-    except BadImage as e:
-        raise SystemExit(f"error: {e}") from None
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+        except BadImage as e:
+            raise ValueError(f"{path}: {e}") from None
     if args.features is None:
-        extractor = extractor_from_args(args)
+        extractor, _ = build_extractor(args)
         feats = [extractor(img) for img in images]
     return feats, images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Match two images (or two entries of a feature file); print the inlier count. Returns the
+    exit status; expected errors are printed without a traceback."""
+    from extract.features import FeatureFileError
+    from extract.pca import PcaError
+    from train.checkpoint import CheckpointError
+
     args = parse_args(argv)
-    feats, images = _load(args)
+    try:
+        feats, images = _load(args)
+    except (FeatureFileError, CheckpointError, PcaError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     res = match_features(feats[0], feats[1], max_distance=args.max_distance, mutual=args.mutual,
                          ratio=args.ratio, model=args.model, residual=args.residual,
                          max_iters=args.max_iters)
-    print(f"{args.images[0]}: {len(feats[0]['keypoints'])} features; "
-          f"{args.images[1]}: {len(feats[1]['keypoints'])} features")
+    for name, f in zip(args.images, feats):
+        print(f"{name}: {len(f['keypoints'])} features")
     print(f"putative matches: {len(res.matches)}")
     print(f"inliers: {res.num_inliers}")
     if args.output is not None:
+        import matplotlib.pyplot as plt
+
         fig = draw_matches(images[0], images[1], feats[0]["keypoints"], feats[1]["keypoints"], res,
                            show_keypoints=args.show_keypoints)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.output, dpi=100)
+        plt.close(fig)
         print(f"wrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")
     sys.exit(main())

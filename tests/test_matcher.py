@@ -1,17 +1,25 @@
 """Matching and RANSAC on a real photo and its known affine / homography warp."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import matplotlib
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from extract.matcher import MatchResult, draw_matches, match_descriptors, match_features, verify
-from tests.utils import photo
+from extract.features import FeatureWriter
+from extract.matcher import (MatchResult, draw_matches, main, match_descriptors, match_features,
+                             verify)
+from tests.utils import photo, save_keypoint_checkpoint
 
 matplotlib.use("Agg")
 
+ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[0.85, 0.18, 30.0], [-0.12, 0.9, 20.0]])
 HOMOGRAPHY = np.array([[0.9, 0.05, 15.0], [-0.08, 0.95, 25.0], [2e-4, -1e-4, 1.0]])
 
@@ -156,3 +164,42 @@ def test_draw_matches_figure() -> None:
     fig = draw_matches(img1[..., 0], img2, np.empty((0, 2)), np.empty((0, 2)), empty)
     assert len(fig.axes[0].collections[0].get_segments()) == 0
     plt.close(fig)
+
+
+def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    img1, img2, f1, f2, _ = warped_pair(AFFINE)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    h5 = tmp_path / "feats.h5"
+    with FeatureWriter(h5, {"test": True}) as writer:
+        for name, img, f in (("a.jpg", img1, f1), ("sub/b.jpg", img2, f2)):
+            cv2.imwrite(str(tmp_path / "imgs" / name), img[..., ::-1])
+            n = len(f["keypoints"])
+            writer.write(name, {**f, "scores": np.ones(n), "scales": np.ones(n),
+                                "image_size": [img.shape[1], img.shape[0]]})
+    png = tmp_path / "out" / "match.png"
+    assert main(["--features", str(h5), "a.jpg", "sub/b.jpg", "--images_root",
+                 str(tmp_path / "imgs"), "--output", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"inliers: {match_features(f1, f2).num_inliers}" in out and png.stat().st_size > 0
+    assert main(["--features", str(h5), "a.jpg", "c.jpg"]) == 1
+    assert "no features for image 'c.jpg'" in capsys.readouterr().err
+    assert main(["--features", str(h5), "a.jpg", "sub/b.jpg", "--output", str(png)]) == 1
+    assert "needs --images_root" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope.jpg"), str(tmp_path / "imgs" / "a.jpg")]) == 1
+    assert "nope.jpg: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_extracts_and_matches_two_images(tmp_path: Path) -> None:
+    """Run as a script: a random-init model, the photo and its warp; prints the inlier count."""
+    img1, img2, _, _, _ = warped_pair(AFFINE)
+    for name, img in (("a.jpg", img1), ("b.jpg", img2)):
+        cv2.imwrite(str(tmp_path / name), img[..., ::-1])
+    ckpt = save_keypoint_checkpoint(tmp_path / "ckpt.pth.tar")
+    proc = subprocess.run(
+        [sys.executable, "extract/matcher.py", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"),
+         "--load_from", str(ckpt), "--use_pca", "false", "--scale_list", "0.7071", "1.0",
+         "--attn_thres", "0", "--device", "cpu", "--output", str(tmp_path / "m.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "inliers: " in proc.stdout and (tmp_path / "m.png").stat().st_size > 0

@@ -1,0 +1,326 @@
+"""Retrieval (index, votes, re-ranking) and the evaluation command: --ranks scoring, errors, and
+DeLF end to end on a tiny Revisited-Oxford-layout dataset made from real photos."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extract.evaluate import main
+from extract.features import iter_features
+from extract.metrics import evaluate
+from extract.pca import fit_pca, save_pca
+from extract.pipeline import DelfExtractor
+from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
+from tests.utils import photo, save_keypoint_checkpoint
+from train.checkpoint import file_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+LANDMARKS = ("astronaut", "coffee", "chelsea")
+DISTRACTORS = ("rocket", "camera", "brick", "coins", "immunohistochemistry", "colorwheel")
+SCALES = ["0.7071", "1.0"]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- index and ranking -------------------------------------------------------------------------
+def brute_force(db: list[np.ndarray], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(db)
+    owner = np.repeat(np.arange(len(db)), [len(d) for d in db])
+    sims = q @ x.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, top, 1), owner[top]
+
+
+def test_exact_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    db = [unit(rng.normal(size=(n, 16))) for n in (30, 0, 5, 50, 1, 40)]
+    q = unit(rng.normal(size=(25, 16)))
+    index = DescriptorIndex(db)
+    assert index.nlist == 1 and index.num_images == 6
+    sims, images = index.search(q, 5)
+    ref_sims, ref_images = brute_force(db, q, 5)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    np.testing.assert_array_equal(images, ref_images)
+    for i, d in enumerate(db):
+        np.testing.assert_array_equal(index.image_descriptors(i), d.reshape(-1, 16))
+    sims, images = index.search(q[:2], 200)  # more neighbours than descriptors: padded
+    assert (images[:, 126:] == -1).all() and (images[:, :126] >= 0).all()
+    assert index.search(np.zeros((0, 16)), 5)[1].shape == (0, 5)
+    with pytest.raises(ValueError, match="16-d"):
+        index.search(q[:, :8], 5)
+    with pytest.raises(ValueError, match="different dimensions"):
+        DescriptorIndex([db[0], db[2][:, :8]])
+
+
+def test_ivf_search() -> None:
+    """Clustered descriptors: IVF keeps images' descriptors, finds the true nearest neighbour
+    for nearly every query descriptor, and is exact when every cell is probed."""
+    rng = np.random.default_rng(1)
+    centres = unit(rng.normal(size=(40, 32)))
+    db = [unit(centres[rng.integers(0, 40, 300)] + 0.3 * rng.normal(size=(300, 32)))
+          for _ in range(100)]
+    q = unit(np.concatenate(db[:3])[::10] + 0.05 * rng.normal(size=(90, 32)))
+    index = DescriptorIndex(db, nlist=64)
+    assert 40 <= index.nlist <= 64 and index.centroids is not None
+    assert index.nbytes > np.concatenate(db).nbytes
+    np.testing.assert_array_equal(index.image_descriptors(7), db[7])
+    ref_sims, ref_images = brute_force(db, q, 3)
+    sims, images = index.search(q, 3, nprobe=8)
+    assert np.mean(np.isclose(sims[:, 0], ref_sims[:, 0], atol=1e-5)) > 0.9
+    sims, images = index.search(q, 3, nprobe=index.nlist)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+
+
+def test_vote_scores_and_rank() -> None:
+    sims = np.array([[0.9, 0.8, 0.7], [0.5, -0.2, 0.4]], np.float32)
+    images = np.array([[1, 1, 2], [2, 0, -1]])
+    # descriptor 0 votes 0.9 for image 1 (once) and 0.7 for image 2; descriptor 1 votes 0.5 for
+    # image 2 and nothing (negative similarity) for image 0
+    np.testing.assert_allclose(vote_scores(sims, images, 4), [0.0, 0.9, 1.2, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(rank(np.array([1.0, 2.0, 2.0, 0.0, 2.0])), [1, 2, 4, 0, 3])
+
+
+def test_rerank_order_junk_and_top() -> None:
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    order = rank(scores)
+    inliers = {0: 4, 1: 30, 2: 0, 3: 30, 4: 99, 5: 99}
+    asked: list[int] = []
+
+    def count(i: int) -> int:
+        asked.append(i)
+        return inliers[i]
+
+    # top 4 non-junk images of [0, 1, 2, 3, 4, 5] without junk 1: 0, 2, 3, 4
+    final = rerank(order, scores, count, top=4, junk=[1])
+    assert asked == [0, 2, 3, 4]
+    # by inliers (4: 99, 3: 30, 0: 4), then the rest by initial score; 5 was not verified
+    np.testing.assert_array_equal(final, [4, 3, 0, 1, 2, 5])
+    np.testing.assert_array_equal(rerank(order, scores, count, top=0), order)
+
+
+def test_verifier_needs_four_matches_and_caches() -> None:
+    rng = np.random.default_rng(2)
+    kp = rng.uniform(0, 200, (50, 2)).astype(np.float32)
+    d = unit(rng.normal(size=(50, 40)))
+    db = {0: {"keypoints": kp, "descriptors": d},                     # same features: verified
+          1: {"keypoints": kp[:3], "descriptors": d[:3]},             # 3 matches: 0 by rule
+          2: {"keypoints": kp, "descriptors": unit(rng.normal(size=(50, 40)))}}
+    calls: list[int] = []
+
+    def fetch(i: int) -> dict:
+        calls.append(i)
+        return db[i]
+
+    v = Verifier({"keypoints": kp + 10, "descriptors": d}, fetch)
+    assert v(0) == 50 and v(1) == 0 and v(2) == 0
+    assert v(0) == 50 and calls == [0, 1, 2]
+    index = DescriptorIndex([db[i]["descriptors"] for i in range(3)])
+    database = Database([db[i]["keypoints"] for i in range(3)], index)
+    np.testing.assert_array_equal(database.features(1)["descriptors"], d[:3])
+    scores = database.initial_scores([d, d[:0]], k=2, nprobe=1)
+    assert scores.shape == (2, 3) and rank(scores[0])[0] == 0 and not scores[1].any()
+
+
+# --- the command: --ranks and errors -----------------------------------------------------------
+def write_gnd(root: Path, imlist: list[str], qimlist: list[str], gnd: list[dict],
+              dataset: str = "roxford5k") -> Path:
+    folder = root / dataset
+    (folder / "jpg").mkdir(parents=True, exist_ok=True)
+    with open(folder / f"gnd_{dataset}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+    return root
+
+
+def small_gnd(tmp_path: Path) -> Path:
+    gnd = [{"bbx": [0, 0, 10, 10], "easy": np.array([0, 3]), "hard": np.array([5]),
+            "junk": np.array([1])},
+           {"bbx": [0, 0, 10, 10], "easy": np.array([], np.int64), "hard": np.array([2]),
+            "junk": np.array([4])}]
+    return write_gnd(tmp_path, [f"db{i}" for i in range(6)], ["q0", "q1"], gnd)
+
+
+def test_ranks_mode_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = small_gnd(tmp_path)
+    ranks = np.stack([np.array([1, 0, 2, 3, 4, 5]), np.array([5, 4, 3, 2, 1, 0])], axis=1)
+    np.save(tmp_path / "ranks.npy", ranks)
+    out = tmp_path / "out" / "res.json"
+    assert main(["--dataset", "roxford5k", "--data_root", str(root), "--ranks",
+                 str(tmp_path / "ranks.npy"), "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"easy", "medium", "hard"}
+    assert all(set(row) == {"mAP", "mP@1", "mP@5", "mP@10"} for row in res.values())
+    with open(root / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
+        expected = evaluate(ranks, pickle.load(f)["gnd"])
+    for protocol, row in expected.items():
+        for key, value in row.items():
+            assert res[protocol][key] == pytest.approx(value, abs=1e-4)
+    # query 0, easy: junk 1 and hard 5 dropped -> positives 0, 3 at ranks 0, 2
+    assert res["easy"]["mAP"] == pytest.approx(100 * (1 + (1 / 2 + 2 / 3) / 2) / 2, abs=1e-4)
+    assert "medium" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_pkl", "gnd_roxford5k.pkl: no such file"),
+    ("bad_shape", "shape (2, 6), expected"),
+    ("no_npy", "cannot read a .npy ranking"),
+    ("no_images", "8 of 8 images missing under"),
+    ("bad_pkl", "not a revisitop ground-truth file"),
+])
+def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
+                          message: str) -> None:
+    root = small_gnd(tmp_path)
+    args = ["--dataset", "roxford5k", "--data_root", str(root)]
+    if case == "no_pkl":
+        args[-1] = str(tmp_path / "elsewhere")
+    if case == "bad_shape":
+        np.save(tmp_path / "r.npy", np.zeros((2, 6), np.int64))
+        args += ["--ranks", str(tmp_path / "r.npy")]
+    if case == "no_npy":
+        args += ["--ranks", str(tmp_path / "missing.npy")]
+    if case == "bad_pkl":
+        (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(b"not a pickle")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    if case == "no_images":
+        assert "roxford5k/jpg/db0.jpg" in err
+
+
+@pytest.mark.slow
+def test_script_error_without_traceback(tmp_path: Path) -> None:
+    """Run as a script from extract/ (the bootstrap line), an error is one line, no traceback."""
+    proc = subprocess.run([sys.executable, "evaluate.py", "--dataset", "rparis6k",
+                           "--data_root", str(tmp_path), "--ranks", "r.npy"],
+                          cwd=ROOT / "extract", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "rparis6k/gnd_rparis6k.pkl: no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- end to end --------------------------------------------------------------------------------
+def view(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A random perspective view of ``img`` (corners moved by up to ``strength`` of the size)
+    with a brightness change."""
+    h, w = img.shape[:2]
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    dst = (src + rng.uniform(-strength, strength, (4, 2)) * [w, h]).astype(np.float32)
+    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), (w, h),
+                              borderMode=cv2.BORDER_REFLECT)
+    return np.clip(out * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, size: int = 160, seed: int = 0) -> Path:
+    """Revisited-Oxford layout from real photos. Per landmark: a query (the photo, cropped by
+    its bbx), two easy views (mild warps), a hard view (strong warp) and a junk image (another
+    photo with a small copy of the landmark in a corner); plus two views of each distractor."""
+    rng = np.random.default_rng(seed)
+    jpg = root / "roxford5k" / "jpg"
+    jpg.mkdir(parents=True)
+    imlist: list[str] = []
+
+    def add(name: str, arr: np.ndarray) -> int:
+        Image.fromarray(arr).save(jpg / f"{name}.jpg", quality=92)
+        imlist.append(name)
+        return len(imlist) - 1
+
+    gnd = []
+    for k, name in enumerate(LANDMARKS):
+        img = photo(name, size)
+        easy = [add(f"{name}_easy{i}", view(img, rng, 0.05)) for i in range(2)]
+        hard = [add(f"{name}_hard", view(img, rng, 0.15))]
+        junk_img = photo(DISTRACTORS[k], size).copy()
+        h, w = junk_img.shape[:2]
+        junk_img[:h // 3, :w // 3] = cv2.resize(img, (w // 3, h // 3))
+        junk = [add(f"{name}_junk", junk_img)]
+        Image.fromarray(img).save(jpg / f"q_{name}.jpg", quality=92)
+        m = size // 10
+        gnd.append({"bbx": [m, m, img.shape[1] - m, img.shape[0] - m], "easy": np.array(easy),
+                    "hard": np.array(hard), "junk": np.array(junk)})
+    for name in DISTRACTORS:
+        img = photo(name, size)
+        add(f"{name}_0", img)
+        add(f"{name}_1", view(img, rng, 0.08))
+    return write_gnd(root, imlist, [f"q_{n}" for n in LANDMARKS], gnd)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The dataset, a random-init resnet18 keypoint checkpoint, and a PCA (whitening) fitted on
+    its database descriptors, as the extractor's --mode pca would."""
+    tmp = tmp_path_factory.mktemp("revisited")
+    root = make_dataset(tmp / "data")
+    ckpt = save_keypoint_checkpoint(tmp / "ckpt.pth.tar")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ex = DelfExtractor.from_checkpoint(ckpt, use_pca=False, scales=[float(s) for s in SCALES],
+                                       attn_thres=0.0)
+    desc = np.concatenate([ex(Image.open(p).convert("RGB"))["descriptors"]
+                           for p in sorted((root / "roxford5k" / "jpg").glob("*_*.jpg"))])
+    torch.set_num_threads(threads)
+    pca = tmp / "pca.h5"
+    save_pca(pca, fit_pca(desc), {"checkpoint_sha256": file_sha256(ckpt)})
+    return {"root": root, "ckpt": ckpt, "pca": pca, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture) -> None:
+    feats, out = tiny["tmp"] / "features", tiny["tmp"] / "res.json"
+    args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from",
+            str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
+            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
+    assert main(args + ["--output", str(out)]) == 0
+    reranked = json.loads(out.read_text())
+    assert set(reranked) == {"easy", "medium", "hard"}
+    assert all(0 <= v <= 100 for row in reranked.values() for v in row.values())
+    assert "initial ranking" in capsys.readouterr().out
+
+    # features: every database image and every cropped query, in the crop's frame
+    with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
+        cfg = pickle.load(f)
+    db = dict(iter_features(feats / "db.h5"))
+    queries = dict(iter_features(feats / "query.h5"))
+    assert sorted(db) == sorted(cfg["imlist"]) and sorted(queries) == sorted(cfg["qimlist"])
+    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+        x1, y1, x2, y2 = g["bbx"]
+        np.testing.assert_array_equal(queries[name]["image_size"], [x2 - x1, y2 - y1])
+        assert len(queries[name]["keypoints"]) > 20
+        assert (queries[name]["keypoints"] < [x2 - x1, y2 - y1]).all()
+
+    # RANSAC separates the landmark's views from unrelated photos
+    names = cfg["imlist"]
+    database = Database([db[n]["keypoints"] for n in names],
+                        DescriptorIndex([db[n]["descriptors"] for n in names]))
+    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+        inliers = Verifier(queries[name], database.features)
+        distractors = [i for i, n in enumerate(names) if n.endswith(("_0", "_1"))]
+        assert min(inliers(i) for i in g["easy"]) > max(inliers(i) for i in distractors)
+
+    # cached: a second run extracts nothing; without re-ranking, Medium mAP is not higher
+    def no_extraction(*_: object) -> None:
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(DelfExtractor, "__call__", no_extraction)
+    assert main(args + ["--rerank", "0", "--output", str(out)]) == 0
+    initial = json.loads(out.read_text())
+    assert reranked["medium"]["mAP"] >= initial["medium"]["mAP"]
+    assert reranked["medium"]["mAP"] > 80.0
