@@ -24,7 +24,7 @@ from extract.matcher import match_descriptors, verify
 
 EXACT_MAX = 1 << 18          # databases up to this many descriptors are searched exactly
 _QUERY_BLOCK = 4096          # query descriptors per matrix product
-_ROW_BLOCK = 1 << 15         # database descriptors per matrix product
+_ROW_BLOCK = 8192            # database descriptors (or centroids) per matrix product
 
 
 @contextmanager
@@ -99,7 +99,7 @@ class DescriptorIndex:
             self.nlist, self.centroids = 1, None
             cell = torch.zeros(len(x), dtype=torch.long)
         order = torch.argsort(cell, stable=True)
-        self.x = x[order]                                   # descriptors sorted by cell
+        self.x = x.index_select(0, order)                   # descriptors sorted by cell
         del x
         image = torch.repeat_interleave(torch.arange(self.num_images), torch.from_numpy(counts))
         self.image = image[order].numpy()                   # image of each sorted row
@@ -129,11 +129,12 @@ class DescriptorIndex:
     def _assign(self, x: torch.Tensor) -> torch.Tensor:
         """Each descriptor's cell: nearest coarse cluster, then its nearest child cell."""
         top = _nearest(x, self._top)
+        by_top = torch.argsort(top)
+        ends = torch.bincount(top, minlength=len(self._top)).cumsum(0).tolist()
         cell = torch.empty(len(x), dtype=torch.long)
-        for t, children in enumerate(self._children):
-            rows = torch.nonzero(top == t).squeeze(1)
-            if len(rows):
-                cell[rows] = children[_nearest(x[rows], self.centroids[children])]
+        for children, lo, hi in zip(self._children, [0] + ends[:-1], ends):
+            rows = by_top[lo:hi]
+            cell[rows] = children[_nearest(x.index_select(0, rows), self.centroids[children])]
         return cell
 
     @property
@@ -165,8 +166,10 @@ class DescriptorIndex:
         if self.centroids is None:
             cells = torch.zeros((n, 1), dtype=torch.long)
         else:
-            c = self.centroids
-            cells = (q @ c.T - 0.5 * (c * c).sum(1)).topk(min(nprobe, self.nlist), 1)[1]
+            c, half_sq = self.centroids, 0.5 * (self.centroids ** 2).sum(1)
+            cells = torch.cat([torch.addmm(-half_sq, q[b:b + _QUERY_BLOCK], c.T)
+                               .topk(min(nprobe, self.nlist), 1)[1]
+                               for b in range(0, n, _QUERY_BLOCK)])
         probes = cells.shape[1]
         best_v = torch.full((n, probes, k), -math.inf)
         best_r = torch.full((n, probes, k), -1, dtype=torch.long)
