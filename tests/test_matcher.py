@@ -161,7 +161,8 @@ def test_draw_matches_figure() -> None:
     finally:
         plt.close(fig)
     empty = MatchResult(np.empty((0, 2), np.int64), np.empty(0, bool), None)
-    fig = draw_matches(img1[..., 0], img2, np.empty((0, 2)), np.empty((0, 2)), empty)
+    fig = draw_matches(img1[..., 0], img2 / 255.0, np.empty((0, 2)), np.empty((0, 2)), empty)
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array()[:, 256:], img2)
     assert len(fig.axes[0].collections[0].get_segments()) == 0
     plt.close(fig)
 
