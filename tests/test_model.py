@@ -21,17 +21,17 @@ NCLS = 5
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_output_shapes_per_stage(arch: str) -> None:
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 96, 64)
+    x = torch.rand(1, 3, 96, 64)
     for layer, stride in (("layer3", 16), ("layer4", 32)):
         for stage in ("finetune", "keypoint", "inference"):
             model = Delf(NCLS, arch=arch, stage=stage, target_layer=layer).eval()
             with torch.no_grad():
-                assert model(x).shape == (2, NCLS)
+                assert model(x).shape == (1, NCLS)
                 if stage == "finetune":
                     continue
                 features, attention = model.extract(x)
-            assert features.shape == (2, feature_dim(arch, layer), 96 // stride, 64 // stride)
-            assert attention.shape == (2, 1, 96 // stride, 64 // stride)
+            assert features.shape == (1, feature_dim(arch, layer), 96 // stride, 64 // stride)
+            assert attention.shape == (1, 1, 96 // stride, 64 // stride)
             assert (attention >= 0).all()
             trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
             assert trainable == {"attn", "logits"}

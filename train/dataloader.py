@@ -4,7 +4,7 @@ Images come out as RGB float tensors in [0, 1]; the model normalises them itself
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,14 +15,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 MAX_RETRIES = 100
+log = logging.getLogger("delf")
 
 
 class DataError(RuntimeError):
     """A data folder is missing, empty or inconsistent."""
-
-
-class CorruptImageWarning(UserWarning):
-    """An image file could not be decoded and was skipped."""
 
 
 def train_transform(sample_size: int, crop_size: int) -> T.Compose:
@@ -43,8 +40,8 @@ def _load_rgb(path: str) -> Image.Image:
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision ImageFolder that skips unreadable images: a corrupt file is reported once
-    (a :class:`CorruptImageWarning` naming it) and the next readable image takes its place, so
+    """torchvision ImageFolder that skips unreadable images: a corrupt file is reported once per
+    loading process (a warning naming it) and the next readable image takes its place, so
     batches keep their size and distributed processes stay in step."""
 
     def __init__(self, root: str | Path, transform: T.Compose) -> None:
@@ -64,10 +61,9 @@ class ImageFolder(datasets.ImageFolder):
                 continue
             try:
                 return super().__getitem__(i)
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # bad files
                 self.corrupt.add(i)
-                warnings.warn(f"skipping corrupt image {self.samples[i][0]}: {e}", CorruptImageWarning,
-                              stacklevel=2)
+                log.warning("skipping corrupt image %s (%s)", self.samples[i][0], type(e).__name__)
         raise DataError(f"{self.root}: no readable image among {MAX_RETRIES} files from index {index}")
 
 

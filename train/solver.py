@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX); without it bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Solver:
     """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage).
 
@@ -149,6 +158,8 @@ class Solver:
         self.device = self.rt.device
         self.amp = settings.amp
         self.memory_format = torch.channels_last if self.amp else torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels once
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = model
         if self.rt.distributed:
@@ -160,6 +171,9 @@ class Solver:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.start_epoch = 0
         self.best_acc = 0.0
+        if self.amp and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("--amp on a CPU without native bf16 support: expect training to be much slower "
+                        "than fp32 (leave --amp out on this machine)")
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +196,9 @@ class Solver:
         if self.rt.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
-            raise TrainingDiverged(f"loss is {loss.item()}")
+            value = loss.item()
+            raise TrainingDiverged(f"loss is {value}" if not math.isfinite(value) else
+                                   "loss is not finite on another process")
 
     # --- epochs --------------------------------------------------------------------------------
     def train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
