@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keypoint stage: finetune checkpoint (this project's or the seed repo's format)")
     _flag(g, "--resume", default=False,
           help="continue from repo/<expr>/<stage>/ckpt/last.pth.tar")
-    g.add_argument("--manualSeed", type=int, default=None, help="random seed (default: drawn at random)")
+    g.add_argument("--manualSeed", type=int, default=None, help="random seed; when omitted: the resumed run's, else drawn at random")
 
     g = p.add_argument_group("data")
     for stage in STAGES:
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_non_negative_int, default=min(SEED_WORKERS, os.cpu_count() or 1),
                    help=f"data-loading processes per training process (seed: {SEED_WORKERS})")
     g.add_argument("--ncls", type=_positive_int, default=None,
-                   help="number of classes (default: the training folder's)")
+                   help="number of classes; when omitted: the training folder's")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=ARCHS, help="ResNet backbone")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optim", default="sgd", type=str.lower, choices=OPTIMIZERS, help="optimiser")
     g.add_argument("--lr", type=_positive_float, default=0.008, help="initial learning rate")
     g.add_argument("--momentum", type=_non_negative_float, default=0.9,
-                   help="SGD momentum / RMSprop momentum (the seed had none)")
+                   help="SGD momentum (the seed had none)")
     g.add_argument("--weight_decay", type=_non_negative_float, default=1e-4, help="L2 penalty")
     g.add_argument("--lr_gamma", type=_positive_float, default=0.5, help="learning-rate decay factor")
     g.add_argument("--lr_stepsize", type=_positive_int, default=10, help="decay every N epochs")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("device")
     g.add_argument("--gpu_id", default=None,
-                   help="CUDA_VISIBLE_DEVICES, set before CUDA starts (default: leave it alone)")
+                   help="CUDA_VISIBLE_DEVICES, set before CUDA starts; when omitted: left alone")
     g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     _flag(g, "--amp", default=False,
           help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last")

@@ -50,14 +50,14 @@ class Settings:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], s: Settings) -> torch.optim.Optimizer:
-    """sgd (with momentum) | adam | rmsprop over ``params``."""
+    """sgd (with ``momentum``) | adam | rmsprop (as the seed: no momentum) over ``params``."""
     params = list(params)
     if s.optim == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if s.optim == "adam":
         return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     if s.optim == "rmsprop":
-        return torch.optim.RMSprop(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.RMSprop(params, lr=s.lr, weight_decay=s.weight_decay)
     raise ValueError(f"unknown optimiser {s.optim!r}: choose sgd, adam or rmsprop")
 
 

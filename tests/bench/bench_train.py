@@ -79,11 +79,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--amp_size", type=int, default=None, help="default: --size, or 112 without native bf16")
+    p.add_argument("--amp_size", type=int, default=None, help="default: --size, or 96 without native bf16")
     p.add_argument("--amp_batch", type=int, default=None, help="default: --batch, or 2 without native bf16")
     args = p.parse_args()
     native = cpu_has_native_bf16()
-    amp_size = args.amp_size or (args.size if native else 112)
+    amp_size = args.amp_size or (args.size if native else 96)
     amp_batch = args.amp_batch or (args.batch if native else 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native}; resnet50, {NCLS} classes, SGD momentum; median of {args.reps}")
