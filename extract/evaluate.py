@@ -125,8 +125,13 @@ def extract_features(ds: Dataset, args: argparse.Namespace, features_dir: Path) 
     paths = {}
     for part, items in jobs.items():
         paths[part] = features_dir / f"{part}.h5"
-        with FeatureWriter(paths[part], {**attrs, "crop_to_bbx": part == "query"},
-                           informational=INFORMATIONAL) as writer:
+        try:
+            writer = FeatureWriter(paths[part], {**attrs, "crop_to_bbx": part == "query"},
+                                   overwrite=args.overwrite, informational=INFORMATIONAL)
+        except FeatureFileError as e:
+            raise EvalError(f"{e}\n(here: --overwrite extracts again, --features_dir picks another "
+                            "cache folder)") from None
+        with writer:
             todo = [item for item in items if not writer.has(item[0])]
             for name, path, bbx in tqdm(todo, desc=f"{ds.name} {part} features", unit="img",
                                         dynamic_ncols=True):
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write the scores (percent) as JSON here")
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="extract again, replacing cached features made with other parameters")
     r = p.add_argument_group("ranking and re-ranking")
     r.add_argument("--knn", type=int, default=10, help="neighbours of each query descriptor that vote")
     r.add_argument("--nlist", type=int, default=0,

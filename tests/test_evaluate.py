@@ -324,3 +324,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     initial = json.loads(out.read_text())
     assert reranked["medium"]["mAP"] >= initial["medium"]["mAP"]
     assert reranked["medium"]["mAP"] > 80.0
+    # other extraction parameters: the cache is refused, with the way out
+    assert main(args + ["--pca_dims", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "pca_dims: 40 in the file, 16 now" in err and "--overwrite extracts again" in err
