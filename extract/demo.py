@@ -28,7 +28,7 @@ from train.runtime import PROJECT_ROOT, REPO_DIR  # noqa: E402
 
 # name: (classes, train/class, val/class, image px, query px, finetune epochs, keypoint epochs)
 PRESETS = {
-    "full": (6, 40, 8, 128, 320, 12, 6),
+    "full": (6, 24, 6, 112, 320, 6, 4),
     "smoke": (3, 4, 1, 64, 160, 1, 1),
 }
 
