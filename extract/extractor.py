@@ -166,8 +166,16 @@ class Ranks:
 
 
 # --- extraction loop ---------------------------------------------------------------------------
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 / AMX); True when torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def make_extractor(args: argparse.Namespace, device: torch.device, pca_file: Path | None) -> DelfExtractor:
-    if args.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if args.amp and device.type == "cpu" and not native_bf16():
         log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); bf16 will be much slower than fp32")
     if args.batch_size != 1:
         log.warning("--batch_size %d: images differ in size and are processed one at a time", args.batch_size)
@@ -182,11 +190,18 @@ def make_extractor(args: argparse.Namespace, device: torch.device, pca_file: Pat
 
 def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
                 show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, features) of each usable image; the others go into ``report``."""
-    if not items:
-        return
-    with tqdm(total=len(items), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-        for name, path, image, reason in image_loader(items, workers):
+    """(name, features) of each usable image; the others go into ``report``.
+
+    The decoding workers are forked here, at the call: open the output file afterwards, so that
+    they never inherit it (orphaned workers of a killed run would keep it locked)."""
+    decoded = iter(image_loader(items, workers)) if items else iter(())
+    return _stream(ex, decoded, len(items), report, show_progress)
+
+
+def _stream(ex: DelfExtractor, decoded: Iterator[tuple[str, Path, torch.Tensor | None, str | None]], total: int,
+            report: Report, show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    with tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        for name, path, image, reason in decoded:
             feats = _extract_one(ex, path, image, reason, report)
             if feats is not None:
                 yield name, feats
@@ -240,8 +255,10 @@ def run_delf(args: argparse.Namespace, runtime: Runtime, ranks: Ranks) -> tuple[
     mine = ranks.share([item for item in items if item[0] not in done])
     with FeatureWriter(target, attrs, overwrite=args.overwrite, informational=INFORMATIONAL) as writer:
         todo = [item for item in mine if not writer.has(item[0])]
-        report = Report(existing=len(mine) - len(todo) + (len(done) if ranks.is_main else 0))
-        for name, feats in extract_all(ex, todo, args.workers, report, ranks.is_main):
+    report = Report(existing=len(mine) - len(todo) + (len(done) if ranks.is_main else 0))
+    stream = extract_all(ex, todo, args.workers, report, ranks.is_main)
+    with FeatureWriter(target, attrs, informational=INFORMATIONAL) as writer:
+        for name, feats in stream:
             writer.write(name, feats, save_attention=args.save_attention)
     reports = ranks.gather(report)
     if ranks.group is not None and ranks.is_main:

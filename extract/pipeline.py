@@ -8,14 +8,17 @@ resizes compose into one such ratio): x_orig = (x_scaled + 0.5) / r - 0.5.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.images import to_rgb
 from extract.pca import PcaError, apply_pca, load_pca
@@ -25,6 +28,9 @@ from train.runtime import autocast
 
 DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MIN_IMAGE_SIDE = 32
+# (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
+# downsample and base Sequentials, the attention head.
+_CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv1", "bn"), ("0", "1"))
 
 
 def fit_size(width: int, height: int, max_image_size: int) -> tuple[int, int]:
@@ -70,13 +76,26 @@ def nms_top_k(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float, top_k
     the quadratic cost on tens of thousands of boxes when few are suppressed.
     """
     order = torch.sort(scores, descending=True, stable=True).indices
-    m = 2 * top_k
+    m = top_k + top_k // 4
     while True:
         best = order[:m]
         keep = best[torchvision.ops.nms(boxes[best], scores[best], iou_thres)]
         if len(keep) >= top_k or m >= len(order):
             return keep[:top_k]
         m *= 4
+
+
+def fold_batchnorm(model: Delf) -> Delf:
+    """An inference copy of ``model`` with each BatchNorm folded into the conv before it: the same
+    outputs (up to float rounding), about 15 % faster on CPU. ``model`` itself is left untouched."""
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    for module in model.modules():
+        for conv_name, bn_name in _CONV_BN:
+            conv, bn = module._modules.get(conv_name), module._modules.get(bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn).requires_grad_(False))
+                setattr(module, bn_name, nn.Identity())
+    return model
 
 
 class DelfExtractor:
@@ -87,6 +106,9 @@ class DelfExtractor:
     ``descriptors`` (N, D) unit-norm, ``scores`` (N,) descending, ``scales`` (N,), ``image_size``
     [w, h], ``attention`` (one (h_s, w_s) map per scale, in ``scales`` order) and
     ``attention_scales``.
+
+    ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
+    ``self.model``; the caller's model is not modified.
     """
 
     def __init__(self, model: Delf, *, pca: dict[str, Any] | None = None, pca_dims: int = 40,
@@ -102,7 +124,7 @@ class DelfExtractor:
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
             raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are {model.feature_dim}-d")
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.receptive_field = model.receptive_field()
         self.scales = tuple(float(s) for s in scales)
         self.pca, self.pca_dims = pca, pca_dims

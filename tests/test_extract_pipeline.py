@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from extract.pca import fit_pca
-from extract.pipeline import DelfExtractor, fit_size, nms_top_k, too_small
+from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, nms_top_k, too_small
 from tests.utils import photo
 from train.delf import Delf
 
@@ -32,6 +32,24 @@ def model() -> Delf:
 @pytest.fixture(scope="module")
 def image() -> Image.Image:
     return Image.fromarray(photo("coffee", 160))
+
+
+@pytest.mark.parametrize("arch, target_layer", [("resnet18", "layer3"), ("resnet50", "layer4")])
+def test_fold_batchnorm_keeps_outputs(arch: str, target_layer: str):
+    torch.manual_seed(0)
+    net = Delf(3, arch=arch, stage="inference", target_layer=target_layer).eval()
+    for bn in net.modules():  # non-trivial statistics
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) > 0, "the original is untouched"
+    x = torch.rand(1, 3, 96, 128)
+    with torch.inference_mode():
+        (f0, a0), (f1, a1) = net.extract(x), folded.extract(x)
+    torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-4 * f0.abs().max().item())
+    torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-5)
 
 
 def test_nms_top_k_equals_full_nms_prefix():

@@ -1,0 +1,140 @@
+"""Extraction benchmark: resnet50 layer3, 7 scales, random-init keypoint model, real photos.
+
+attn_thres 0: every cell is a candidate, the worst case for selection, NMS and PCA.
+1. RSS while extracting 200 images into a feature file (flat: after 20 vs after 200);
+2. pipeline time / bare backbone+attention forward over the same pyramid (goal <= 1.05);
+3. --amp (bf16 autocast on CPU) speed-up over fp32, with agreement (keypoints in common,
+   mean descriptor cosine).
+
+    .venv/bin/python tests/bench/bench_extract.py [--threads N] [--skip_amp] [--rss_images 200]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from extract.extractor import native_bf16  # noqa: E402
+from extract.features import FeatureWriter  # noqa: E402
+from extract.pca import fit_pca  # noqa: E402
+from extract.pipeline import DEFAULT_SCALES, DelfExtractor  # noqa: E402
+from tests.utils import PHOTOS, photo  # noqa: E402
+from train.delf import Delf  # noqa: E402
+
+
+def once(fn: Callable[[], dict]) -> tuple[float, dict]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up each, then ``repeats`` rounds that
+    interleave them (so that load from other processes hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def test_image(width: int, height: int, name: str = "astronaut") -> Image.Image:
+    return Image.fromarray(photo(name)).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def bare_forward(model: Delf, ex: DelfExtractor, image: Image.Image) -> Callable[[], None]:
+    """``model`` alone (backbone + attention) over the pyramid the pipeline builds (made beforehand)."""
+    base, size = ex.prepare(image)
+    levels = [ex.scale_image(base, s, size)[0][None].contiguous(memory_format=torch.channels_last) for s in ex.scales]
+
+    @torch.inference_mode()
+    def run() -> None:
+        for x in levels:
+            model.extract(x)
+    return run
+
+
+def agreement(ref: dict, other: dict) -> tuple[float, float]:
+    """Fraction of ref keypoints (with scale) also in other; mean cosine of their descriptors."""
+    index = {(x, y, s): i for (x, y), s, i in zip(other["keypoints"].tolist(), other["scales"].tolist(),
+                                                  range(len(other["scales"])))}
+    pairs = [(i, index[(x, y, s)]) for (x, y), s, i in zip(ref["keypoints"].tolist(), ref["scales"].tolist(),
+                                                          range(len(ref["scales"]))) if (x, y, s) in index]
+    a, b = (np.array(p) for p in zip(*pairs))
+    cos = (ref["descriptors"][a] * other["descriptors"][b]).sum(1)
+    return len(pairs) / len(ref["scores"]), float(cos.mean())
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip_amp", action="store_true")
+    p.add_argument("--rss_images", type=int, default=200)
+    p.add_argument("--rss_size", type=int, default=128, help="longest side of the RSS-run images")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()
+    pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
+    ex = DelfExtractor(model, pca=pca, scales=DEFAULT_SCALES, attn_thres=0.0)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {native_bf16()}; resnet50 layer3, scales {list(DEFAULT_SCALES)}, attn_thres 0, top_k 1000")
+
+    print(f"\n1. RSS over {args.rss_images} images (longest side {args.rss_size} px) written to a feature file")
+    sizes = [(args.rss_size, round(args.rss_size * r)) for r in (0.75, 0.6, 1.0, 0.5)]
+    with tempfile.TemporaryDirectory() as tmp, FeatureWriter(Path(tmp) / "f.h5", {"bench": 1}) as writer:
+        photos = [test_image(w, h, name) for name in PHOTOS[:5] for w, h in sizes]
+        for i in range(args.rss_images):
+            writer.write(f"img{i:04d}.jpg", ex(photos[i % len(photos)]))
+            if i + 1 in (20, args.rss_images):
+                print(f"   after {i + 1:4d} images: RSS {rss_mib():.0f} MiB, peak "
+                      f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+    print(f"\n2. pipeline vs bare forward of its network (BatchNorm folded), and of the unfolded model "
+          f"(medians of {args.repeats} interleaved runs)")
+    model.to(memory_format=torch.channels_last)
+    for width, height in ((512, 384), (1024, 768)):
+        image = test_image(width, height)
+        t = compare({"pipeline": lambda: ex(image), "bare": bare_forward(ex.model, ex, image),
+                     "unfolded": bare_forward(model, ex, image)}, args.repeats)
+        n = len(ex(image)["scores"])
+        print(f"   {width}x{height}: pipeline {t['pipeline']:.2f} s, bare forward {t['bare']:.2f} s "
+              f"(ratio {t['pipeline'] / t['bare']:.3f}), unfolded model {t['unfolded']:.2f} s "
+              f"(ratio {t['pipeline'] / t['unfolded']:.3f}); {n} features")
+
+    if not args.skip_amp:
+        print("\n3. --amp (bf16 autocast, channels_last) vs fp32, 512x384 (bf16: one run, no warm-up)")
+        image = test_image(512, 384)
+        amp = DelfExtractor(model, pca=pca, scales=DEFAULT_SCALES, attn_thres=0.0, amp=True)
+        t32 = compare({"fp32": lambda: ex(image)}, 1)["fp32"]
+        t16, f16 = once(lambda: amp(image))
+        common, cos = agreement(ex(image), f16)
+        print(f"   fp32 {t32:.2f} s, bf16 {t16:.2f} s: speed-up {t32 / t16:.2f}x; keypoints in common "
+              f"{100 * common:.1f} %, mean descriptor cosine {cos:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""extractor.py end to end: paths and messages, the report, resume, SIGKILL, torchrun, the seed README."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extract.extractor import main
+from extract.features import feature_names, file_attrs, iter_features, read_features
+from extract.pca import fit_pca, save_pca
+from tests.test_extract_images import write_bad_images, write_odd_images
+from tests.utils import make_image_folder, save_keypoint_checkpoint
+from train.runtime import PROJECT_ROOT, REPO_DIR
+
+EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
+FAST = ["--scale_list", "0.5", "1.0", "--workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_keypoint_checkpoint(tmp_path_factory.mktemp("ckpt") / "fix.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=2, size=96)
+
+
+@pytest.fixture
+def expr() -> Path:
+    """A fresh experiment folder under repo/, removed afterwards."""
+    name = f"pytest-extract-{uuid.uuid4().hex[:8]}"
+    yield name
+    shutil.rmtree(REPO_DIR / name, ignore_errors=True)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+
+
+def test_delf_without_pca_then_resume_and_parameter_change(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    out = tmp_path / "f.h5"
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), "--use_pca", "false"]
+    assert main(base + FAST) == 0
+    assert feature_names(out) == ["astronaut/000.jpg", "astronaut/001.jpg", "coffee/000.jpg", "coffee/001.jpg"]
+    f = read_features(out, "coffee/001.jpg")
+    assert f["descriptors"].shape[1] == 256 and f["image_size"].tolist() == [96, 96]
+    attrs = file_attrs(out)
+    assert attrs["use_pca"] is False and attrs["pca_sha256"] == "" and len(attrs["checkpoint_sha256"]) == 64
+    assert attrs["scale_list"] == [0.5, 1.0] and attrs["attn_thres"] == 0.31 and attrs["top_k"] == 1000
+    capsys.readouterr()
+
+    assert main(base + FAST) == 0  # resumes: nothing left to do
+    assert "0 images extracted, 4 already there" in capsys.readouterr().out
+    assert main(base + FAST + ["--attn_thres", "0.5"]) == 1
+    assert "attn_thres: 0.31 in the file, 0.5 now" in capsys.readouterr().err
+    assert main(base + FAST + ["--attn_thres", "0.5", "--overwrite"]) == 0
+    assert (tmp_path / "f.report.txt").read_text().startswith(f"{out}: 4 images extracted")
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path: Path, ckpt: Path, capsys):
+    folder = tmp_path / "mixed"
+    bad = write_bad_images(folder)
+    odd = write_odd_images(folder)
+    Image.new("RGB", (200, 20)).save(folder / "tiny.png")
+    out = tmp_path / "f.h5"
+    rc = main(["--load_from", str(ckpt), "--input_path", str(folder), "--output_path", str(out),
+               "--use_pca", "false"] + FAST)
+    captured = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in captured.err
+    report = (tmp_path / "f.report.txt").read_text()
+    for name, words in bad.items():
+        assert f"{folder / name}: " in report and words in report.split(f"{folder / name}: ")[1].splitlines()[0]
+    assert f"{folder / 'tiny.png'}: too small: 200x20 px" in report
+    assert report in captured.out
+    assert feature_names(out) == sorted([*odd, "tiny.png"])
+    assert read_features(out, "tiny.png")["keypoints"].shape == (0, 2)
+    assert read_features(out, "rotated.jpg")["image_size"].tolist() == [64, 96]
+
+    only_bad = tmp_path / "bad"
+    write_bad_images(only_bad)
+    assert main(["--load_from", str(ckpt), "--input_path", str(only_bad), "--output_path", str(tmp_path / "g.h5"),
+                 "--use_pca", "false"] + FAST) == 1
+
+
+def test_missing_fix_checkpoint_names_the_cp_command(images: Path, expr: str, capsys):
+    assert main(["--load_expr", expr, "--mode", "pca", "--input_path", str(images)]) == 1
+    err = capsys.readouterr().err
+    ckpt_dir = REPO_DIR / expr / "keypoint" / "ckpt"
+    assert f"{ckpt_dir / 'fix.pth.tar'} not found" in err
+    assert f"cp {ckpt_dir / 'bestshot.pth.tar'} {ckpt_dir / 'fix.pth.tar'}" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_flag_is_an_error(capsys):
+    assert main(["--input_path", "x", "--no_such_flag", "1"]) == 2
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def test_pca_of_another_checkpoint_is_refused(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    pca = tmp_path / "pca.h5"
+    params = fit_pca(np.random.default_rng(0).standard_normal((300, 256)).astype(np.float32))
+    save_pca(pca, params, {"checkpoint_sha256": "0" * 64})
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--pca_parameters_path", str(pca),
+                 "--output_path", str(tmp_path / "f.h5")] + FAST) == 1
+    assert "fitted on a different checkpoint" in capsys.readouterr().err
+
+
+def test_pca_needs_enough_descriptors(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    assert main(["--load_from", str(ckpt), "--mode", "pca", "--input_path", str(images),
+                 "--output_path", str(tmp_path / "pca.h5"), "--top_k", "10"] + FAST) == 1
+    assert "at least as many descriptors as dimensions: got 40 descriptors of dimension 256" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: str):
+    """The seed README's two commands, run from extract/ with real paths, defaults elsewhere."""
+    fix = REPO_DIR / expr / "keypoint" / "ckpt" / "fix.pth.tar"
+    fix.parent.mkdir(parents=True)
+    shutil.copy(ckpt, fix)
+    pca = f"../repo/{expr}/pca/pca.h5"
+    common = ["--gpu_id", "4", "--load_expr", expr, "--stage", "inference", "--batch_size", "1"]
+    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images),
+                          "--output_path", pca], cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert file_attrs(REPO_DIR / expr / "pca" / "pca.h5")["num_features"] > 256
+    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "delf", "--attn_thres", "0.31",
+                          "--iou_thres", "0.92", "--top_k", "1000", "--use_pca", "True", "--pca_dims", "40",
+                          "--pca_parameters_path", pca, "--input_path", str(images)],
+                         cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = REPO_DIR / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
+    assert len(feature_names(out)) == 4
+    f = read_features(out, "astronaut/000.jpg")
+    assert f["descriptors"].shape[1] == 40 and len(f["scores"]) > 0
+    np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-5)
+    assert set(np.unique(f["scales"])) == {np.float32(s) for s in (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)}
+
+
+def _count_groups(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return sum(1 for g in f.values() for _ in g.values())
+    except (OSError, KeyError, RuntimeError):
+        return 0
+
+
+def _assert_same_features(a: Path, b: Path) -> None:
+    assert feature_names(a) == feature_names(b)
+    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b)):
+        for key in fa:
+            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, ckpt: Path):
+    folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=8, size=160)
+    cmd = [sys.executable, str(EXTRACTOR), "--load_from", str(ckpt), "--input_path", str(folder), "--use_pca",
+           "false", "--save_attention", "--scale_list", "0.5", "1.0", "2.0", "--output_path"]
+    ref = subprocess.run(cmd + [str(tmp_path / "ref.h5")], env=env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "out.h5"
+    proc = subprocess.Popen(cmd + [str(out)], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _count_groups(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(feature_names(out))
+    assert 3 <= done < 24, f"the kill should land mid-run ({done} of 24 written)"
+
+    rerun = subprocess.run(cmd + [str(out)], env=env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{24 - done} images extracted, {done} already there" in rerun.stdout
+    _assert_same_features(out, tmp_path / "ref.h5")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
+    folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=3, size=96)
+    args = [str(EXTRACTOR), "--load_from", str(ckpt), "--input_path", str(folder), "--scale_list", "0.5", "1.0",
+            "2.0", "--pca_parameters_path", str(tmp_path / "pca.h5")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for launcher, tag in (([sys.executable], "one"), (torchrun, "two")):
+        pca = subprocess.run(launcher + args + ["--mode", "pca", "--output_path", str(tmp_path / f"pca_{tag}.h5")],
+                             env=env(), capture_output=True, text=True)
+        assert pca.returncode == 0, pca.stderr
+    one, two = (file_attrs(tmp_path / f"pca_{t}.h5") for t in ("one", "two"))
+    assert one["num_features"] == two["num_features"] and one["num_images"] == two["num_images"] == 9
+    with h5py.File(tmp_path / "pca_one.h5") as a, h5py.File(tmp_path / "pca_two.h5") as b:
+        np.testing.assert_allclose(a["pca_vars"][:40], b["pca_vars"][:40], rtol=1e-3)
+        np.testing.assert_allclose(np.abs(a["pca_matrix"][:5]), np.abs(b["pca_matrix"][:5]), atol=1e-3)
+
+    shutil.copy(tmp_path / "pca_one.h5", tmp_path / "pca.h5")
+    for launcher, tag in (([sys.executable], "one"), (torchrun, "two")):
+        run = subprocess.run(launcher + args + ["--output_path", str(tmp_path / f"{tag}.h5")],
+                             env=env(), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    assert "9 images extracted" in run.stdout
+    _assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert file_attrs(tmp_path / "one.h5") == file_attrs(tmp_path / "two.h5")
+    assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5"]  # part files merged and removed
