@@ -40,11 +40,11 @@ T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="DeLF feature extraction (PCA fitting and features to HDF5).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
     p.add_argument("--mode", choices=("pca", "delf"), default="delf", help="fit the PCA, or extract features")
     p.add_argument("--input_path", required=True, help="image folder (recursive) or a text file of image paths")
-    p.add_argument("--output_path", help="pca: the PCA file; delf: the feature file (defaults: see above)")
+    p.add_argument("--output_path", help="pca: the PCA file (default: --pca_parameters_path); delf: the feature file")
     p.add_argument("--load_expr", default="delf", help="experiment under repo/ whose fix.pth.tar is used")
     p.add_argument("--load_from", help="checkpoint to use instead of repo/<load_expr>/keypoint/ckpt/fix.pth.tar")
     p.add_argument("--stage", choices=("inference",), default="inference", help="model stage (seed flag)")
