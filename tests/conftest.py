@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 from tests.utils import make_image_folder
+from train.delf import Delf
 from train.runtime import REPO_DIR
 
 
@@ -26,3 +28,19 @@ def expr(request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"pytest-{request.node.originalname}-{uuid.uuid4().hex[:8]}"
     yield name
     shutil.rmtree(REPO_DIR / name, ignore_errors=True)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread: on shared cores a 2-thread pool can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> Delf:
+    """A random-init resnet18 inference model (3 classes)."""
+    torch.manual_seed(0)
+    return Delf(3, arch="resnet18", stage="inference").eval()

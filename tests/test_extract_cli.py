@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from extract.extractor import main
@@ -27,12 +26,7 @@ EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
 FAST = ["--scale_list", "0.5", "1.0", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,7 @@ from tests.utils import photo
 from train.delf import Delf
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> Delf:
-    torch.manual_seed(0)
-    return Delf(3, arch="resnet18", stage="inference").eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_half_pixel_mapping():

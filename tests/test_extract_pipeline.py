@@ -15,18 +15,7 @@ from train.delf import Delf
 SCALES = (0.5, 1.0, 1.4142)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> Delf:
-    torch.manual_seed(0)
-    return Delf(3, arch="resnet18", stage="inference").eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from extract.metrics import (check_ranks, compute_ap, compute_map, evaluate, format_table,
+from extract.metrics import (check_ranks, compute_map, evaluate, format_table,
                              protocol_gnd)
 
 
