@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from extract.pca import fit_pca
-from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, nms_top_k, too_small
+from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, gather_rows, nms_top_k, too_small
 from tests.utils import photo
 from train.delf import Delf
 
@@ -131,3 +131,13 @@ def test_amp_agrees_with_fp32(model: Delf, image: Image.Image):
     idx = [order[tuple(k)] for k in ref["keypoints"].tolist()]
     cos = (ref["descriptors"] * amp["descriptors"][idx]).sum(1)
     assert cos.mean() > 0.99
+
+
+def test_gather_rows_equals_gathering_the_concatenation():
+    rows = [torch.randn(10, 4), torch.randn(7, 4), torch.randn(5, 4)]
+    keeps = [torch.tensor([1, 3, 5]), torch.tensor([], dtype=torch.long), torch.tensor([0, 2, 4, 1])]
+    cells = list(zip(rows, keeps))
+    order = torch.tensor([6, 0, 2, 3, 5, 1, 4])
+    expected = torch.cat([r[k] for r, k in cells])[order]
+    assert torch.equal(gather_rows(cells, order), expected)
+    assert gather_rows(cells, order[:0]).shape == (0, 4)
