@@ -33,9 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from extract.extractor import INFORMATIONAL, add_extraction_args, build_extractor, feature_attrs
 from extract.features import FeatureFileError, FeatureWriter, iter_features
 from extract.images import BadImage, load_image
-from extract.matcher import add_extraction_args, build_extractor
+from extract.matcher import add_verification_args
 from extract.metrics import PROTOCOLS, check_ranks, evaluate, format_table, protocol_gnd
 from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
@@ -115,8 +116,6 @@ def load_ranks(path: Path, ds: Dataset) -> np.ndarray:
 def extract_features(ds: Dataset, args: argparse.Namespace, features_dir: Path) -> tuple[Path, Path]:
     """Database features and features of the queries cropped to their bbx (keypoints in the
     crop's frame), in <features_dir>/db.h5 and query.h5; images already there are skipped."""
-    from extract.extractor import INFORMATIONAL, feature_attrs
-
     extractor, pca_file = build_extractor(args)
     args.input_path = str(ds.images)
     attrs = feature_attrs(args, extractor, pca_file)
@@ -200,10 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IVF cells (0: exact search up to 262144 descriptors, else ~1 per 1000)")
     r.add_argument("--nprobe", type=int, default=16, help="IVF cells scanned per query descriptor")
     r.add_argument("--rerank", type=int, default=100, help="images re-ranked by RANSAC (0: none)")
-    r.add_argument("--max_distance", type=float, default=0.8, help="descriptor L2 bound of a match")
-    r.add_argument("--residual", type=float, default=20.0, help="RANSAC residual (px)")
-    r.add_argument("--max_iters", type=int, default=1000, help="RANSAC iterations")
-    add_extraction_args(p)
+    add_verification_args(r)
+    add_extraction_args(p.add_argument_group("extraction (as extract/extractor.py)"))
+    p.set_defaults(batch_size=1, save_attention=False, workers=0)  # recorded by feature_attrs
     return p
 
 

@@ -30,7 +30,8 @@ from extract.images import InputError, image_loader, list_images  # noqa: E402
 from extract.pca import PcaError, Reservoir, fit_pca, merge_samples, save_pca  # noqa: E402
 from extract.pipeline import DEFAULT_SCALES, DelfExtractor, too_small  # noqa: E402
 from train.checkpoint import CheckpointError, file_sha256  # noqa: E402
-from train.runtime import REPO_DIR, Runtime, setup_logging, setup_runtime, str2bool, teardown_runtime  # noqa: E402
+from train.runtime import (REPO_DIR, Runtime, setup_logging, setup_runtime, str2bool,  # noqa: E402
+                           teardown_runtime, warn_if_slow_amp)
 
 log = logging.getLogger("delf")
 EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError)
@@ -39,20 +40,14 @@ INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batc
 T = TypeVar("T")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
-    p.add_argument("--mode", choices=("pca", "delf"), default="delf", help="fit the PCA, or extract features")
-    p.add_argument("--input_path", required=True, help="image folder (recursive) or a text file of image paths")
-    p.add_argument("--output_path", help="pca: the PCA file (default: --pca_parameters_path); delf: the feature file")
+FLAG = {"type": str2bool, "nargs": "?", "const": True, "default": False}
+
+
+def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The model and feature flags, shared with matcher.py and evaluate.py (same names, defaults)."""
     p.add_argument("--load_expr", default="delf", help="experiment under repo/ whose fix.pth.tar is used")
     p.add_argument("--load_from", help="checkpoint to use instead of repo/<load_expr>/keypoint/ckpt/fix.pth.tar")
-    p.add_argument("--stage", choices=("inference",), default="inference", help="model stage (seed flag)")
-    p.add_argument("--gpu_id", help="sets CUDA_VISIBLE_DEVICES (seed flag)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch_size", type=int, default=1,
-                   help="seed flag; images differ in size, so they are processed one at a time")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in this one)")
     p.add_argument("--attn_thres", type=float, default=0.31, help="keep cells with attention >= this")
     p.add_argument("--iou_thres", type=float, default=0.92, help="NMS IoU threshold on receptive boxes")
     p.add_argument("--top_k", type=int, default=1000, help="features kept per image")
@@ -61,12 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_pca", type=str2bool, default=True, help="delf: reduce descriptors with the PCA file")
     p.add_argument("--pca_dims", type=int, default=40, help="delf: descriptor dimension after PCA")
     p.add_argument("--pca_parameters_path", help="the PCA file (default repo/<load_expr>/pca/pca.h5)")
+    p.add_argument("--amp", **FLAG, help="bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("pca", "delf"), default="delf", help="fit the PCA, or extract features")
+    p.add_argument("--input_path", required=True, help="image folder (recursive) or a text file of image paths")
+    p.add_argument("--output_path", help="pca: the PCA file (default: --pca_parameters_path); delf: the feature file")
+    p.add_argument("--stage", choices=("inference",), default="inference", help="model stage (seed flag)")
+    p.add_argument("--gpu_id", help="sets CUDA_VISIBLE_DEVICES (seed flag)")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="seed flag; images differ in size, so they are processed one at a time")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in this one)")
+    add_extraction_args(p)
     p.add_argument("--pca_max_features", type=int, default=100_000,
                    help="pca: uniform random sample of at most this many descriptors is fitted")
     p.add_argument("--seed", type=int, default=0, help="pca: seed of the descriptor sampling")
-    p.add_argument("--save_attention", **flag, help="delf: also store the attention map at scale 1.0")
-    p.add_argument("--amp", **flag, help="bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA")
-    p.add_argument("--overwrite", **flag, help="replace an existing output instead of resuming / refusing")
+    p.add_argument("--save_attention", **FLAG, help="delf: also store the attention map at scale 1.0")
+    p.add_argument("--overwrite", **FLAG, help="replace an existing output instead of resuming / refusing")
     return p
 
 
@@ -166,26 +174,19 @@ class Ranks:
 
 
 # --- extraction loop ---------------------------------------------------------------------------
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 / AMX); True when torch cannot tell."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True
-
-
 def make_extractor(args: argparse.Namespace, device: torch.device, pca_file: Path | None) -> DelfExtractor:
-    if args.amp and device.type == "cpu" and not native_bf16():
-        log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); bf16 will be much slower than fp32")
-    if args.batch_size != 1:
-        log.warning("--batch_size %d: images differ in size and are processed one at a time", args.batch_size)
-    ex = DelfExtractor.from_checkpoint(
+    warn_if_slow_amp(device, args.amp)
+    return DelfExtractor.from_checkpoint(
         checkpoint_path(args), pca_file, use_pca=pca_file is not None, pca_dims=args.pca_dims,
         scales=args.scale_list, attn_thres=args.attn_thres, iou_thres=args.iou_thres, top_k=args.top_k,
         max_image_size=args.max_image_size, device=device, amp=args.amp)
-    if args.save_attention and 1.0 not in ex.scales:
-        raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
-    return ex
+
+
+def build_extractor(args: argparse.Namespace) -> tuple[DelfExtractor, Path | None]:
+    """(extractor, PCA file or None) from add_extraction_args' flags, built as the CLI builds it
+    (fix.pth.tar rule, PCA/checkpoint sha256 check); for matcher.py and evaluate.py."""
+    pca_file = pca_path(args) if args.use_pca else None
+    return make_extractor(args, setup_runtime(args.device).device, pca_file), pca_file
 
 
 def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
@@ -246,6 +247,8 @@ def run_delf(args: argparse.Namespace, runtime: Runtime, ranks: Ranks) -> tuple[
     items = list_images(args.input_path)
     pca_file = pca_path(args) if args.use_pca else None
     ex = make_extractor(args, runtime.device, pca_file)
+    if args.save_attention and 1.0 not in ex.scales:
+        raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs, output = feature_attrs(args, ex, pca_file), features_path(args)
     done: set[str] = set()
     target = output
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return int(e.code or 0)
     setup_logging(runtime.is_main)
+    if args.batch_size != 1:
+        log.warning("--batch_size %d: images differ in size and are processed one at a time", args.batch_size)
     try:
         ranks = Ranks(runtime)
         report, output = (run_pca if args.mode == "pca" else run_delf)(args, runtime, ranks)

@@ -152,38 +152,11 @@ def draw_matches(img1: Any, img2: Any, kp1: np.ndarray, kp2: np.ndarray, res: Ma
     return fig
 
 
-def add_extraction_args(p: argparse.ArgumentParser) -> None:
-    """The extractor's model and feature flags (same names and defaults as extract/extractor.py)."""
-    from extract.pipeline import DEFAULT_SCALES
-    from train.runtime import str2bool
-
-    flag = {"type": str2bool, "nargs": "?", "const": True, "default": False}
-    g = p.add_argument_group("extraction (as extract/extractor.py)")
-    g.add_argument("--load_expr", default="delf", help="experiment under repo/ whose fix.pth.tar is used")
-    g.add_argument("--load_from", help="checkpoint instead of repo/<load_expr>/keypoint/ckpt/fix.pth.tar")
-    g.add_argument("--use_pca", type=str2bool, default=True, help="reduce descriptors with the PCA file")
-    g.add_argument("--pca_parameters_path", help="the PCA file (default repo/<load_expr>/pca/pca.h5)")
-    g.add_argument("--pca_dims", type=int, default=40, help="descriptor dimension after PCA")
-    g.add_argument("--attn_thres", type=float, default=0.31, help="keep cells with attention >= this")
-    g.add_argument("--iou_thres", type=float, default=0.92, help="NMS IoU threshold on receptive boxes")
-    g.add_argument("--top_k", type=int, default=1000, help="features kept per image")
-    g.add_argument("--scale_list", type=float, nargs="+", default=list(DEFAULT_SCALES),
-                   help="image pyramid scales")
-    g.add_argument("--max_image_size", type=int, default=1024,
-                   help="larger images are first shrunk to this longest side")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", **flag, help="bf16 autocast on CPU, fp16 on CUDA")
-    p.set_defaults(batch_size=1, save_attention=False, workers=0)
-
-
-def build_extractor(args: argparse.Namespace):
-    """(DelfExtractor, PCA file or None) from add_extraction_args' flags, exactly as the
-    extractor CLI builds it (fix.pth.tar rule, PCA/checkpoint sha256 check)."""
-    from extract.extractor import make_extractor, pca_path
-    from train.runtime import setup_runtime
-
-    pca_file = pca_path(args) if args.use_pca else None
-    return make_extractor(args, setup_runtime(args.device).device, pca_file), pca_file
+def add_verification_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Putative-match bound and RANSAC flags, shared with evaluate.py (official defaults)."""
+    p.add_argument("--max_distance", type=float, default=0.8, help="descriptor L2 bound of a match")
+    p.add_argument("--residual", type=float, default=20.0, help="RANSAC residual (px)")
+    p.add_argument("--max_iters", type=int, default=1000, help="RANSAC iterations")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -195,13 +168,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="with --features: folder the names are relative to (for --output)")
     p.add_argument("--output", type=Path, help="write the match figure (PNG) here")
     p.add_argument("--show_keypoints", action="store_true", help="draw all keypoints too")
-    p.add_argument("--max_distance", type=float, default=0.8, help="descriptor L2 bound")
     p.add_argument("--mutual", action="store_true", help="keep mutual nearest neighbours only")
     p.add_argument("--ratio", type=float, default=None, help="Lowe ratio test threshold")
     p.add_argument("--model", choices=MODELS, default="affine")
-    p.add_argument("--residual", type=float, default=20.0, help="RANSAC residual (px)")
-    p.add_argument("--max_iters", type=int, default=1000, help="RANSAC iterations")
-    add_extraction_args(p)
+    add_verification_args(p)
+    from extract.extractor import add_extraction_args
+
+    add_extraction_args(p.add_argument_group("extraction (as extract/extractor.py)"))
     return p.parse_args(argv)
 
 
@@ -226,6 +199,8 @@ def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:
         except BadImage as e:
             raise ValueError(f"{path}: {e}") from None
     if args.features is None:
+        from extract.extractor import build_extractor
+
         extractor, _ = build_extractor(args)
         feats = [extractor(img) for img in images]
     return feats, images

@@ -97,6 +97,21 @@ def setup_logging(is_main: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 / AMX); True when torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def warn_if_slow_amp(device: torch.device, enabled: bool) -> None:
+    """--amp on a CPU without native bf16 emulates it: many times slower than fp32. Say so."""
+    if enabled and device.type == "cpu" and not native_bf16():
+        log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); bf16 is emulated and much "
+                    "slower than fp32 (leave --amp out on this machine)")
+
+
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> torch.autocast:
     """bf16 autocast on CPU; fp16 (default) or ``dtype`` on CUDA."""
     if dtype is None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
 from .delf import Delf
-from .runtime import Runtime, autocast, seed_everything
+from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")
 
@@ -135,14 +135,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX); without it bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class Solver:
     """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage).
 
@@ -171,9 +163,7 @@ class Solver:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.start_epoch = 0
         self.best_acc = 0.0
-        if self.amp and self.device.type == "cpu" and not cpu_has_native_bf16():
-            log.warning("--amp on a CPU without native bf16 support: expect training to be much slower "
-                        "than fp32 (leave --amp out on this machine)")
+        warn_if_slow_amp(self.device, self.amp)
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from extract.extractor import native_bf16  # noqa: E402
+from train.runtime import native_bf16  # noqa: E402
 from extract.features import FeatureWriter  # noqa: E402
 from extract.pca import fit_pca  # noqa: E402
 from extract.pipeline import DEFAULT_SCALES, DelfExtractor  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 
 from train.delf import Delf
 from train.runtime import autocast
-from train.solver import EpochMeter, Settings, Solver, cpu_has_native_bf16
+from train.runtime import native_bf16
+from train.solver import EpochMeter, Settings, Solver
 
 NCLS = 586
 
@@ -82,7 +83,7 @@ def main() -> None:
     p.add_argument("--amp_size", type=int, default=None, help="default: --size, or 96 without native bf16")
     p.add_argument("--amp_batch", type=int, default=None, help="default: --batch, or 2 without native bf16")
     args = p.parse_args()
-    native = cpu_has_native_bf16()
+    native = native_bf16()
     amp_size = args.amp_size or (args.size if native else 96)
     amp_batch = args.amp_batch or (args.batch if native else 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
