@@ -6,14 +6,14 @@ whose descriptors were fitted) and ``num_features``.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import torch
+
+from train.checkpoint import atomic_path
 
 PCA_KEYS = ("pca_matrix", "pca_mean", "pca_vars")
 
@@ -85,19 +85,10 @@ def fit_pca(descriptors: np.ndarray) -> dict[str, np.ndarray]:
 
 def save_pca(path: str | Path, params: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Write the PCA file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key in PCA_KEYS:
-                f.create_dataset(key, data=params[key])
-            f.attrs.update(attrs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key in PCA_KEYS:
+            f.create_dataset(key, data=params[key])
+        f.attrs.update(attrs)
 
 
 def load_pca(path: str | Path, checkpoint_sha256: str | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.images import to_rgb
-from extract.pca import PcaError, apply_pca, load_pca
+from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
 from train.delf import Delf, ReceptiveField
 from train.runtime import autocast
@@ -141,7 +141,9 @@ class DelfExtractor:
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.receptive_field = model.receptive_field()
         self.scales = tuple(float(s) for s in scales)
-        self.pca, self.pca_dims = pca, pca_dims
+        # on the device once, not per image
+        self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
+        self.pca_dims = pca_dims
         self.attn_thres, self.iou_thres, self.top_k = attn_thres, iou_thres, top_k
         self.max_image_size, self.amp = max_image_size, amp
         self.checkpoint_sha256 = checkpoint_sha256
