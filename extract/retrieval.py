@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from extract.matcher import match_descriptors, verify
+from extract.matcher import match_features
 
 EXACT_MAX = 1 << 18          # databases up to this many descriptors are searched exactly
 _QUERY_BLOCK = 4096          # query descriptors per matrix product
@@ -243,14 +243,11 @@ class Verifier:
         return self._inliers[i]
 
     def _count(self, db: Mapping[str, Any]) -> int:
-        # as image_reranking.py: query descriptors matched into the database image
-        matches = match_descriptors(db["descriptors"], self.query["descriptors"],
-                                    max_distance=self.max_distance)
-        if len(matches) <= 3:
-            return 0
-        inliers, _ = verify(db["keypoints"], self.query["keypoints"], matches,
-                            residual=self.residual, max_iters=self.max_iters)
-        return int(inliers.sum())
+        # as image_reranking.py: query descriptors matched into the database image, and
+        # <= 3 putative matches count 0
+        res = match_features(db, self.query, max_distance=self.max_distance, residual=self.residual,
+                             max_iters=self.max_iters)
+        return 0 if len(res.matches) <= 3 else res.num_inliers
 
 
 def rerank(order: np.ndarray, scores: np.ndarray, inliers: Callable[[int], int], top: int,
