@@ -11,6 +11,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -26,10 +27,22 @@ from extract.images import load_image  # noqa: E402
 from extract.matcher import MatchResult, draw_matches, match_features  # noqa: E402
 from train.runtime import PROJECT_ROOT, REPO_DIR  # noqa: E402
 
-# name: (classes, train/class, val/class, image px, query px, finetune epochs, keypoint epochs)
+@dataclass(frozen=True)
+class Preset:
+    """Dataset size and training length of a demo run."""
+
+    classes: int
+    train_per_class: int
+    val_per_class: int
+    size: int  # training images, px
+    query_size: int
+    finetune_epochs: int
+    keypoint_epochs: int
+
+
 PRESETS = {
-    "full": (6, 24, 6, 112, 320, 6, 4),
-    "smoke": (3, 4, 1, 64, 160, 1, 1),
+    "full": Preset(6, 24, 6, 112, 320, finetune_epochs=6, keypoint_epochs=4),
+    "smoke": Preset(3, 4, 1, 64, 160, finetune_epochs=1, keypoint_epochs=1),
 }
 
 
@@ -50,9 +63,9 @@ def run(*args: str | Path) -> None:
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT)
 
 
-def train(expr: str, data: DemoDataset, arch: str, preset: tuple, seed: int) -> Path:
+def train(expr: str, data: DemoDataset, arch: str, preset: Preset, seed: int) -> Path:
     """Both training stages (skipped when their bestshot exists); returns fix.pth.tar."""
-    _, _, _, size, _, ft_epochs, kp_epochs = preset
+    size, ft_epochs, kp_epochs = preset.size, preset.finetune_epochs, preset.keypoint_epochs
     root = REPO_DIR / expr
     common = ["--expr", expr, "--arch", arch, "--optim", "sgd", "--lr", "0.01", "--train_batch_size", "16",
               "--val_batch_size", "16", "--workers", "0", "--manualSeed", str(seed), "--device", "cpu"]
@@ -124,11 +137,11 @@ def attention_figure(features: Path, data: DemoDataset, names: list[str], path: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    classes, train_n, val_n, size, query_size = preset[:5]
     root = REPO_DIR / args.expr
-    data = build_dataset(root / "data", classes=classes, train_per_class=train_n, val_per_class=val_n,
-                         size=size, query_size=query_size, seed=args.seed)
-    print(f"dataset: {classes} landmarks from scikit-image photos in {data.root}")
+    data = build_dataset(root / "data", classes=preset.classes, train_per_class=preset.train_per_class,
+                         val_per_class=preset.val_per_class, size=preset.size, query_size=preset.query_size,
+                         seed=args.seed)
+    print(f"dataset: {preset.classes} landmarks from scikit-image photos in {data.root}")
     train(args.expr, data, args.arch, preset, args.seed)
     features = extract(args.expr, data)
 

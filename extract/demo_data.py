@@ -17,14 +17,16 @@ LANDMARKS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
              "colorwheel", "camera", "brick", "coins")
 
 
-def landmark_photo(name: str, long_side: int) -> np.ndarray:
-    """A bundled photo as RGB uint8, its longest side resized to ``long_side``."""
+def landmark_photo(name: str, long_side: int | None = None) -> np.ndarray:
+    """A bundled photo as RGB uint8 (H, W, 3), its longest side resized to ``long_side``."""
     import skimage.data
 
     img = getattr(skimage.data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+    if long_side is None:
+        return img
     scale = long_side / max(img.shape[:2])
     size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)

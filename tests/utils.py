@@ -7,27 +7,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from extract.demo_data import LANDMARKS, landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict
 from train.delf import Delf
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each.
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-          "colorwheel", "camera", "brick", "coins")
+PHOTOS = LANDMARKS
 
 
 def photo(name: str, size: int | None = None) -> np.ndarray:
     """A bundled photo as RGB uint8 (H, W, 3), its longest side resized to ``size``."""
-    import skimage.data
-
-    img = getattr(skimage.data, name)()
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    pil = Image.fromarray(img[..., :3].astype(np.uint8))
-    if size is not None:
-        scale = size / max(pil.size)
-        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))),
-                         Image.Resampling.BICUBIC)
-    return np.asarray(pil)
+    return landmark_photo(name, size)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 96,
