@@ -25,7 +25,7 @@ from extract.demo_data import DemoDataset, build_dataset  # noqa: E402
 from extract.features import read_features  # noqa: E402
 from extract.images import load_image  # noqa: E402
 from extract.matcher import MatchResult, draw_matches, match_features  # noqa: E402
-from train.runtime import PROJECT_ROOT, REPO_DIR  # noqa: E402
+from train.runtime import PROJECT_ROOT, repo_dir  # noqa: E402
 
 @dataclass(frozen=True)
 class Preset:
@@ -66,7 +66,7 @@ def run(*args: str | Path) -> None:
 def train(expr: str, data: DemoDataset, arch: str, preset: Preset, seed: int) -> Path:
     """Both training stages (skipped when their bestshot exists); returns fix.pth.tar."""
     size, ft_epochs, kp_epochs = preset.size, preset.finetune_epochs, preset.keypoint_epochs
-    root = REPO_DIR / expr
+    root = repo_dir() / expr
     common = ["--expr", expr, "--arch", arch, "--optim", "sgd", "--lr", "0.01", "--train_batch_size", "16",
               "--val_batch_size", "16", "--workers", "0", "--manualSeed", str(seed), "--device", "cpu"]
     finetune = root / "finetune" / "ckpt" / "bestshot.pth.tar"
@@ -91,11 +91,11 @@ def train(expr: str, data: DemoDataset, arch: str, preset: Preset, seed: int) ->
 
 def extract(expr: str, data: DemoDataset) -> Path:
     """PCA on the training images, then DeLF features of the query images."""
-    pca = REPO_DIR / expr / "pca" / "pca.h5"
+    pca = repo_dir() / expr / "pca" / "pca.h5"
     if not pca.exists():
         run("extract/extractor.py", "--load_expr", expr, "--mode", "pca", "--stage", "inference",
             "--input_path", data.train, "--output_path", pca)
-    features = REPO_DIR / expr / "features" / "query.h5"
+    features = repo_dir() / expr / "features" / "query.h5"
     run("extract/extractor.py", "--load_expr", expr, "--mode", "delf", "--stage", "inference",
         "--input_path", data.query, "--pca_parameters_path", pca, "--output_path", features,
         "--save_attention", "true")
@@ -137,7 +137,7 @@ def attention_figure(features: Path, data: DemoDataset, names: list[str], path: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    root = REPO_DIR / args.expr
+    root = repo_dir() / args.expr
     data = build_dataset(root / "data", classes=preset.classes, train_per_class=preset.train_per_class,
                          val_per_class=preset.val_per_class, size=preset.size, query_size=preset.query_size,
                          seed=args.seed)

@@ -41,7 +41,7 @@ from extract.metrics import PROTOCOLS, check_ranks, evaluate, format_table, prot
 from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from train.checkpoint import CheckpointError
-from train.runtime import REPO_DIR
+from train.runtime import repo_dir
 
 DATASETS = ("roxford5k", "rparis6k")
 log = logging.getLogger("delf")
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         results = evaluate(load_ranks(args.ranks, ds), ds.gnd)
     else:
         check_images(ds)
-        features_dir = args.features_dir or REPO_DIR / args.load_expr / "features" / ds.name
+        features_dir = args.features_dir or repo_dir() / args.load_expr / "features" / ds.name
         db_path, query_path = extract_features(ds, args, features_dir)
         initial, final = retrieve(ds, db_path, query_path, args)
         if args.rerank > 0:

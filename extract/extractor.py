@@ -30,7 +30,8 @@ from extract.images import InputError, image_loader, list_images  # noqa: E402
 from extract.pca import PcaError, Reservoir, fit_pca, merge_samples, save_pca  # noqa: E402
 from extract.pipeline import DEFAULT_SCALES, DelfExtractor, too_small  # noqa: E402
 from train.checkpoint import CheckpointError, file_sha256  # noqa: E402
-from train.runtime import (REPO_DIR, Runtime, setup_logging, setup_runtime, str2bool,  # noqa: E402
+from train.cli import str2bool  # noqa: E402
+from train.runtime import (Runtime, repo_dir, setup_logging, setup_runtime,  # noqa: E402
                            teardown_runtime, warn_if_slow_amp)
 
 log = logging.getLogger("delf")
@@ -83,7 +84,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     """--load_from, else fix.pth.tar of --load_expr, which must exist (with the cp command if not)."""
     if args.load_from:
         return Path(args.load_from)
-    fix = REPO_DIR / args.load_expr / "keypoint" / "ckpt" / "fix.pth.tar"
+    fix = repo_dir() / args.load_expr / "keypoint" / "ckpt" / "fix.pth.tar"
     if not fix.is_file():
         best = fix.with_name("bestshot.pth.tar")
         missing = "" if best.is_file() else f"\n({best} does not exist yet either: train the keypoint stage first.)"
@@ -94,14 +95,14 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 
 def pca_path(args: argparse.Namespace) -> Path:
-    return Path(args.pca_parameters_path) if args.pca_parameters_path else REPO_DIR / args.load_expr / "pca" / "pca.h5"
+    return Path(args.pca_parameters_path) if args.pca_parameters_path else repo_dir() / args.load_expr / "pca" / "pca.h5"
 
 
 def features_path(args: argparse.Namespace) -> Path:
     if args.output_path:
         return Path(args.output_path)
     source = Path(args.input_path).resolve()
-    return REPO_DIR / args.load_expr / "features" / f"{source.stem if source.is_file() else source.name}.h5"
+    return repo_dir() / args.load_expr / "features" / f"{source.stem if source.is_file() else source.name}.h5"
 
 
 def part_path(output: Path, rank: int, world_size: int, suffix: str = "") -> Path:

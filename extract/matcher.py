@@ -21,13 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
-from threadpoolctl import ThreadpoolController
+
+from train.runtime import limit_threads
 
 MODELS = ("affine", "homography")
 MIN_SAMPLES = {"affine": 3, "homography": 4}
-# One pair is ~40 MFLOP: a single BLAS thread does it in ~1 ms, while OpenBLAS's thread pool
-# on a busy 2-core machine takes 10-20 ms.
-_BLAS = ThreadpoolController()
 
 
 @dataclass
@@ -63,7 +61,9 @@ def match_descriptors(d1: np.ndarray, d2: np.ndarray, max_distance: float = 0.8,
     # [d2, 1] . [-2 d1, |d1|^2] = |d1_i - d2_j|^2 - |d2_j|^2: one product, no extra pass
     a = np.concatenate([d2, np.ones((len(d2), 1), np.float32)], axis=1)
     b = np.concatenate([-2.0 * d1, sq1[:, None]], axis=1)
-    with _BLAS.limit(limits=1, user_api="blas"):
+    # One pair is ~40 MFLOP: a single BLAS thread does it in ~1 ms, while OpenBLAS's thread pool
+    # on a busy 2-core machine takes 10-20 ms.
+    with limit_threads(1):
         dist = a @ b.T
     rows = np.arange(len(d2))
     nn = dist.argmin(axis=1)

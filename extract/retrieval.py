@@ -13,7 +13,6 @@ query descriptors that probe it, which keeps Python overhead per query small.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -21,22 +20,11 @@ import numpy as np
 import torch
 
 from extract.matcher import match_features
+from train.runtime import limit_threads
 
 EXACT_MAX = 1 << 18          # databases up to this many descriptors are searched exactly
 _QUERY_BLOCK = 4096          # query descriptors per matrix product
 _ROW_BLOCK = 8192            # database descriptors (or centroids) per matrix product
-
-
-@contextmanager
-def single_thread():
-    """Run torch ops on one thread: the products here are small (one IVF cell at a time), and on
-    a busy machine OpenMP workers waiting for a core made search ~5x slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _matrix(d: Any, dim: int) -> np.ndarray:
@@ -91,7 +79,7 @@ class DescriptorIndex:
         x = torch.from_numpy(np.concatenate([_matrix(d, self.dim) for d in descriptors]))
         self.nlist = nlist or auto_nlist(len(x))
         if self.nlist > 1 and len(x) >= self.nlist:
-            with single_thread():
+            with limit_threads(1):
                 self.centroids: torch.Tensor | None = self._train(x, self.nlist, seed)
                 self.nlist = len(self.centroids)
                 cell = self._assign(x)
@@ -153,7 +141,7 @@ class DescriptorIndex:
         """k most similar database descriptors (inner product) of each query descriptor:
         (similarities (n, k) float32 descending, database images (n, k) int64; -1 where fewer
         than k candidates)."""
-        with single_thread():
+        with limit_threads(1):
             return self._search(queries, k, nprobe)
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:

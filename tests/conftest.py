@@ -1,7 +1,6 @@
-"""Shared fixtures: small ImageFolders, and experiment names whose outputs are removed after."""
+"""Shared fixtures: outputs in a temporary DELF_REPO_DIR, small ImageFolders, fresh experiment names."""
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +10,17 @@ import torch
 
 from tests.utils import make_image_folder
 from train.delf import Delf
-from train.runtime import REPO_DIR
+from train.runtime import REPO_DIR_ENV, limit_threads
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every output of the session (and of the scripts it starts) goes to a temporary
+    DELF_REPO_DIR: the project's own repo/ is never written by the tests."""
+    root = tmp_path_factory.mktemp("repo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(REPO_DIR_ENV, str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -23,20 +32,16 @@ def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def expr(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh experiment name; its outputs under repo/ are deleted after the test."""
-    name = f"pytest-{request.node.originalname}-{uuid.uuid4().hex[:8]}"
-    yield name
-    shutil.rmtree(REPO_DIR / name, ignore_errors=True)
+def expr(request: pytest.FixtureRequest) -> str:
+    """A fresh experiment name (outputs under the session's temporary DELF_REPO_DIR)."""
+    return f"pytest-{request.node.originalname}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """torch on one thread: on shared cores a 2-thread pool can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """torch and BLAS on one thread: on shared cores a 2-thread pool can be many times slower."""
+    with limit_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

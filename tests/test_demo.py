@@ -14,7 +14,7 @@ from PIL import Image
 from extract import demo
 from extract.demo_data import build_dataset, random_view, landmark_photo
 from extract.features import read_features
-from train.runtime import PROJECT_ROOT, REPO_DIR
+from train.runtime import PROJECT_ROOT, repo_dir
 
 
 def test_dataset_layout_and_determinism(tmp_path: Path) -> None:
@@ -50,13 +50,13 @@ def smoke_demo() -> tuple[str, int]:
         rc = demo.main(["--expr", expr, "--preset", "smoke"])
         yield expr, rc
     finally:
-        shutil.rmtree(REPO_DIR / expr, ignore_errors=True)
+        shutil.rmtree(repo_dir() / expr, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, int]) -> None:
     expr, rc = smoke_demo
-    root = REPO_DIR / expr
+    root = repo_dir() / expr
     assert rc in (0, 1)  # 1 = same pair not ahead: allowed for a one-epoch model, not for `make demo`
     for path in ("finetune/ckpt/bestshot.pth.tar", "keypoint/ckpt/bestshot.pth.tar",
                  "keypoint/ckpt/fix.pth.tar", "pca/pca.h5", "features/query.h5",
@@ -70,7 +70,7 @@ def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, int]) -> None:
 @pytest.mark.slow
 def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, int], capsys: pytest.CaptureFixture) -> None:
     expr, _ = smoke_demo
-    fix = REPO_DIR / expr / "keypoint" / "ckpt" / "fix.pth.tar"
+    fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     before = fix.stat().st_mtime_ns
     demo.main(["--expr", expr, "--preset", "smoke"])
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
 from tests.utils import photo, save_keypoint_checkpoint
+from train.runtime import limit_threads
 from train.checkpoint import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +32,6 @@ SCALES = ["0.7071", "1.0"]
 
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- index and ranking -------------------------------------------------------------------------
@@ -269,13 +262,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("revisited")
     root = make_dataset(tmp / "data")
     ckpt = save_keypoint_checkpoint(tmp / "ckpt.pth.tar")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     ex = DelfExtractor.from_checkpoint(ckpt, use_pca=False, scales=[float(s) for s in SCALES],
                                        attn_thres=0.0)
-    desc = np.concatenate([ex(Image.open(p).convert("RGB"))["descriptors"]
-                           for p in sorted((root / "roxford5k" / "jpg").glob("*_*.jpg"))])
-    torch.set_num_threads(threads)
+    with limit_threads(1):
+        desc = np.concatenate([ex(Image.open(p).convert("RGB"))["descriptors"]
+                               for p in sorted((root / "roxford5k" / "jpg").glob("*_*.jpg"))])
     pca = tmp / "pca.h5"
     save_pca(pca, fit_pca(desc), {"checkpoint_sha256": file_sha256(ckpt)})
     return {"root": root, "ckpt": ckpt, "pca": pca, "tmp": tmp}

@@ -20,7 +20,7 @@ from extract.features import feature_names, file_attrs, iter_features, read_feat
 from extract.pca import fit_pca, save_pca
 from tests.test_extract_images import write_bad_images, write_odd_images
 from tests.utils import make_image_folder, save_keypoint_checkpoint
-from train.runtime import PROJECT_ROOT, REPO_DIR
+from train.runtime import PROJECT_ROOT, repo_dir
 
 EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
 FAST = ["--scale_list", "0.5", "1.0", "--workers", "0"]
@@ -37,14 +37,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=2, size=96)
-
-
-@pytest.fixture
-def expr() -> Path:
-    """A fresh experiment folder under repo/, removed afterwards."""
-    name = f"pytest-extract-{uuid.uuid4().hex[:8]}"
-    yield name
-    shutil.rmtree(REPO_DIR / name, ignore_errors=True)
 
 
 def env() -> dict[str, str]:
@@ -99,7 +91,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path: Path, ckpt: Path, capsys)
 def test_missing_fix_checkpoint_names_the_cp_command(images: Path, expr: str, capsys):
     assert main(["--load_expr", expr, "--mode", "pca", "--input_path", str(images)]) == 1
     err = capsys.readouterr().err
-    ckpt_dir = REPO_DIR / expr / "keypoint" / "ckpt"
+    ckpt_dir = repo_dir() / expr / "keypoint" / "ckpt"
     assert f"{ckpt_dir / 'fix.pth.tar'} not found" in err
     assert f"cp {ckpt_dir / 'bestshot.pth.tar'} {ckpt_dir / 'fix.pth.tar'}" in err
     assert "Traceback" not in err
@@ -128,7 +120,7 @@ def test_pca_needs_enough_descriptors(tmp_path: Path, ckpt: Path, images: Path, 
 @pytest.mark.slow
 def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: str):
     """The seed README's two commands, run from extract/ with real paths, defaults elsewhere."""
-    fix = REPO_DIR / expr / "keypoint" / "ckpt" / "fix.pth.tar"
+    fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     fix.parent.mkdir(parents=True)
     shutil.copy(ckpt, fix)
     pca = f"../repo/{expr}/pca/pca.h5"
@@ -136,13 +128,13 @@ def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: st
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images),
                           "--output_path", pca], cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert file_attrs(REPO_DIR / expr / "pca" / "pca.h5")["num_features"] > 256
+    assert file_attrs(repo_dir() / expr / "pca" / "pca.h5")["num_features"] > 256
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "delf", "--attn_thres", "0.31",
                           "--iou_thres", "0.92", "--top_k", "1000", "--use_pca", "True", "--pca_dims", "40",
                           "--pca_parameters_path", pca, "--input_path", str(images)],
                          cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    out = REPO_DIR / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
+    out = repo_dir() / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
     assert len(feature_names(out)) == 4
     f = read_features(out, "astronaut/000.jpg")
     assert f["descriptors"].shape[1] == 40 and len(f["scores"]) > 0

@@ -18,7 +18,7 @@ from train.checkpoint import load_file, load_model
 from train.config import parse_args
 from train.delf import Delf
 from train.main import main
-from train.runtime import PROJECT_ROOT, REPO_DIR
+from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
 
 PYTHON = sys.executable
@@ -134,7 +134,7 @@ def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], e
     _run([PYTHON, "main.py", "--stage", "finetune", "--optim", "sgd", "--gpu_id", "6", "--expr", expr,
           "--ncls", "3", "--finetune_train_path", str(train_dir), "--finetune_val_path", str(val_dir),
           *TINY, "--finetune_epoch", "2"], cwd=PROJECT_ROOT / "train")
-    finetune = REPO_DIR / expr / "finetune"
+    finetune = repo_dir() / expr / "finetune"
     _check_outputs(finetune, epochs=2)
 
     result = _run([PYTHON, "main.py", "--stage", "keypoint", "--gpu_id", "6", "--ncls", "3", "--optim", "sgd",
@@ -143,7 +143,7 @@ def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], e
                    "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
                    *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
     assert "running on CPU" in result.stderr
-    keypoint = REPO_DIR / expr / "keypoint"
+    keypoint = repo_dir() / expr / "keypoint"
     _check_outputs(keypoint, epochs=1)
     model, ckpt = load_model(keypoint / "ckpt" / "bestshot.pth.tar")
     assert (model.arch, model.target_layer, model.ncls) == ("resnet18", "layer3", 3)
@@ -158,8 +158,8 @@ def test_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: s
     main(finetune_argv(expr, image_data, "--finetune_epoch", "1", "--lr_stepsize", "1"))
     main(finetune_argv(expr, image_data, "--finetune_epoch", "2", "--lr_stepsize", "1", "--resume"))
     try:
-        straight = load_file(REPO_DIR / (expr + "-a") / "finetune" / "ckpt" / "last.pth.tar")
-        resumed = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+        straight = load_file(repo_dir() / (expr + "-a") / "finetune" / "ckpt" / "last.pth.tar")
+        resumed = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
         assert resumed["epoch"] == straight["epoch"] == 2
         assert resumed["lr_scheduler"] == straight["lr_scheduler"]
         assert resumed["best_acc"] == straight["best_acc"]
@@ -167,10 +167,10 @@ def test_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: s
             assert torch.equal(resumed["state_dict"][key], value), key
         for i, state in straight["optimizer"]["state"].items():
             assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
-        log_dir = REPO_DIR / expr / "finetune" / "log"
-        assert read_csv(log_dir / "val.log") == read_csv(REPO_DIR / (expr + "-a") / "finetune" / "log" / "val.log")
+        log_dir = repo_dir() / expr / "finetune" / "log"
+        assert read_csv(log_dir / "val.log") == read_csv(repo_dir() / (expr + "-a") / "finetune" / "log" / "val.log")
     finally:
-        shutil.rmtree(REPO_DIR / (expr + "-a"), ignore_errors=True)
+        shutil.rmtree(repo_dir() / (expr + "-a"), ignore_errors=True)
 
 
 def test_corrupt_training_image_is_skipped(image_data: tuple[Path, Path], tmp_path: Path, expr: str,
@@ -183,7 +183,7 @@ def test_corrupt_training_image_is_skipped(image_data: tuple[Path, Path], tmp_pa
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("corrupt image" in m and "broken.jpg" in m for m in warned)
     assert any("corrupt image" in m and "truncated.jpg" in m for m in warned)
-    assert (REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar").is_file()
+    assert (repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -223,14 +223,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_data: tuple[Path, P
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_in_second_epoch)
     with pytest.raises(SystemExit, match=r"error: loss is nan at epoch 2, step 1.*last good checkpoint"):
         main(finetune_argv(expr, image_data, "--finetune_epoch", "2"))
-    last = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+    last = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
 def test_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
     main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
-    ckpt = load_file(REPO_DIR / expr / "finetune" / "ckpt" / "last.pth.tar")
+    ckpt = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["amp"] is True
     assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())
 
@@ -239,7 +239,7 @@ def test_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
 def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
     result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT)
-    stage_dir = REPO_DIR / expr / "finetune"
+    stage_dir = repo_dir() / expr / "finetune"
     _check_outputs(stage_dir, epochs=1)
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2

@@ -8,7 +8,7 @@ from pathlib import PurePath
 from typing import Any, Sequence
 
 from .delf import ARCHS, TARGET_LAYERS
-from .runtime import str2bool
+from .cli import str2bool
 
 STAGES = ("finetune", "keypoint")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")

@@ -25,7 +25,7 @@ from train.checkpoint import CheckpointError, describe, file_sha256, load_backbo
 from train.config import config_dict, crop_size, data_paths, epochs, parse_args, sample_size  # noqa: E402
 from train.dataloader import DataError, check_ncls, image_folders, loaders  # noqa: E402
 from train.delf import Delf, PretrainedUnavailable  # noqa: E402
-from train.runtime import (REPO_DIR, Runtime, seed_everything, setup_logging, setup_runtime,  # noqa: E402
+from train.runtime import (repo_dir, Runtime, seed_everything, setup_logging, setup_runtime,  # noqa: E402
                            teardown_runtime)
 from train.solver import Settings, Solver, TrainingDiverged  # noqa: E402
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
     runtime = setup_runtime(args.device, args.gpu_id)
-    out_dir = REPO_DIR / args.expr / args.stage
+    out_dir = repo_dir() / args.expr / args.stage
     try:
         train(args, runtime, out_dir)
     except (DataError, CheckpointError, PretrainedUnavailable) as e:

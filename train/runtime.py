@@ -1,32 +1,46 @@
 """Process set-up shared by the trainer and the extractor: devices, torchrun, seeds, flags."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from threadpoolctl import ThreadpoolController
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REPO_DIR = PROJECT_ROOT / "repo"
+REPO_DIR_ENV = "DELF_REPO_DIR"
 log = logging.getLogger("delf")
+_pools: ThreadpoolController | None = None  # made once: scanning the loaded libraries takes ms
 
 
-def str2bool(value: str | bool) -> bool:
-    """argparse type for booleans: true/false, 1/0, yes/no (any case)."""
-    if isinstance(value, bool):
-        return value
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "y"):
-        return True
-    if v in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {value!r}")
+def repo_dir() -> Path:
+    """Root of every output (``repo/<expr>/...``): ``$DELF_REPO_DIR`` when set, else
+    ``<project root>/repo``. Read at each call, so a test or a notebook may change it."""
+    return Path(os.environ.get(REPO_DIR_ENV) or PROJECT_ROOT / "repo")
+
+
+@contextmanager
+def limit_threads(n: int = 1) -> Iterator[None]:
+    """At most ``n`` threads for torch's intra-op pool and the BLAS/OpenMP pools (threadpoolctl)
+    inside the block. Small matrix products on a busy machine run several times faster on one
+    thread than on a pool whose workers wait for a core."""
+    global _pools
+    if _pools is None:
+        _pools = ThreadpoolController()
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with _pools.limit(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

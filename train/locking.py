@@ -1,0 +1,67 @@
+"""One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole run.
+
+The lock lives in a small side file ``<output>.lock`` beside the output (file or folder) that
+records the holder's pid and start time. The kernel releases the lock when its holder exits,
+however it exits (SIGKILL included), so a stale side file never blocks the next run; the file
+itself is left in place (removing it could race with a process that just opened it).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+
+class OutputInUse(RuntimeError):
+    """Another live process holds the output; ``str(e)`` is the one-line message."""
+
+
+def lock_file_for(output: str | os.PathLike) -> Path:
+    """The side file that guards ``output`` (a file or a folder): ``<output>.lock`` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    """Exclusive, non-blocking lock on ``output`` for the life of the object (or ``with`` block).
+
+    ``hint`` ends the refusal message, e.g. "choose another --expr". Raises :class:`OutputInUse`
+    at construction when another process holds it.
+    """
+
+    def __init__(self, output: str | os.PathLike, hint: str = "choose another output") -> None:
+        self.output = Path(output)
+        self.path = lock_file_for(self.output)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            self._file.close()
+            self._file = None
+            raise OutputInUse(f"{self.output}: in use by another process ({holder}); "
+                              f"wait for it or {hint}") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._file.flush()
+
+    def _holder(self) -> str:
+        assert self._file is not None
+        self._file.seek(0)
+        return self._file.read().strip() or "pid unknown"
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
