@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo demo-clean bench clean
+.PHONY: install install-dev test test-fast lint demo demo-clean bench clean
 
 install: $(VENV)/.installed
 
@@ -13,19 +13,28 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-test: install
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+test: install-dev
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install-dev
 	$(PY) -m pytest -m "not slow"
+
+lint: install-dev
+	$(PY) -m ruff check .
 
 demo: install
 	$(PY) extract/demo.py
 
 demo-clean:
-	rm -rf repo/demo
+	rm -rf "$${DELF_REPO_DIR:-repo}/demo"
 
-bench: install
+bench: install-dev
 	for b in tests/bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:

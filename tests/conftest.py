@@ -49,3 +49,13 @@ def model() -> Delf:
     """A random-init resnet18 inference model (3 classes)."""
     torch.manual_seed(0)
     return Delf(3, arch="resnet18", stage="inference").eval()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

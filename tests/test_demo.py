@@ -1,7 +1,6 @@
 """The demo's data, a smoke run of the demo's full code path, and the notebook executed headless."""
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
@@ -45,19 +44,16 @@ def test_views_differ_but_strength_zero_is_the_photo() -> None:
 
 @pytest.fixture(scope="module")
 def smoke_demo() -> tuple[str, int]:
+    """The smoke preset at seed 0 (outputs in the session's temporary DELF_REPO_DIR)."""
     expr = f"test-demo-{uuid.uuid4().hex[:8]}"
-    try:
-        rc = demo.main(["--expr", expr, "--preset", "smoke"])
-        yield expr, rc
-    finally:
-        shutil.rmtree(repo_dir() / expr, ignore_errors=True)
+    return expr, demo.main(["--expr", expr, "--preset", "smoke", "--seed", "0"])
 
 
 @pytest.mark.slow
 def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, int]) -> None:
     expr, rc = smoke_demo
     root = repo_dir() / expr
-    assert rc in (0, 1)  # 1 = same pair not ahead: allowed for a one-epoch model, not for `make demo`
+    assert rc == 0  # the demo's claim, at this preset and seed: the same landmark gets more inliers
     for path in ("finetune/ckpt/bestshot.pth.tar", "keypoint/ckpt/bestshot.pth.tar",
                  "keypoint/ckpt/fix.pth.tar", "pca/pca.h5", "features/query.h5",
                  "match.png", "match_different.png", "attention.png"):
@@ -83,7 +79,8 @@ def test_notebook_runs_headless(smoke_demo: tuple[str, int]) -> None:
     expr, _ = smoke_demo
     nb = nbformat.read(PROJECT_ROOT / "visualize.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = params.source.replace("repo/demo", f"repo/{expr}")
+    assert 'EXPR = "demo"' in params.source
+    params.source = params.source.replace('EXPR = "demo"', f"EXPR = {expr!r}")
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
