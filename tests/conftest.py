@@ -10,7 +10,9 @@ import torch
 
 from tests.utils import make_image_folder
 from train.delf import Delf
-from train.runtime import REPO_DIR_ENV, limit_threads
+from train.runtime import PROJECT_ROOT, REPO_DIR_ENV, limit_threads
+
+_REPO_BEFORE = pytest.StashKey[dict]()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,3 +61,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} \
+        if root.is_dir() else {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_REPO_BEFORE] = _snapshot(PROJECT_ROOT / "repo")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any test wrote into the project's own repo/ (tests use DELF_REPO_DIR)."""
+    before = session.config.stash.get(_REPO_BEFORE, None)
+    if before is None:
+        return
+    after = _snapshot(PROJECT_ROOT / "repo")
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        print(f"\nerror: the tests changed the project's repo/: {', '.join(changed[:10])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,56 @@
+"""The repository's own promises: self-contained docs, and requirements that list what is imported."""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+
+from train.runtime import PROJECT_ROOT
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "Pillow", "sklearn": "scikit-learn",
+                 "skimage": "scikit-image", "tensorboardX": "tensorboardX"}
+FIRST_PARTY = {"train", "extract", "tests"}
+
+
+def python_files() -> list:
+    return [p for p in PROJECT_ROOT.rglob("*.py") if not {".venv", "repo"} & set(p.relative_to(PROJECT_ROOT).parts)]
+
+
+def requirement_names(name: str) -> set[str]:
+    names = set()
+    for line in (PROJECT_ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            names.add(re.split(r"[<>=!~\[ ]", line)[0].lower())
+    return names
+
+
+def imported_modules(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_no_file_cites_a_document_outside_the_repository() -> None:
+    spec = re.compile(r"\b" + "SP" + r"EC\b")  # the background document, not part of the repository
+    offenders = [str(p.relative_to(PROJECT_ROOT)) for p in python_files() if spec.search(p.read_text())]
+    assert offenders == []
+
+
+def test_every_imported_package_is_a_requirement() -> None:
+    runtime = requirement_names("requirements.txt")
+    dev = runtime | requirement_names("requirements-dev.txt")
+    missing = []
+    for path in python_files():
+        is_test = path.relative_to(PROJECT_ROOT).parts[0] == "tests"
+        for module in imported_modules(path) - FIRST_PARTY - set(sys.stdlib_module_names):
+            dist = DISTRIBUTIONS.get(module, module).lower()
+            if dist not in (dev if is_test else runtime):
+                missing.append(f"{path.relative_to(PROJECT_ROOT)}: {module}")
+    assert missing == []
