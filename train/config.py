@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from .cli import add_bool_flag
+from .cli import add_bool_flag, config_from_args
 from .delf import ARCHS, TARGET_LAYERS
 from .runtime import repo_dir
 
@@ -214,7 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """The trainer's command line as a checked :class:`TrainConfig`; errors exit with
     argparse's message (exit code 2)."""
     parser = build_parser()
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
     problem = cfg.problem()
     if problem:
         parser.error(problem)
