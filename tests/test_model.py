@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import urllib.error
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torchvision
 from tests.utils import save_keypoint_checkpoint
 from train.checkpoint import describe, load_backbone, load_file, load_model
 from train.delf import Delf, PretrainedUnavailable, feature_dim
-from train.layers import IMAGENET_MEAN, IMAGENET_STD
+from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d
 
 NCLS = 5
 
@@ -32,9 +33,37 @@ def test_output_shapes_per_stage(arch: str) -> None:
                 features, attention = model.extract(x)
             assert features.shape == (1, feature_dim(arch, layer), 96 // stride, 64 // stride)
             assert attention.shape == (1, 1, 96 // stride, 64 // stride)
-            assert (attention >= 0).all()
             trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
             assert trainable == {"attn", "logits"}
+
+
+def test_attention_scores_are_softplus_of_the_head() -> None:
+    """Hand-made head: conv1 = identity, ReLU, conv2 = h0 - h1 - 1, so the pre-activation z is
+    negative for most cells; the score must be softplus(z) = log(1 + e^z) (> 0, unlike a ReLU),
+    and z itself above softplus's threshold 20."""
+    head = SpatialAttention2d(2, hidden=2, batchnorm=False).eval()
+    with torch.no_grad():
+        head.conv1.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        head.conv1.bias.zero_()
+        head.conv2.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
+        head.conv2.bias.fill_(-1.0)
+    cells = torch.tensor([[0.0, 2.0], [1.0, 1.0], [-4.0, 0.0], [1.5, 0.0], [25.0, 0.0]])  # (x0, x1) per cell
+    z = [max(a, 0) - max(b, 0) - 1 for a, b in cells.tolist()]  # -3, -1, -1, 0.5, 24
+    expected = [math.log1p(math.exp(v)) if v <= 20 else v for v in z]
+    with torch.no_grad():
+        scores = head(cells.T.reshape(1, 2, 1, 5)).flatten()
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    assert scores[0] == pytest.approx(0.04858735, abs=1e-7)  # log(1 + e^-3)
+
+
+def test_pretrained_state_dict_initialises_a_finetune_model() -> None:
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    model = Delf(NCLS, arch="resnet18", stage="finetune", pretrained=resnet.state_dict())
+    _assert_same(model.base[4], resnet.layer1.state_dict())
+    _assert_same(model.layer4, resnet.layer4.state_dict())
+    with pytest.raises(PretrainedUnavailable, match="not a torchvision resnet18 state_dict"):
+        Delf(NCLS, arch="resnet18", stage="finetune", pretrained=torchvision.models.resnet34().state_dict())
 
 
 def _linearised(modules: list[nn.Module]) -> nn.Sequential:

@@ -2,25 +2,31 @@
 --resume, corrupt images, user errors, NaN losses and torchrun."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 import urllib.error
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
 import torchvision
 
-from train.checkpoint import load_file, load_model
-from train.config import parse_args
-from train.delf import Delf
+from train.checkpoint import atomic_save, load_file, load_model
+from train.config import TrainConfig, parse_args
+from train.delf import Delf, PretrainedUnavailable
 from train.main import main
+from train.run import build_model, train
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
 
+T = TypeVar("T")
 PYTHON = sys.executable
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--finetune_sample_size", "72",
         "--finetune_crop_size", "64", "--keypoint_sample_size", "80", "--keypoint_crop_size", "64",
@@ -45,7 +51,8 @@ def test_seed_readme_flags_parse() -> None:
     assert (args.stage, args.gpu_id, args.ncls, args.optim, args.expr) == ("keypoint", "6", 586, "sgd", "landmark")
     assert args.use_random_gamma_rescale is True
     assert (args.lr, args.lr_gamma, args.lr_stepsize, args.weight_decay, args.momentum) == (0.008, 0.5, 10, 1e-4, 0.9)
-    assert (args.train_batch_size, args.keypoint_epoch, args.keypoint_sample_size, args.keypoint_crop_size) == (8, 30, 900, 720)
+    assert (args.train_batch_size, args.keypoint_epoch, args.keypoint_sample_size, args.keypoint_crop_size) == (
+        8, 30, 900, 720)
     assert (args.arch, args.target_layer, args.pretrained, args.device, args.amp, args.resume) == (
         "resnet50", "layer3", "imagenet", "auto", False, False)
 
@@ -73,6 +80,33 @@ def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: 
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_flags_map_onto_the_config_and_its_defaults() -> None:
+    paths = {"finetune_train_path": "t", "finetune_val_path": "v"}
+    assert parse_args(["--finetune_train_path", "t", "--finetune_val_path", "v"]) == TrainConfig(**paths)
+    cfg = parse_args(["--finetune_train_path", "t", "--finetune_val_path", "v", "--lr", "0.1", "--optim", "ADAM",
+                      "--use_random_gamma_scaling", "false", "--manualSeed", "3"])
+    assert cfg == TrainConfig(**paths, lr=0.1, optim="adam", use_random_gamma_rescale=False, manualSeed=3)
+    assert (cfg.sample_size, cfg.crop_size, cfg.epochs, cfg.data_paths) == (256, 224, 30, ("t", "v"))
+    keypoint = dataclasses.replace(cfg, stage="keypoint")
+    assert (keypoint.sample_size, keypoint.crop_size, keypoint.data_paths) == (900, 720, (None, None))
+    assert cfg.output_dir() == repo_dir() / "devel" / "finetune"
+    assert Settings.from_config(cfg, seed=5) == Settings(optim="adam", lr=0.1, seed=5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stage": "keypoint", "keypoint_train_path": "t", "keypoint_val_path": "v"}, "needs --load_from"),
+    ({"finetune_sample_size": 100}, "--finetune_sample_size 100 is smaller than --finetune_crop_size 224"),
+    ({"lr": -1.0}, "--lr: expected a number > 0, got -1.0"),
+    ({"optim": "lbfgs"}, "--optim: invalid choice: 'lbfgs'"),
+    ({"expr": "/abs"}, "give a plain name"),
+])
+def test_library_call_checks_the_config(changes: dict, message: str) -> None:
+    cfg = TrainConfig(finetune_train_path="t", finetune_val_path="v", **changes)
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert message in str(err.value)
 
 
 # --- solver pieces ---------------------------------------------------------------------------
@@ -157,20 +191,44 @@ def test_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: s
     main(finetune_argv(expr + "-a", image_data, "--finetune_epoch", "2", "--lr_stepsize", "1"))
     main(finetune_argv(expr, image_data, "--finetune_epoch", "1", "--lr_stepsize", "1"))
     main(finetune_argv(expr, image_data, "--finetune_epoch", "2", "--lr_stepsize", "1", "--resume"))
-    try:
-        straight = load_file(repo_dir() / (expr + "-a") / "finetune" / "ckpt" / "last.pth.tar")
-        resumed = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
-        assert resumed["epoch"] == straight["epoch"] == 2
-        assert resumed["lr_scheduler"] == straight["lr_scheduler"]
-        assert resumed["best_acc"] == straight["best_acc"]
-        for key, value in straight["state_dict"].items():
-            assert torch.equal(resumed["state_dict"][key], value), key
-        for i, state in straight["optimizer"]["state"].items():
-            assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
-        log_dir = repo_dir() / expr / "finetune" / "log"
-        assert read_csv(log_dir / "val.log") == read_csv(repo_dir() / (expr + "-a") / "finetune" / "log" / "val.log")
-    finally:
-        shutil.rmtree(repo_dir() / (expr + "-a"), ignore_errors=True)
+    straight = load_file(repo_dir() / (expr + "-a") / "finetune" / "ckpt" / "last.pth.tar")
+    resumed = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    assert resumed["lr_scheduler"] == straight["lr_scheduler"]
+    assert resumed["best_acc"] == straight["best_acc"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for i, state in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    log_dir = repo_dir() / expr / "finetune" / "log"
+    assert read_csv(log_dir / "val.log") == read_csv(repo_dir() / (expr + "-a") / "finetune" / "log" / "val.log")
+
+
+def test_library_call_trains_without_argparse(image_data: tuple[Path, Path], expr: str) -> None:
+    cfg = TrainConfig(expr=expr, finetune_train_path=str(image_data[0]), finetune_val_path=str(image_data[1]),
+                      arch="resnet18", pretrained="none", finetune_sample_size=72, finetune_crop_size=64,
+                      finetune_epoch=1, train_batch_size=4, val_batch_size=4, workers=0, manualSeed=7)
+    out = train(cfg)
+    assert out == repo_dir() / expr / "finetune"
+    _check_outputs(out, epochs=1)
+    config = json.loads((out / "log" / "config.json").read_text())
+    extras = {"ncls": 3, "manualSeed": 7, "world_size": 1, "classes": sorted(p.name for p in image_data[0].iterdir())}
+    assert config == {**dataclasses.asdict(cfg), **extras}
+    assert load_file(out / "ckpt" / "last.pth.tar")["config"] == config
+
+
+def test_pretrained_path_initialises_the_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    atomic_save({"state_dict": resnet.state_dict()}, tmp_path / "r18.pth")
+    cfg = TrainConfig(arch="resnet18", pretrained=str(tmp_path / "r18.pth"))
+    model = build_model(cfg, ncls=3, resuming=False)
+    torch.testing.assert_close(model.base[0].weight, resnet.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight, rtol=0, atol=0)
+
+    atomic_save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(PretrainedUnavailable, match=r"r34.pth is not a torchvision resnet18 state_dict"):
+        build_model(dataclasses.replace(cfg, pretrained=str(tmp_path / "r34.pth")), ncls=3, resuming=False)
 
 
 def test_corrupt_training_image_is_skipped(image_data: tuple[Path, Path], tmp_path: Path, expr: str,
@@ -228,11 +286,55 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_data: tuple[Path, P
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-def test_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
-    main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
+def _call_recording_dtypes(modules: list[torch.nn.Module], fn: Callable[..., T], *args: object
+                           ) -> tuple[T, list[torch.dtype]]:
+    """``fn(*args)``, and the dtypes of the outputs of ``modules`` during that call, in call order."""
+    dtypes: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in modules]
+    try:
+        return fn(*args), dtypes
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_amp_step_runs_in_bf16_with_fp32_weights() -> None:
+    """--amp on CPU: the forward really computes in bf16 (activations are bf16, the loss differs
+    from fp32 by bf16 rounding only) while weights and their updates stay fp32."""
+    torch.manual_seed(0)
+    model = Delf(3, arch="resnet18", stage="finetune")
+    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    losses, dtypes, solvers = {}, {}, {}
+    for amp in (False, True):
+        solver = solvers[amp] = Solver(copy.deepcopy(model), Settings(amp=amp, lr=0.1))
+        solver.net.train()
+        watched = [solver.model.base[0], solver.model.layer4, solver.model.logits[0]]
+        (losses[amp], _), dtypes[amp] = _call_recording_dtypes(watched, solver.train_step, images, labels)
+    assert dtypes[False] == [torch.float32] * 3
+    assert dtypes[True] == [torch.bfloat16] * 3
+    loss32, loss16 = float(losses[False]), float(losses[True])
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * abs(loss32)
+    amp_model = solvers[True].model
+    assert all(p.dtype == torch.float32 for p in amp_model.parameters())
+    moved = [not torch.equal(p, q) for p, q in zip(amp_model.parameters(), model.parameters(), strict=True)]
+    assert all(moved)  # every weight was updated
+
+
+def test_amp_flag_trains_in_bf16(image_data: tuple[Path, Path], expr: str) -> None:
+    training_dtypes = set()
+
+    def record(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
+            training_dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
+    finally:
+        handle.remove()
+    assert training_dtypes == {torch.bfloat16}
     ckpt = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["amp"] is True
-    assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())
 
 
 @pytest.mark.slow

@@ -72,6 +72,12 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet state_dict file (bare, or under ``state_dict``) for ``--pretrained PATH``."""
+    state = load_file(path)
+    return state.get("state_dict", state)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -135,7 +141,7 @@ def load_backbone(model: Delf, path: str | os.PathLike) -> dict[str, Any]:
     state = {k: v for k, v in model_state(ckpt).items() if k.startswith(prefixes)}
     if model.target_layer == "layer4" and not any(k.startswith("layer4.") for k in state):
         raise CheckpointError(f"{path}: has no layer4 weights, needed for --target_layer layer4")
-    for module, prefix in zip(model.backbone(), prefixes):
+    for module, prefix in zip(model.backbone(), prefixes, strict=True):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         _load(module, sub, path)
     return ckpt

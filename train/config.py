@@ -1,42 +1,50 @@
-"""Command-line options of the trainer: the seed repo's flags and defaults, plus a few new ones."""
+"""The trainer's options: :class:`TrainConfig` (each default defined once, here) and its parser.
+
+Flags are the seed repo's (same names, same defaults) plus a few new ones; each field of
+:class:`TrainConfig` is one flag ``--<field>``. ``config.json`` and a checkpoint's ``config`` hold
+``dataclasses.asdict(config)`` plus the run's facts (ncls, manualSeed, world_size, classes, ...).
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
-from pathlib import PurePath
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any, Callable, Sequence
 
+from .cli import add_bool_flag, config_from_args
 from .delf import ARCHS, TARGET_LAYERS
-from .cli import str2bool
+from .runtime import repo_dir
 
 STAGES = ("finetune", "keypoint")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SEED_WORKERS = 20
 
 
-def _positive_int(value: str) -> int:
+def _positive_int(value: str | int) -> int:
     n = int(value)
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return n
 
 
-def _non_negative_int(value: str) -> int:
+def _non_negative_int(value: str | int) -> int:
     n = int(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return n
 
 
-def _positive_float(value: str) -> float:
+def _positive_float(value: str | float) -> float:
     x = float(value)
     if not x > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
     return x
 
 
-def _non_negative_float(value: str) -> float:
+def _non_negative_float(value: str | float) -> float:
     x = float(value)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
@@ -49,116 +57,165 @@ def _device(value: str) -> str:
     return value
 
 
-def _flag(parser: argparse._ActionsContainer, *names: str, default: bool, help: str) -> None:
-    """A boolean option: ``--x`` alone means true; ``--x true|false|1|0`` also works."""
-    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default,
-                        metavar="BOOL", help=help)
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+def _opt(default: Any, help: str, group: str, type: Callable[[Any], Any] | None = None,
+         choices: Sequence[str] | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A field of :class:`TrainConfig`: its default, and how its flag looks (help, help group,
+    parsing/validating ``type``, ``choices``, extra flag names)."""
+    return field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices,
+                                            "aliases": aliases})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of one training stage (seed defaults unless the help says otherwise).
+
+    Outputs go to ``repo_dir()/<expr>/<stage>/{ckpt,log}`` (see :meth:`output_dir`).
+    """
+
+    # experiment
+    stage: str = _opt("finetune", "training stage", "experiment", choices=STAGES)
+    expr: str = _opt("devel", "experiment name: outputs go to <repo>/<expr>/<stage>/ (<repo>: $DELF_REPO_DIR, "
+                     "else <project root>/repo)", "experiment")
+    load_from: str | None = _opt(None, "keypoint stage: finetune checkpoint (this project's or the seed repo's "
+                                 "format)", "experiment")
+    resume: bool = _opt(False, "continue from <repo>/<expr>/<stage>/ckpt/last.pth.tar", "experiment")
+    manualSeed: int | None = _opt(None, "random seed; when omitted: the resumed run's, else drawn at random",
+                                  "experiment", type=int)
+    # data
+    finetune_train_path: str | None = _opt(None, "ImageFolder with the finetune stage's train images", "data")
+    finetune_val_path: str | None = _opt(None, "ImageFolder with the finetune stage's val images", "data")
+    keypoint_train_path: str | None = _opt(None, "ImageFolder with the keypoint stage's train images", "data")
+    keypoint_val_path: str | None = _opt(None, "ImageFolder with the keypoint stage's val images", "data")
+    finetune_sample_size: int = _opt(256, "finetune resize", "data", type=_positive_int)
+    finetune_crop_size: int = _opt(224, "finetune crop", "data", type=_positive_int)
+    keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=_positive_int)
+    keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=_positive_int)
+    workers: int = _opt(min(SEED_WORKERS, os.cpu_count() or 1),
+                        f"data-loading processes per training process (seed: {SEED_WORKERS})", "data",
+                        type=_non_negative_int)
+    ncls: int | None = _opt(None, "number of classes; when omitted: the training folder's", "data",
+                            type=_positive_int)
+    # model
+    arch: str = _opt("resnet50", "ResNet backbone", "model", choices=ARCHS)
+    target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
+    pretrained: str = _opt("imagenet", "finetune stage backbone init: imagenet | none | PATH to a torchvision "
+                           "state_dict", "model")
+    use_random_gamma_rescale: bool = _opt(True, "keypoint stage: resize each training batch by a random factor "
+                                          "in [0.3535, 1]", "model", aliases=("--use_random_gamma_scaling",))
+    # optimisation
+    optim: str = _opt("sgd", "optimiser", "optimisation", type=_lower, choices=OPTIMIZERS)
+    lr: float = _opt(0.008, "initial learning rate", "optimisation", type=_positive_float)
+    momentum: float = _opt(0.9, "SGD momentum (the seed had none)", "optimisation", type=_non_negative_float)
+    weight_decay: float = _opt(1e-4, "L2 penalty", "optimisation", type=_non_negative_float)
+    lr_gamma: float = _opt(0.5, "learning-rate decay factor", "optimisation", type=_positive_float)
+    lr_stepsize: int = _opt(10, "decay every N epochs", "optimisation", type=_positive_int)
+    finetune_epoch: int = _opt(30, "finetune stage epochs", "optimisation", type=_non_negative_int)
+    keypoint_epoch: int = _opt(30, "keypoint stage epochs", "optimisation", type=_non_negative_int)
+    train_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
+    val_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
+    # device
+    gpu_id: str | None = _opt(None, "CUDA_VISIBLE_DEVICES, set before CUDA starts; when omitted: left alone",
+                              "device")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N", "device", type=_device)
+    amp: bool = _opt(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last", "device")
+
+    # --- the chosen stage's values -------------------------------------------------------------
+    @property
+    def sample_size(self) -> int:
+        """Shorter side images are resized to, before cropping."""
+        return getattr(self, f"{self.stage}_sample_size")
+
+    @property
+    def crop_size(self) -> int:
+        return getattr(self, f"{self.stage}_crop_size")
+
+    @property
+    def epochs(self) -> int:
+        return getattr(self, f"{self.stage}_epoch")
+
+    @property
+    def data_paths(self) -> tuple[str | None, str | None]:
+        """(train, val) folders of the chosen stage."""
+        return getattr(self, f"{self.stage}_train_path"), getattr(self, f"{self.stage}_val_path")
+
+    def output_dir(self) -> Path:
+        """``repo_dir()/<expr>/<stage>``: receives ``ckpt/`` and ``log/``."""
+        return repo_dir() / self.expr / self.stage
+
+    # --- checks --------------------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """The first invalid value or inconsistency between options (a one-line message naming
+        the flags), or None."""
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if meta["choices"] is not None and value not in meta["choices"]:
+                return f"--{f.name}: invalid choice: {value!r} (choose from {', '.join(meta['choices'])})"
+            if meta["type"] is not None:
+                try:
+                    meta["type"](value)
+                except (argparse.ArgumentTypeError, ValueError) as e:
+                    return f"--{f.name}: {e}"
+        expr = PurePath(self.expr)
+        if not self.expr or expr.is_absolute() or ".." in expr.parts:
+            return f"--expr {self.expr!r}: give a plain name; outputs go to {repo_dir()}/<expr>/"
+        for split, path in zip(("train", "val"), self.data_paths, strict=True):
+            if path is None:
+                return f"--{self.stage}_{split}_path is required for --stage {self.stage}"
+        if self.sample_size < self.crop_size:
+            return (f"--{self.stage}_sample_size {self.sample_size} is smaller than "
+                    f"--{self.stage}_crop_size {self.crop_size}")
+        if self.stage == "keypoint" and self.load_from is None and not self.resume:
+            return "--stage keypoint needs --load_from <finetune checkpoint> (or --resume)"
+        return None
+
+    def check(self) -> None:
+        """Raise ValueError with :meth:`problem`'s message when there is one."""
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def as_dict(self, **extra: Any) -> dict[str, Any]:
+        """The options as plain types, plus ``extra`` (for config.json and checkpoints, which are
+        loaded with weights_only)."""
+        return {**dataclasses.asdict(self), **extra}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The trainer's argument parser (seed flags with seed defaults, unless noted)."""
+    """The trainer's argument parser: one flag per :class:`TrainConfig` field, grouped."""
     p = argparse.ArgumentParser(
         prog="main.py", description="Train DeLF in two stages: finetune, then keypoint (attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    g = p.add_argument_group("experiment")
-    g.add_argument("--stage", default="finetune", choices=STAGES, help="training stage")
-    g.add_argument("--expr", default="devel",
-                   help="experiment name: outputs go to <project root>/repo/<expr>/<stage>/")
-    g.add_argument("--load_from", default=None,
-                   help="keypoint stage: finetune checkpoint (this project's or the seed repo's format)")
-    _flag(g, "--resume", default=False,
-          help="continue from repo/<expr>/<stage>/ckpt/last.pth.tar")
-    g.add_argument("--manualSeed", type=int, default=None, help="random seed; when omitted: the resumed run's, else drawn at random")
-
-    g = p.add_argument_group("data")
-    for stage in STAGES:
-        for split in ("train", "val"):
-            g.add_argument(f"--{stage}_{split}_path", default=None,
-                           help=f"ImageFolder with the {stage} stage's {split} images")
-    g.add_argument("--finetune_sample_size", type=_positive_int, default=256, help="finetune resize")
-    g.add_argument("--finetune_crop_size", type=_positive_int, default=224, help="finetune crop")
-    g.add_argument("--keypoint_sample_size", type=_positive_int, default=900, help="keypoint resize")
-    g.add_argument("--keypoint_crop_size", type=_positive_int, default=720, help="keypoint crop")
-    g.add_argument("--workers", type=_non_negative_int, default=min(SEED_WORKERS, os.cpu_count() or 1),
-                   help=f"data-loading processes per training process (seed: {SEED_WORKERS})")
-    g.add_argument("--ncls", type=_positive_int, default=None,
-                   help="number of classes; when omitted: the training folder's")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", choices=ARCHS, help="ResNet backbone")
-    g.add_argument("--target_layer", default="layer3", choices=TARGET_LAYERS,
-                   help="layer the local features come from")
-    g.add_argument("--pretrained", default="imagenet",
-                   help="finetune stage backbone init: imagenet | none | PATH to a torchvision state_dict")
-    _flag(g, "--use_random_gamma_rescale", "--use_random_gamma_scaling", default=True,
-          help="keypoint stage: resize each training batch by a random factor in [0.3535, 1]")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optim", default="sgd", type=str.lower, choices=OPTIMIZERS, help="optimiser")
-    g.add_argument("--lr", type=_positive_float, default=0.008, help="initial learning rate")
-    g.add_argument("--momentum", type=_non_negative_float, default=0.9,
-                   help="SGD momentum (the seed had none)")
-    g.add_argument("--weight_decay", type=_non_negative_float, default=1e-4, help="L2 penalty")
-    g.add_argument("--lr_gamma", type=_positive_float, default=0.5, help="learning-rate decay factor")
-    g.add_argument("--lr_stepsize", type=_positive_int, default=10, help="decay every N epochs")
-    g.add_argument("--finetune_epoch", type=_non_negative_int, default=30, help="finetune stage epochs")
-    g.add_argument("--keypoint_epoch", type=_non_negative_int, default=30, help="keypoint stage epochs")
-    g.add_argument("--train_batch_size", type=_positive_int, default=8, help="batch size per process")
-    g.add_argument("--val_batch_size", type=_positive_int, default=8, help="batch size per process")
-
-    g = p.add_argument_group("device")
-    g.add_argument("--gpu_id", default=None,
-                   help="CUDA_VISIBLE_DEVICES, set before CUDA starts; when omitted: left alone")
-    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
-    _flag(g, "--amp", default=False,
-          help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        g = groups[meta["group"]]
+        names = (f"--{f.name}", *meta["aliases"])
+        if f.type in (bool, "bool"):
+            add_bool_flag(g, *names, default=f.default, help=meta["help"], dest=f.name)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if meta["type"] is not None:
+            kwargs["type"] = meta["type"]
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        g.add_argument(*names, **kwargs)
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and check the trainer's command line; errors exit with argparse's message."""
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The trainer's command line as a checked :class:`TrainConfig`; errors exit with
+    argparse's message (exit code 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    problem = _check(args)
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    problem = cfg.problem()
     if problem:
         parser.error(problem)
-    return args
-
-
-def _check(args: argparse.Namespace) -> str | None:
-    """The first inconsistency between options, or None."""
-    expr = PurePath(args.expr)
-    if not args.expr or expr.is_absolute() or ".." in expr.parts:
-        return f"--expr {args.expr!r}: give a plain name; outputs go to repo/<expr>/"
-    for split in ("train", "val"):
-        if getattr(args, f"{args.stage}_{split}_path") is None:
-            return f"--{args.stage}_{split}_path is required for --stage {args.stage}"
-    if sample_size(args) < crop_size(args):
-        return (f"--{args.stage}_sample_size {sample_size(args)} is smaller than "
-                f"--{args.stage}_crop_size {crop_size(args)}")
-    if args.stage == "keypoint" and args.load_from is None and not args.resume:
-        return "--stage keypoint needs --load_from <finetune checkpoint> (or --resume)"
-    return None
-
-
-def sample_size(args: argparse.Namespace) -> int:
-    return getattr(args, f"{args.stage}_sample_size")
-
-
-def crop_size(args: argparse.Namespace) -> int:
-    return getattr(args, f"{args.stage}_crop_size")
-
-
-def epochs(args: argparse.Namespace) -> int:
-    return getattr(args, f"{args.stage}_epoch")
-
-
-def data_paths(args: argparse.Namespace) -> tuple[str, str]:
-    """(train, val) folders of the chosen stage."""
-    return getattr(args, f"{args.stage}_train_path"), getattr(args, f"{args.stage}_val_path")
-
-
-def config_dict(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    """The options as plain types (for config.json and checkpoints loaded with weights_only)."""
-    return {**vars(args), **extra}
+    return cfg

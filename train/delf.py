@@ -67,27 +67,31 @@ def feature_dim(arch: str, target_layer: str) -> int:
     return (256 if target_layer == "layer3" else 512) * wide
 
 
-def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResNet:
-    """A torchvision ResNet: ``pretrained`` is 'imagenet', 'none' or a state_dict file."""
+Pretrained = str | Mapping[str, torch.Tensor]
+"""Backbone initialisation: 'imagenet' (torchvision's weights, downloaded once), 'none', or a
+torchvision ResNet state_dict (the caller reads the file)."""
+
+
+def build_resnet(arch: str, pretrained: Pretrained = "none") -> torchvision.models.ResNet:
+    """A torchvision ResNet initialised as ``pretrained`` says (see :data:`Pretrained`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
     net = torchvision.models.get_model(arch, weights=None)
-    if pretrained == "imagenet":
-        net.load_state_dict(_imagenet_state(arch))
-    elif pretrained != "none":
-        from .checkpoint import load_file
-
-        state = load_file(pretrained)
-        state = state.get("state_dict", state)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise PretrainedUnavailable(f"{pretrained} is not a torchvision {arch} state_dict: {e}") from None
+    if isinstance(pretrained, str):
+        if pretrained == "imagenet":
+            net.load_state_dict(_imagenet_state(arch))
+        elif pretrained != "none":
+            raise ValueError(f"pretrained {pretrained!r}: give 'imagenet', 'none' or a state_dict")
+        return net
+    try:
+        net.load_state_dict(pretrained)
+    except RuntimeError as e:
+        raise PretrainedUnavailable(f"not a torchvision {arch} state_dict: {e}") from None
     return net
 
 
 class PretrainedUnavailable(RuntimeError):
-    """ImageNet (or file) weights could not be obtained."""
+    """ImageNet weights could not be downloaded, or the given state_dict does not fit."""
 
 
 def _imagenet_state(arch: str) -> Mapping[str, torch.Tensor]:
@@ -111,7 +115,8 @@ class Delf(nn.Module):
     - ``inference``: as keypoint; use :meth:`extract` for feature maps and attention.
 
     ``base`` is ``nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3)``, the seed
-    repo's layout, so its checkpoints load module by module.
+    repo's layout, so its checkpoints load module by module. ``pretrained`` initialises the
+    ResNet of a finetune-stage model only (other stages get their weights from a checkpoint).
     """
 
     def __init__(
@@ -120,7 +125,7 @@ class Delf(nn.Module):
         arch: str = "resnet50",
         stage: str = "finetune",
         target_layer: str = "layer3",
-        pretrained: str = "none",
+        pretrained: Pretrained = "none",
         attn_batchnorm: bool = True,
         use_random_gamma_rescale: bool = False,
     ) -> None:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +22,7 @@ import torch.utils.data as data
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
+from .config import TrainConfig
 from .delf import Delf
 from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
 
@@ -37,16 +38,21 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Optimisation settings (seed defaults, plus momentum 0.9)."""
+    """Optimisation settings of :class:`Solver`; defaults are the trainer's (:class:`TrainConfig`)."""
 
-    optim: str = "sgd"
-    lr: float = 0.008
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_stepsize: int = 10
-    lr_gamma: float = 0.5
-    amp: bool = False
+    optim: str = TrainConfig.optim
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
+    lr_stepsize: int = TrainConfig.lr_stepsize
+    lr_gamma: float = TrainConfig.lr_gamma
+    amp: bool = TrainConfig.amp
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, seed: int) -> Settings:
+        """The optimisation options of ``cfg``, with the run's ``seed``."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], s: Settings) -> torch.optim.Optimizer:
@@ -90,7 +96,7 @@ class EpochMeter:
         """loss (mean) and top1/top3/top5 (percent)."""
         loss_sum, n, *hits = self.sums.tolist()
         n = max(n, 1.0)
-        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits)}}
+        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)}}
 
 
 class RunLog:
@@ -139,7 +145,7 @@ class Solver:
     """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage).
 
     Only parameters that require gradients reach the optimiser: in the keypoint stage, the
-    attention network and the classifier. ``out_dir`` (``repo/<expr>/<stage>``) receives
+    attention network and the classifier. ``out_dir`` (``repo_dir()/<expr>/<stage>``) receives
     ``ckpt/`` and ``log/``; None writes nothing.
     """
 
