@@ -11,9 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from extract.config import ExtractionConfig
 from extract.evaluate import main
 from extract.features import iter_features
 from extract.metrics import evaluate
@@ -21,8 +21,8 @@ from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
 from tests.utils import photo, save_keypoint_checkpoint
-from train.runtime import limit_threads
 from train.checkpoint import file_sha256
+from train.runtime import limit_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("astronaut", "coffee", "chelsea")
@@ -262,8 +262,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("revisited")
     root = make_dataset(tmp / "data")
     ckpt = save_keypoint_checkpoint(tmp / "ckpt.pth.tar")
-    ex = DelfExtractor.from_checkpoint(ckpt, use_pca=False, scales=[float(s) for s in SCALES],
-                                       attn_thres=0.0)
+    ex = DelfExtractor.from_checkpoint(
+        ckpt, conf=ExtractionConfig(use_pca=False, scale_list=tuple(float(s) for s in SCALES), attn_thres=0.0))
     with limit_threads(1):
         desc = np.concatenate([ex(Image.open(p).convert("RGB"))["descriptors"]
                                for p in sorted((root / "roxford5k" / "jpg").glob("*_*.jpg"))])
@@ -291,7 +291,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     db = dict(iter_features(feats / "db.h5"))
     queries = dict(iter_features(feats / "query.h5"))
     assert sorted(db) == sorted(cfg["imlist"]) and sorted(queries) == sorted(cfg["qimlist"])
-    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+    for name, g in zip(cfg["qimlist"], cfg["gnd"], strict=True):
         x1, y1, x2, y2 = g["bbx"]
         np.testing.assert_array_equal(queries[name]["image_size"], [x2 - x1, y2 - y1])
         assert len(queries[name]["keypoints"]) > 20
@@ -301,7 +301,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     names = cfg["imlist"]
     database = Database([db[n]["keypoints"] for n in names],
                         DescriptorIndex([db[n]["descriptors"] for n in names]))
-    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+    for name, g in zip(cfg["qimlist"], cfg["gnd"], strict=True):
         inliers = Verifier(queries[name], database.features)
         distractors = [i for i, n in enumerate(names) if n.endswith(("_0", "_1"))]
         assert min(inliers(i) for i in g["easy"]) > max(inliers(i) for i in distractors)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import h5py
@@ -152,7 +151,7 @@ def _count_groups(path: Path) -> int:
 
 def _assert_same_features(a: Path, b: Path) -> None:
     assert feature_names(a) == feature_names(b)
-    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b)):
+    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b), strict=True):
         for key in fa:
             np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
 
