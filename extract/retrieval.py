@@ -128,9 +128,11 @@ class DescriptorIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the index (descriptors, row maps, centroids)."""
-        tensors = [self.x, self.cell_offsets] + ([] if self.centroids is None else [self.centroids])
-        return (sum(t.numel() * t.element_size() for t in tensors) + self.image.nbytes
+        """Memory held by the index: descriptors, row maps, cell offsets, centroids (both levels)."""
+        tensors = [self.x, self.cell_offsets]
+        if self.centroids is not None:
+            tensors += [self.centroids, self._top, *self._children]
+        return (sum(t.numel() * t.element_size() for t in tensors) + self.image.nbytes + self.image_offsets.nbytes
                 + self.position.nbytes)
 
     def image_descriptors(self, i: int) -> np.ndarray:
