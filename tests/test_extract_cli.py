@@ -124,19 +124,19 @@ def test_pca_needs_enough_descriptors(tmp_path: Path, ckpt: Path, images: Path, 
 
 @pytest.mark.slow
 def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: str):
-    """The seed README's two commands, run from extract/ with real paths, defaults elsewhere."""
+    """The seed README's two commands, run from extract/ with real paths, defaults elsewhere (the PCA
+    file and the features land under DELF_REPO_DIR)."""
     fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     fix.parent.mkdir(parents=True)
     shutil.copy(ckpt, fix)
-    pca = f"../repo/{expr}/pca/pca.h5"
     common = ["--gpu_id", "4", "--load_expr", expr, "--stage", "inference", "--batch_size", "1"]
-    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images),
-                          "--output_path", pca], cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images)],
+                         cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert file_attrs(repo_dir() / expr / "pca" / "pca.h5")["num_features"] > 256
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "delf", "--attn_thres", "0.31",
                           "--iou_thres", "0.92", "--top_k", "1000", "--use_pca", "True", "--pca_dims", "40",
-                          "--pca_parameters_path", pca, "--input_path", str(images)],
+                          "--input_path", str(images)],
                          cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     out = repo_dir() / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
