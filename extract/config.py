@@ -1,4 +1,5 @@
-"""Typed configurations of extraction, matching and evaluation: each default is written here once.
+"""Typed configurations of extraction, PCA fitting, matching and evaluation: each default is written
+here once.
 
 The CLIs turn these fields into flags of the same name (``train.cli.add_config_args``, help from
 the field's metadata) and build the config back (``train.cli.config_from_args``); library code
@@ -31,6 +32,15 @@ class ExtractionConfig:
     pca_dims: int = field(default=40, metadata={"help": "delf: descriptor dimension after PCA"})
     amp: bool = field(default=False,
                       metadata={"help": "bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA"})
+
+
+@dataclass(frozen=True)
+class PcaFitConfig:
+    """The descriptor sample the PCA is fitted on (field names = flags = PCA file attributes)."""
+
+    pca_max_features: int = field(
+        default=100_000, metadata={"help": "pca: uniform random sample of at most this many descriptors is fitted"})
+    seed: int = field(default=0, metadata={"help": "pca: seed of the descriptor sampling"})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Extraction over many images: a feature file (:func:`extract_features`) or a PCA file
 (:func:`fit_pca_file`) from an image folder or list. Callable from Python; extractor.py is the CLI.
 
-    from extract.config import ExtractionConfig
+    from extract.config import ExtractionConfig, PcaFitConfig
     from extract.extraction import extract_features
     report = extract_features(ExtractionConfig(), "fix.pth.tar", "images/", "features.h5", pca_path="pca.h5")
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.config import ExtractionConfig
+from extract.config import ExtractionConfig, PcaFitConfig
 from extract.features import FeatureWriter, iter_features
 from extract.images import image_loader, list_images
 from extract.paths import part_path
@@ -152,13 +152,14 @@ def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
 
 
 def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
-                 *, max_features: int = 100_000, seed: int = 0, workers: int = 1, overwrite: bool = False,
+                 fit: PcaFitConfig | None = None, *, workers: int = 1, overwrite: bool = False,
                  device: str | torch.device = "cpu", share: WorkShare | None = None) -> Report:
     """Fit the PCA of the descriptors of the images of ``input_path`` (without PCA, a uniform
-    random sample of at most ``max_features``) and write the PCA file ``output_path`` (layout in
-    extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused unless
-    ``overwrite``. Returns the report (``report.output`` is the file)."""
-    share = share or WorkShare()
+    random sample of at most ``fit.pca_max_features``) and write the PCA file ``output_path``
+    (layout in extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused
+    unless ``overwrite``. Returns the report (``report.output`` is the file)."""
+    share, fit = share or WorkShare(), fit or PcaFitConfig()
+    max_features, seed = fit.pca_max_features, fit.seed
     output = Path(output_path)
     if output.exists() and not overwrite:
         raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
@@ -186,7 +187,7 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
         save_pca(output, fit_pca_params(sample), {
             "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
             "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),
-            **extraction, "scale_list": np.asarray(ex.scales), "pca_max_features": max_features, "seed": seed,
+            **extraction, "scale_list": np.asarray(ex.scales), **asdict(fit),
             "arch": ex.model.arch, "target_layer": ex.model.target_layer})
         log.info("PCA of %d descriptors (%d-d) from %d images written to %s", len(sample), sample.shape[1],
                  report.processed, output)

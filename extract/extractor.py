@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import ExtractionConfig  # noqa: E402
+from extract.config import ExtractionConfig, PcaFitConfig  # noqa: E402
 from extract.extraction import extract_features, fit_pca_file, load_extractor  # noqa: E402
 from extract.features import FeatureFileError  # noqa: E402
 from extract.images import InputError  # noqa: E402
@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed flag; images differ in size, so they are processed one at a time")
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in this one)")
     add_extraction_args(p)
-    p.add_argument("--pca_max_features", type=int, default=100_000,
-                   help="pca: uniform random sample of at most this many descriptors is fitted")
-    p.add_argument("--seed", type=int, default=0, help="pca: seed of the descriptor sampling")
+    add_config_args(p, PcaFitConfig)
     add_bool_flag(p, "--save_attention", default=False, help="delf: also store the attention map at scale 1.0")
     add_bool_flag(p, "--overwrite", default=False, help="replace an existing output instead of resuming / refusing")
     return p
@@ -86,8 +84,8 @@ def run(args: argparse.Namespace, device: torch.device, share: WorkShare) -> Rep
     common = {"workers": args.workers, "overwrite": args.overwrite, "device": device, "share": share}
     if args.mode == "pca":
         output = Path(args.output_path) if args.output_path else pca_path(args.load_expr, args.pca_parameters_path)
-        return fit_pca_file(conf, checkpoint, args.input_path, output, max_features=args.pca_max_features,
-                            seed=args.seed, **common)
+        return fit_pca_file(conf, checkpoint, args.input_path, output, config_from_args(PcaFitConfig, args),
+                            **common)
     pca_file = pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
     output = features_path(args.load_expr, args.input_path, args.output_path)
     return extract_features(conf, checkpoint, args.input_path, output, pca_path=pca_file,

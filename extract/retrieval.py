@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from extract.config import MatchConfig
+from extract.config import EvalConfig, MatchConfig
 from extract.matching import match_features
 from train.runtime import limit_threads
 
@@ -140,7 +140,7 @@ class DescriptorIndex:
         rows = self.position[self.image_offsets[i]:self.image_offsets[i + 1]]
         return self.x.numpy()[rows]
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int = EvalConfig.nprobe) -> tuple[np.ndarray, np.ndarray]:
         """k most similar database descriptors (inner product) of each query descriptor:
         (similarities (n, k) float32 descending, database images (n, k) int64; -1 where fewer
         than k candidates)."""
