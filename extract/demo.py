@@ -22,10 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from extract.demo_data import DemoDataset, build_dataset  # noqa: E402
+from extract.drawing import draw_matches  # noqa: E402
 from extract.features import read_features  # noqa: E402
 from extract.images import load_image  # noqa: E402
-from extract.matcher import MatchResult, draw_matches, match_features  # noqa: E402
+from extract.matching import MatchResult, match_features  # noqa: E402
 from train.runtime import PROJECT_ROOT, repo_dir  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -1,9 +1,11 @@
-"""The feature file (SPEC §4): one HDF5 group per image, written image by image, resumable.
+"""The feature file: one HDF5 group per image, written image by image, resumable.
 
 Layout: group ``<name>`` ('/' in a name makes nested groups) with datasets ``keypoints`` (N, 2)
 float32 x, y; ``descriptors`` (N, D) float32; ``scores`` (N,) float32; ``scales`` (N,) float32;
 ``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0. Root attributes:
-the extraction parameters.
+``format`` and the extraction parameters (extract/extraction.py, ``feature_attrs``: the
+ExtractionConfig fields, the model, the checkpoint's and PCA file's sha256). Keypoints are in
+pixels of the original image (half-pixel mapping, see extract/pipeline.py).
 
 A group is built under ``/__incomplete__`` and moved to its name only when complete, then the
 file is flushed; so a killed run leaves whole groups only, and a rerun skips them.
@@ -46,7 +48,8 @@ class FeatureWriter:
         try:
             self._file = h5py.File(self.path, "a")
         except OSError as e:
-            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({e}); delete it or pass --overwrite") from None
+            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({e}); "
+                                   "delete it or pass --overwrite") from None
         try:
             self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational))
         except BaseException:
@@ -68,7 +71,8 @@ class FeatureWriter:
                  for k, v in attrs.items() if k not in informational and _plain(stored.get(k)) != _plain(_storable(v))]
         if diffs:
             raise FeatureFileError(f"{self.path}: holds features made with other parameters ("
-                                   + "; ".join(diffs) + "): pass --overwrite to replace it, or choose another --output_path")
+                                   + "; ".join(diffs)
+                                   + "): pass --overwrite to replace it, or choose another --output_path")
 
     def has(self, name: str) -> bool:
         """Whether a complete group for ``name`` is in the file."""

@@ -50,7 +50,8 @@ def _read_list(list_file: Path) -> list[tuple[str, Path]]:
             continue
         name = posixpath.normpath(entry.replace("\\", "/"))
         if posixpath.isabs(name) or name.split("/")[0] == "..":
-            raise InputError(f"{list_file}:{number}: {entry!r} must be a path relative to {list_file.parent}, inside it")
+            raise InputError(f"{list_file}:{number}: {entry!r} must be a path relative to {list_file.parent}, "
+                             "inside it")
         items[name] = list_file.parent / name
     return list(items.items())
 

@@ -1,7 +1,10 @@
-"""Revisited Oxford / Paris metrics (SPEC §6), computed exactly as revisitop's evaluate.py.
+"""Revisited Oxford / Paris metrics, computed exactly as revisitop's evaluate.py.
 
 Rankings follow revisitop: ``ranks`` has shape (database size, number of queries), 0-based
 database indices, best first. Ground truth: per query ``easy``, ``hard``, ``junk`` index arrays.
+Protocols: Easy counts easy images as positives (hard ones are junk), Medium easy + hard, Hard
+only hard ones (easy ones are junk). AP drops the junk images from the ranking, then sums
+trapezoids between adjacent precision points; mP@k as revisitop (see compute_map).
 """
 from __future__ import annotations
 
@@ -101,7 +104,7 @@ def evaluate(ranks: Mapping[str, np.ndarray] | np.ndarray, gnd: Sequence[Mapping
         r = ranks[protocol] if isinstance(ranks, Mapping) else ranks
         m, _, mp, _ = compute_map(r, protocol_gnd(gnd, protocol), kappas)
         out[protocol] = {"mAP": 100.0 * m, **{f"mP@{k}": 100.0 * float(v)
-                                               for k, v in zip(kappas, mp)}}
+                                               for k, v in zip(kappas, mp, strict=True)}}
     return out
 
 

@@ -63,7 +63,7 @@ def merge_samples(samples: list[np.ndarray], seen: list[int], capacity: int, see
     rng = np.random.default_rng(seed)
     total = min(capacity, sum(seen))
     counts = rng.multivariate_hypergeometric(np.asarray(seen, dtype=np.int64), total)
-    parts = [s[rng.choice(len(s), k, replace=False)] for s, k in zip(samples, counts) if k]
+    parts = [s[rng.choice(len(s), k, replace=False)] for s, k in zip(samples, counts, strict=True) if k]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 

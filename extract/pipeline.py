@@ -1,16 +1,23 @@
-"""Multi-scale DeLF extraction of one image (SPEC §2, §3): the Python API behind extractor.py.
+"""Multi-scale DeLF extraction of one image: the Python API behind extractor.py.
 
-Resizing is bilinear with ``align_corners=False`` (torch's half-pixel convention), antialiased
-when shrinking. An image whose longest side exceeds ``max_image_size`` is first shrunk to it;
-each pyramid level then has size round(side * scale) of that image. Keypoints are mapped back to
+Per image: shrink to ``max_image_size`` if needed; for each pyramid scale one forward pass gives
+the feature map F and the attention a; cells with a >= ``attn_thres`` are kept, all scales are
+concatenated, NMS on the receptive boxes (IoU ``iou_thres``, by attention) prunes them and the
+best ``top_k`` stay. Descriptors: L2-normalise, then the PCA file (extract/pca.py) when used.
+
+Keypoint convention (half-pixel): resizing is bilinear with ``align_corners=False`` (torch's
+half-pixel convention), antialiased when shrinking. An image whose longest side exceeds
+``max_image_size`` is first shrunk to it; each pyramid level then has size round(side * scale)
+of that image. Keypoints are mapped back to
 the ORIGINAL image with the actual per-axis ratio r = scaled size / original size (the two
 resizes compose into one such ratio): x_orig = (x_scaled + 0.5) / r - 0.5.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +27,13 @@ import torchvision
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from extract.config import ExtractionConfig
 from extract.images import to_rgb
 from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
 from train.delf import Delf, ReceptiveField
 from train.runtime import autocast
 
-DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MIN_IMAGE_SIDE = 32
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
@@ -122,48 +129,53 @@ class DelfExtractor:
     ``attention_scales``.
 
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
-    ``self.model``; the caller's model is not modified.
+    ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
+    effect (``use_pca`` False and ``pca_dims`` 0 without a PCA file): the feature file's attributes.
     """
 
-    def __init__(self, model: Delf, *, pca: dict[str, Any] | None = None, pca_dims: int = 40,
-                 scales: Sequence[float] = DEFAULT_SCALES, attn_thres: float = 0.31, iou_thres: float = 0.92,
-                 top_k: int = 1000, max_image_size: int = 1024, device: str | torch.device = "cpu",
-                 amp: bool = False, checkpoint_sha256: str = "") -> None:
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"scales must be positive, got {list(scales)}")
-        if top_k < 1 or max_image_size < MIN_IMAGE_SIDE:
+    def __init__(self, model: Delf, conf: ExtractionConfig | None = None, *, pca: dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu", checkpoint_sha256: str = "") -> None:
+        conf = conf or ExtractionConfig()
+        if not conf.scale_list or min(conf.scale_list) <= 0:
+            raise ValueError(f"scales must be positive, got {list(conf.scale_list)}")
+        if conf.top_k < 1 or conf.max_image_size < MIN_IMAGE_SIDE:
             raise ValueError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE}")
-        if pca is not None and not 1 <= pca_dims <= len(pca["pca_mean"]):
-            raise PcaError(f"pca_dims {pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
+        if pca is not None and not 1 <= conf.pca_dims <= len(pca["pca_mean"]):
+            raise PcaError(f"pca_dims {conf.pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
-            raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are {model.feature_dim}-d")
+            raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are "
+                           f"{model.feature_dim}-d")
+        # the configuration in effect: without a PCA file, no PCA and 0 dimensions
+        self.conf = replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca is not None,
+                            pca_dims=conf.pca_dims if pca is not None else 0)
         self.device = torch.device(device)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.receptive_field = model.receptive_field()
-        self.scales = tuple(float(s) for s in scales)
         # on the device once, not per image
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
-        self.pca_dims = pca_dims
-        self.attn_thres, self.iou_thres, self.top_k = attn_thres, iou_thres, top_k
-        self.max_image_size, self.amp = max_image_size, amp
         self.checkpoint_sha256 = checkpoint_sha256
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, pca_path: str | Path | None = None, *, use_pca: bool = True,
-                        pca_dims: int = 40, scales: Sequence[float] = DEFAULT_SCALES, attn_thres: float = 0.31,
-                        iou_thres: float = 0.92, top_k: int = 1000, max_image_size: int = 1024,
-                        device: str | torch.device = "cpu", amp: bool = False) -> "DelfExtractor":
+    def from_checkpoint(cls, checkpoint: str | Path, pca_path: str | Path | None = None,
+                        conf: ExtractionConfig | None = None, *, device: str | torch.device = "cpu"
+                        ) -> "DelfExtractor":
         """Build from a keypoint-stage checkpoint (either format) and an optional PCA file, which
-        must have been fitted on this checkpoint. No PCA when ``pca_path`` is None or not ``use_pca``."""
+        must have been fitted on this checkpoint. No PCA when ``pca_path`` is None or not
+        ``conf.use_pca``."""
+        conf = conf or ExtractionConfig()
         model, _ = load_model(checkpoint, stage="inference")
         sha = file_sha256(checkpoint)
-        pca = load_pca(pca_path, checkpoint_sha256=sha) if use_pca and pca_path is not None else None
-        return cls(model, pca=pca, pca_dims=pca_dims, scales=scales, attn_thres=attn_thres, iou_thres=iou_thres,
-                   top_k=top_k, max_image_size=max_image_size, device=device, amp=amp, checkpoint_sha256=sha)
+        pca = load_pca(pca_path, checkpoint_sha256=sha) if conf.use_pca and pca_path is not None else None
+        return cls(model, conf, pca=pca, device=device, checkpoint_sha256=sha)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The pyramid scales, in extraction order."""
+        return self.conf.scale_list
 
     @property
     def descriptor_dim(self) -> int:
-        return self.pca_dims if self.pca is not None else self.model.feature_dim
+        return self.conf.pca_dims if self.pca is not None else self.model.feature_dim
 
     # --- geometry --------------------------------------------------------------------------
     def prepare(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -174,7 +186,7 @@ class DelfExtractor:
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image (3, H, W), got shape {tuple(image.shape)}")
         height, width = image.shape[-2:]
-        w, h = fit_size(width, height, self.max_image_size)
+        w, h = fit_size(width, height, self.conf.max_image_size)
         if (w, h) != (width, height):  # uint8 stays uint8 here: a quarter of the memory of float
             image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
         image = image.to(self.device)
@@ -196,26 +208,26 @@ class DelfExtractor:
     @torch.inference_mode()
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:
         base, size = self.prepare(image)
-        if too_small(*size, self.max_image_size):
+        if too_small(*size, self.conf.max_image_size):
             return self._result(size, *self._nothing(), [np.zeros((0, 0), np.float32)] * len(self.scales))
         boxes, cells, scores, scales, attention = [], [], [], [], []
         for scale in self.scales:
             x, ratio = self.scale_image(base, scale, size)
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.conf.amp):
                 fmap, attn = self.model.extract(x[None].contiguous(memory_format=torch.channels_last))
             attn = attn[0, 0].float()
             attention.append(attn.cpu().numpy())
-            keep = (attn.flatten() >= self.attn_thres).nonzero().squeeze(1)
+            keep = (attn.flatten() >= self.conf.attn_thres).nonzero().squeeze(1)
             boxes.append(cell_boxes(self.receptive_field, *attn.shape, ratio).to(self.device)[keep])
             # (h*w, C) rows of the map: a view for channels_last output; gathered after NMS
             cells.append((fmap[0].permute(1, 2, 0).reshape(-1, fmap.shape[1]), keep))
             scores.append(attn.flatten()[keep])
             scales.append(torch.full_like(scores[-1], scale))
         boxes_t, scores_t = torch.cat(boxes), torch.cat(scores)
-        order = nms_top_k(boxes_t, scores_t, self.iou_thres, self.top_k)
+        order = nms_top_k(boxes_t, scores_t, self.conf.iou_thres, self.conf.top_k)
         desc = F.normalize(gather_rows(cells, order), dim=1)
         if self.pca is not None:
-            desc = apply_pca(desc, self.pca, self.pca_dims)
+            desc = apply_pca(desc, self.pca, self.conf.pca_dims)
         return self._result(size, box_centres(boxes_t[order]), desc, scores_t[order], torch.cat(scales)[order],
                             attention)
 

@@ -1,6 +1,6 @@
 """Image retrieval with DeLF local features: a descriptor index, initial ranking by
-nearest-neighbour votes, and re-ranking by RANSAC inliers (SPEC §5-§6, as the DeLF paper and
-the official image_reranking.py).
+nearest-neighbour votes, and re-ranking by RANSAC inliers (as the DeLF paper and the official
+image_reranking.py; matching defaults in extract/config.py, MatchConfig).
 
 The index holds every database descriptor (unit length). Small databases are searched exactly
 (chunked matrix products); large ones through an inverted file (IVF): descriptors are grouped by
@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from extract.matcher import match_features
+from extract.config import EvalConfig, MatchConfig
+from extract.matching import match_features
 from train.runtime import limit_threads
 
 EXACT_MAX = 1 << 18          # databases up to this many descriptors are searched exactly
@@ -120,16 +121,18 @@ class DescriptorIndex:
         by_top = torch.argsort(top)
         ends = torch.bincount(top, minlength=len(self._top)).cumsum(0).tolist()
         cell = torch.empty(len(x), dtype=torch.long)
-        for children, lo, hi in zip(self._children, [0] + ends[:-1], ends):
+        for children, lo, hi in zip(self._children, [0] + ends[:-1], ends, strict=True):
             rows = by_top[lo:hi]
             cell[rows] = children[_nearest(x.index_select(0, rows), self.centroids[children])]
         return cell
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the index (descriptors, row maps, centroids)."""
-        tensors = [self.x, self.cell_offsets] + ([] if self.centroids is None else [self.centroids])
-        return (sum(t.numel() * t.element_size() for t in tensors) + self.image.nbytes
+        """Memory held by the index: descriptors, row maps, cell offsets, centroids (both levels)."""
+        tensors = [self.x, self.cell_offsets]
+        if self.centroids is not None:
+            tensors += [self.centroids, self._top, *self._children]
+        return (sum(t.numel() * t.element_size() for t in tensors) + self.image.nbytes + self.image_offsets.nbytes
                 + self.position.nbytes)
 
     def image_descriptors(self, i: int) -> np.ndarray:
@@ -137,7 +140,7 @@ class DescriptorIndex:
         rows = self.position[self.image_offsets[i]:self.image_offsets[i + 1]]
         return self.x.numpy()[rows]
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int = EvalConfig.nprobe) -> tuple[np.ndarray, np.ndarray]:
         """k most similar database descriptors (inner product) of each query descriptor:
         (similarities (n, k) float32 descending, database images (n, k) int64; -1 where fewer
         than k candidates)."""
@@ -165,7 +168,7 @@ class DescriptorIndex:
         order = torch.argsort(flat, stable=True)
         uniq, sizes = torch.unique_consecutive(flat[order], return_counts=True)
         start = 0
-        for c, size in zip(uniq.tolist(), sizes.tolist()):
+        for c, size in zip(uniq.tolist(), sizes.tolist(), strict=True):
             lo, hi = int(self.cell_offsets[c]), int(self.cell_offsets[c + 1])
             if hi == lo:
                 start += size
@@ -220,9 +223,8 @@ class Verifier:
     """RANSAC inlier counts of one query against database images, computed once per image."""
 
     def __init__(self, query: Mapping[str, np.ndarray], database: Callable[[int], Mapping[str, Any]],
-                 max_distance: float = 0.8, residual: float = 20.0, max_iters: int = 1000) -> None:
-        self.query, self.database = query, database
-        self.max_distance, self.residual, self.max_iters = max_distance, residual, max_iters
+                 conf: MatchConfig | None = None) -> None:
+        self.query, self.database, self.conf = query, database, conf or MatchConfig()
         self._inliers: dict[int, int] = {}
 
     def __call__(self, i: int) -> int:
@@ -233,8 +235,7 @@ class Verifier:
     def _count(self, db: Mapping[str, Any]) -> int:
         # as image_reranking.py: query descriptors matched into the database image, and
         # <= 3 putative matches count 0
-        res = match_features(db, self.query, max_distance=self.max_distance, residual=self.residual,
-                             max_iters=self.max_iters)
+        res = match_features(db, self.query, self.conf)
         return 0 if len(res.matches) <= 3 else res.num_inliers
 
 
@@ -269,6 +270,6 @@ class Database:
             group = [_matrix(d, self.index.dim) for d in queries[b:b + batch]]
             sims, images = self.index.search(np.concatenate(group), k, nprobe)
             ends = np.cumsum([len(d) for d in group])
-            for i, (lo, hi) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+            for i, (lo, hi) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
                 scores[b + i] = vote_scores(sims[lo:hi], images[lo:hi], self.index.num_images)
         return scores

@@ -14,15 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.evaluate import main
+from extract.config import EvalConfig, ExtractionConfig
+from extract.evaluate import evaluate_dataset, main
 from extract.features import iter_features
 from extract.metrics import evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
+from extract.revisitop import load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
-from train.runtime import limit_threads
 from train.checkpoint import file_sha256
+from train.runtime import limit_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("astronaut", "coffee", "chelsea")
@@ -41,6 +43,32 @@ def brute_force(db: list[np.ndarray], q: np.ndarray, k: int) -> tuple[np.ndarray
     sims = q @ x.T
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, top, 1), owner[top]
+
+
+def held_bytes(obj: object) -> int:
+    """Bytes of every numpy array and torch tensor an object holds (directly or in lists)."""
+    total = 0
+    for value in vars(obj).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, np.ndarray):
+                total += item.nbytes
+            elif isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+    return total
+
+
+def test_index_memory() -> None:
+    """nbytes is what the index holds: n float32 descriptors, two int64 row maps of n entries,
+    the offsets of images and cells, and the centroids."""
+    rng = np.random.default_rng(3)
+    db = [unit(rng.normal(size=(n, 16))) for n in (30, 0, 5)]
+    exact = DescriptorIndex(db)
+    assert exact.nbytes == 35 * 16 * 4 + 2 * 35 * 8 + 4 * 8 + 2 * 8 == held_bytes(exact)
+    ivf = DescriptorIndex([unit(rng.normal(size=(400, 16))) for _ in range(5)], nlist=16)
+    cells = ivf.nlist
+    coarse = len(ivf._top)
+    expected = 2000 * 16 * 4 + 2 * 2000 * 8 + 6 * 8 + (cells + 1) * 8 + (cells + coarse) * 16 * 4 + cells * 8
+    assert ivf.nbytes == expected == held_bytes(ivf)
 
 
 def test_exact_search_equals_brute_force() -> None:
@@ -74,7 +102,7 @@ def test_ivf_search() -> None:
     q = unit(np.concatenate(db[:3])[::10] + 0.05 * rng.normal(size=(90, 32)))
     index = DescriptorIndex(db, nlist=64)
     assert 40 <= index.nlist <= 64 and index.centroids is not None
-    assert index.nbytes > np.concatenate(db).nbytes
+    assert index.nbytes == held_bytes(index)
     np.testing.assert_array_equal(index.image_descriptors(7), db[7])
     ref_sims, ref_images = brute_force(db, q, 3)
     sims, images = index.search(q, 3, nprobe=8)
@@ -262,8 +290,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("revisited")
     root = make_dataset(tmp / "data")
     ckpt = save_keypoint_checkpoint(tmp / "ckpt.pth.tar")
-    ex = DelfExtractor.from_checkpoint(ckpt, use_pca=False, scales=[float(s) for s in SCALES],
-                                       attn_thres=0.0)
+    ex = DelfExtractor.from_checkpoint(
+        ckpt, conf=ExtractionConfig(use_pca=False, scale_list=tuple(float(s) for s in SCALES), attn_thres=0.0))
     with limit_threads(1):
         desc = np.concatenate([ex(Image.open(p).convert("RGB"))["descriptors"]
                                for p in sorted((root / "roxford5k" / "jpg").glob("*_*.jpg"))])
@@ -291,7 +319,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     db = dict(iter_features(feats / "db.h5"))
     queries = dict(iter_features(feats / "query.h5"))
     assert sorted(db) == sorted(cfg["imlist"]) and sorted(queries) == sorted(cfg["qimlist"])
-    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+    for name, g in zip(cfg["qimlist"], cfg["gnd"], strict=True):
         x1, y1, x2, y2 = g["bbx"]
         np.testing.assert_array_equal(queries[name]["image_size"], [x2 - x1, y2 - y1])
         assert len(queries[name]["keypoints"]) > 20
@@ -301,7 +329,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     names = cfg["imlist"]
     database = Database([db[n]["keypoints"] for n in names],
                         DescriptorIndex([db[n]["descriptors"] for n in names]))
-    for name, g in zip(cfg["qimlist"], cfg["gnd"]):
+    for name, g in zip(cfg["qimlist"], cfg["gnd"], strict=True):
         inliers = Verifier(queries[name], database.features)
         distractors = [i for i, n in enumerate(names) if n.endswith(("_0", "_1"))]
         assert min(inliers(i) for i in g["easy"]) > max(inliers(i) for i in distractors)
@@ -314,6 +342,12 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     assert main(args + ["--rerank", "0", "--output", str(out)]) == 0
     initial = json.loads(out.read_text())
     assert reranked["medium"]["mAP"] >= initial["medium"]["mAP"]
+    # the same evaluation from Python, without argparse: the CLI's cache is accepted as is
+    result = evaluate_dataset(load_dataset(tiny["root"], "roxford5k"), tiny["ckpt"], feats, pca_path=tiny["pca"],
+                              extraction=ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES))),
+                              conf=EvalConfig(rerank=100))
+    assert result.final["medium"]["mAP"] == pytest.approx(reranked["medium"]["mAP"], abs=1e-4)
+    assert result.initial["medium"]["mAP"] == pytest.approx(initial["medium"]["mAP"], abs=1e-4)
     assert reranked["medium"]["mAP"] > 80.0
     # other extraction parameters: the cache is refused, with the way out
     assert main(args + ["--pca_dims", "16"]) == 1

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extract.config import EvalConfig, ExtractionConfig, MatchConfig
+from extract.evaluate import build_parser as evaluate_parser
+from extract.extraction import extract_features, fit_pca_file
+from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
 from extract.features import feature_names, file_attrs, iter_features, read_features
+from extract.matcher import parse_args as matcher_args
 from extract.pca import fit_pca, save_pca
-from tests.test_extract_images import write_bad_images, write_odd_images
-from tests.utils import make_image_folder, save_keypoint_checkpoint
+from tests.utils import make_image_folder, save_keypoint_checkpoint, write_bad_images, write_odd_images
+from train.cli import config_from_args
 from train.runtime import PROJECT_ROOT, repo_dir
 
 EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
@@ -119,19 +124,19 @@ def test_pca_needs_enough_descriptors(tmp_path: Path, ckpt: Path, images: Path, 
 
 @pytest.mark.slow
 def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: str):
-    """The seed README's two commands, run from extract/ with real paths, defaults elsewhere."""
+    """The seed README's two commands, run from extract/ with real paths, defaults elsewhere (the PCA
+    file and the features land under DELF_REPO_DIR)."""
     fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     fix.parent.mkdir(parents=True)
     shutil.copy(ckpt, fix)
-    pca = f"../repo/{expr}/pca/pca.h5"
     common = ["--gpu_id", "4", "--load_expr", expr, "--stage", "inference", "--batch_size", "1"]
-    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images),
-                          "--output_path", pca], cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images)],
+                         cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert file_attrs(repo_dir() / expr / "pca" / "pca.h5")["num_features"] > 256
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "delf", "--attn_thres", "0.31",
                           "--iou_thres", "0.92", "--top_k", "1000", "--use_pca", "True", "--pca_dims", "40",
-                          "--pca_parameters_path", pca, "--input_path", str(images)],
+                          "--input_path", str(images)],
                          cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     out = repo_dir() / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
@@ -152,7 +157,7 @@ def _count_groups(path: Path) -> int:
 
 def _assert_same_features(a: Path, b: Path) -> None:
     assert feature_names(a) == feature_names(b)
-    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b)):
+    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b), strict=True):
         for key in fa:
             np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
 
@@ -206,3 +211,46 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
     _assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
     assert file_attrs(tmp_path / "one.h5") == file_attrs(tmp_path / "two.h5")
     assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5"]  # part files merged and removed
+
+
+def test_library_entry_points_without_argparse(tmp_path: Path, ckpt: Path, images: Path):
+    """fit_pca_file and extract_features from Python: the report names the file, and the feature
+    file's attributes are the config in effect (dataclasses.asdict), as the CLI writes them."""
+    conf = ExtractionConfig(scale_list=(1.0, 2.0), attn_thres=0.0, pca_dims=16)
+    pca = fit_pca_file(conf, ckpt, images, tmp_path / "pca.h5", workers=0)
+    assert pca.output == tmp_path / "pca.h5" and pca.processed == 4 and file_attrs(pca.output)["num_images"] == 4
+    report = extract_features(conf, ckpt, images, tmp_path / "f.h5", pca_path=pca.output, workers=0)
+    assert report.output == tmp_path / "f.h5" and (report.processed, report.existing) == (4, 0)
+    assert read_features(report.output, "coffee/000.jpg")["descriptors"].shape[1] == 16
+    attrs = file_attrs(report.output)
+    stored = {name: attrs[name] for name in asdict(conf)}
+    assert stored == {**asdict(conf), "scale_list": [1.0, 2.0]}
+    # the CLI with the same flags resumes the same file: identical compared attributes
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(report.output),
+                 "--pca_parameters_path", str(pca.output), "--scale_list", "1.0", "2.0", "--attn_thres", "0",
+                 "--pca_dims", "16", "--workers", "0"]) == 0
+    # without a PCA file the stored config says so
+    plain = extract_features(conf, ckpt, images, tmp_path / "g.h5", workers=0)
+    assert (file_attrs(plain.output)["use_pca"], file_attrs(plain.output)["pca_dims"]) == (False, 0)
+
+
+@pytest.mark.parametrize("parse", [
+    lambda a: extractor_parser().parse_args(["--input_path", "x", *a]),
+    lambda a: matcher_args(["a.jpg", "b.jpg", *a]),
+    lambda a: evaluate_parser().parse_args(["--dataset", "roxford5k", "--data_root", "R", *a]),
+], ids=["extractor", "matcher", "evaluate"])
+def test_flags_map_onto_configs(parse):
+    """Every CLI: the defaults are the configs' own; booleans take --x, --x true, --x false."""
+    args = parse([])
+    assert config_from_args(ExtractionConfig, args) == ExtractionConfig()
+    for flags, value in (([], False), (["--amp"], True), (["--amp", "true"], True), (["--amp", "false"], False)):
+        assert parse(flags).amp is value
+    assert parse(["--use_pca", "false"]).use_pca is False
+    if hasattr(args, "overwrite"):
+        assert [parse(f).overwrite for f in ([], ["--overwrite"], ["--overwrite", "true"],
+                                             ["--overwrite", "false"])] == [False, True, True, False]
+    if hasattr(args, "max_distance"):
+        assert config_from_args(MatchConfig, args) == MatchConfig()
+        assert parse(["--mutual", "false"]).mutual is False and parse(["--mutual"]).mutual is True
+    if hasattr(args, "knn"):
+        assert config_from_args(EvalConfig, args) == EvalConfig()

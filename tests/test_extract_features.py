@@ -1,4 +1,4 @@
-"""The feature file (SPEC §4): schema, nested names, zero features, resume rules, complete groups."""
+"""The feature file: schema, nested names, zero features, resume rules, complete groups."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,15 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.features import (INCOMPLETE, FeatureFileError, FeatureWriter, feature_names, file_attrs,
-                              iter_features, read_features)
+from extract.features import (
+    INCOMPLETE,
+    FeatureFileError,
+    FeatureWriter,
+    feature_names,
+    file_attrs,
+    iter_features,
+    read_features,
+)
 
 ATTRS = {"attn_thres": 0.31, "top_k": 1000, "scale_list": [0.5, 1.0], "checkpoint_sha256": "ab" * 32,
          "pca_sha256": "", "device": "cpu"}

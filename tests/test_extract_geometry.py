@@ -1,5 +1,6 @@
-"""Keypoint geometry (SPEC §2): stored keypoints are the centres of the features' input-gradient
-support in the ORIGINAL image, at every pyramid scale, through the resizes and the model."""
+"""Keypoint geometry (the half-pixel mapping of extract/pipeline.py): stored keypoints are the
+centres of the features' input-gradient support in the ORIGINAL image, at every pyramid scale,
+through the resizes and the model."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.pipeline import DEFAULT_SCALES, DelfExtractor, box_centres, cell_boxes, to_original
+from extract.config import DEFAULT_SCALES, ExtractionConfig
+from extract.pipeline import DelfExtractor, box_centres, cell_boxes, to_original
 from tests.utils import photo
 from train.delf import Delf
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,8 @@ def test_keypoint_is_centre_of_gradient_support(model: Delf, scale: float):
     width, height = round(283 / scale) + 1, round(251 / scale) + 3
     pixels = np.asarray(Image.fromarray(photo("astronaut")).resize((width, height), Image.Resampling.BILINEAR))
     image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255).requires_grad_(True)
-    ex = DelfExtractor(model, scales=(scale,), attn_thres=0.0, iou_thres=1.0, top_k=10**6, max_image_size=1024)
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=(scale,), attn_thres=0.0, iou_thres=1.0, top_k=10**6,
+                                             max_image_size=1024))
 
     base, size = ex.prepare(image)
     x, ratio = ex.scale_image(base, scale, size)

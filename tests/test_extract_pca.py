@@ -1,4 +1,4 @@
-"""PCA: sklearn equivalence, bounded uniform sampling, the file and its checkpoint guard (SPEC §3)."""
+"""PCA: sklearn equivalence, bounded uniform sampling, the file and its checkpoint guard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from extract.config import ExtractionConfig
 from extract.pca import PcaError, Reservoir, apply_pca, fit_pca, load_pca, merge_samples, save_pca
 from extract.pipeline import DelfExtractor
 from tests.utils import save_keypoint_checkpoint
@@ -34,7 +35,8 @@ def test_projection_and_whitening_equal_sklearn():
 
 
 def test_fewer_features_than_dimensions_is_an_error():
-    with pytest.raises(PcaError, match="at least as many descriptors as dimensions: got 10 descriptors of dimension 64"):
+    with pytest.raises(PcaError,
+                       match="at least as many descriptors as dimensions: got 10 descriptors of dimension 64"):
         fit_pca(_data(10))
 
 
@@ -87,7 +89,7 @@ def test_extractor_refuses_pca_of_another_checkpoint(tmp_path: Path):
     with pytest.raises(PcaError, match="different checkpoint"):
         DelfExtractor.from_checkpoint(ckpt, tmp_path / "pca.h5")
     save_pca(tmp_path / "pca.h5", params, {"checkpoint_sha256": file_sha256(ckpt)})
-    ex = DelfExtractor.from_checkpoint(ckpt, tmp_path / "pca.h5", pca_dims=8)
+    ex = DelfExtractor.from_checkpoint(ckpt, tmp_path / "pca.h5", ExtractionConfig(pca_dims=8))
     assert ex.descriptor_dim == 8
     with pytest.raises(PcaError, match="pca_dims 300 is outside 1..256"):
-        DelfExtractor.from_checkpoint(ckpt, tmp_path / "pca.h5", pca_dims=300)
+        DelfExtractor.from_checkpoint(ckpt, tmp_path / "pca.h5", ExtractionConfig(pca_dims=300))

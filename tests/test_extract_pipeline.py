@@ -1,4 +1,4 @@
-"""DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs (SPEC §3)."""
+"""DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from extract.config import ExtractionConfig
 from extract.pca import fit_pca
 from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, gather_rows, nms_top_k, too_small
 from tests.utils import photo
@@ -54,13 +55,13 @@ def test_nms_top_k_equals_full_nms_prefix():
 
 
 def test_selection_invariants(model: Delf, image: Image.Image):
-    ex = DelfExtractor(model, scales=SCALES, attn_thres=0.5, iou_thres=0.6, top_k=40)
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=SCALES, attn_thres=0.5, iou_thres=0.6, top_k=40))
     f = ex(image)
     n = len(f["scores"])
     assert 0 < n <= 40
     assert np.all(np.diff(f["scores"]) <= 0), "scores descending"
     assert np.all(f["scores"] >= 0.5)
-    pairs = {(float(x), float(y), float(s)) for (x, y), s in zip(f["keypoints"], f["scales"])}
+    pairs = {(float(x), float(y), float(s)) for (x, y), s in zip(f["keypoints"], f["scales"], strict=True)}
     assert len(pairs) == n, "no duplicate features"
     assert set(np.unique(f["scales"])) <= {np.float32(s) for s in SCALES}
     w, h = image.size
@@ -69,31 +70,32 @@ def test_selection_invariants(model: Delf, image: Image.Image):
 
 
 def test_no_padding_when_fewer_cells_than_top_k(model: Delf, image: Image.Image):
-    ex = DelfExtractor(model, scales=(0.5,), attn_thres=0.0, iou_thres=1.0, top_k=1000)
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=(0.5,), attn_thres=0.0, iou_thres=1.0, top_k=1000))
     f = ex(image)
     assert len(f["scores"]) == f["attention"][0].size  # every cell once, not padded to top_k
 
 
 def test_descriptors_unit_norm_with_and_without_pca(model: Delf, image: Image.Image):
-    raw = DelfExtractor(model, scales=SCALES, attn_thres=0.0, top_k=200)(image)
+    raw = DelfExtractor(model, ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=200))(image)
     assert raw["descriptors"].shape == (200, 256)
     np.testing.assert_allclose(np.linalg.norm(raw["descriptors"], axis=1), 1, atol=1e-5)
     pca = fit_pca(np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32))
-    f = DelfExtractor(model, pca=pca, pca_dims=40, scales=SCALES, attn_thres=0.0, top_k=200)(image)
+    conf = ExtractionConfig(pca_dims=40, scale_list=SCALES, attn_thres=0.0, top_k=200)
+    f = DelfExtractor(model, conf, pca=pca)(image)
     assert f["descriptors"].shape == (200, 40) and f["descriptors"].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-5)
     np.testing.assert_array_equal(f["keypoints"], raw["keypoints"])
 
 
 def test_zero_features_is_valid(model: Delf, image: Image.Image):
-    f = DelfExtractor(model, scales=SCALES, attn_thres=1e9)(image)
+    f = DelfExtractor(model, ExtractionConfig(scale_list=SCALES, attn_thres=1e9))(image)
     assert f["keypoints"].shape == (0, 2) and f["descriptors"].shape == (0, 256)
     assert f["scores"].shape == f["scales"].shape == (0,)
     assert f["image_size"].tolist() == [160, 107]
 
 
 def test_tiny_image_gives_zero_features(model: Delf):
-    ex = DelfExtractor(model, scales=SCALES)
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=SCALES))
     f = ex(Image.new("RGB", (200, 20)))
     assert f["keypoints"].shape == (0, 2) and f["image_size"].tolist() == [200, 20]
     assert "too small" in too_small(200, 20, 1024)
@@ -103,7 +105,7 @@ def test_tiny_image_gives_zero_features(model: Delf):
 
 
 def test_input_types_agree(model: Delf, image: Image.Image):
-    ex = DelfExtractor(model, scales=SCALES, attn_thres=0.0, top_k=200)
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=200))
     from_pil = ex(image)
     u8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     for other in (ex(u8), ex(u8.float() / 255), ex(image.convert("RGBA"))):
@@ -113,7 +115,7 @@ def test_input_types_agree(model: Delf, image: Image.Image):
 
 def test_large_image_is_shrunk_but_keypoints_are_original_pixels(model: Delf):
     big = Image.fromarray(photo("coffee", 300))  # 300x200
-    f = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=10**6, max_image_size=150)(big)
+    f = DelfExtractor(model, ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, top_k=10**6, max_image_size=150))(big)
     assert f["attention"][0].shape == (7, 10)  # from the 150x100 image
     assert f["image_size"].tolist() == [300, 200]
     # cell (0, 0) of the 150x100 image is at (0, 0) there, i.e. (0.5 / 0.5 - 0.5) = 0.5 here
@@ -122,8 +124,8 @@ def test_large_image_is_shrunk_but_keypoints_are_original_pixels(model: Delf):
 
 def test_amp_agrees_with_fp32(model: Delf, image: Image.Image):
     small = image.resize((96, 72))
-    ref = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=1000)(small)
-    amp = DelfExtractor(model, scales=(1.0,), attn_thres=0.0, top_k=1000, amp=True)(small)
+    ref = DelfExtractor(model, ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, top_k=1000))(small)
+    amp = DelfExtractor(model, ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, top_k=1000, amp=True))(small)
     assert amp["descriptors"].dtype == np.float32
     ref_kp = {tuple(k) for k in ref["keypoints"].tolist()}
     assert ref_kp == {tuple(k) for k in amp["keypoints"].tolist()}
@@ -136,7 +138,7 @@ def test_amp_agrees_with_fp32(model: Delf, image: Image.Image):
 def test_gather_rows_equals_gathering_the_concatenation():
     rows = [torch.randn(10, 4), torch.randn(7, 4), torch.randn(5, 4)]
     keeps = [torch.tensor([1, 3, 5]), torch.tensor([], dtype=torch.long), torch.tensor([0, 2, 4, 1])]
-    cells = list(zip(rows, keeps))
+    cells = list(zip(rows, keeps, strict=True))
     order = torch.tensor([6, 0, 2, 3, 5, 1, 4])
     expected = torch.cat([r[k] for r, k in cells])[order]
     assert torch.equal(gather_rows(cells, order), expected)

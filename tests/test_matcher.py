@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+from extract.config import MatchConfig
+from extract.drawing import draw_matches
 from extract.features import FeatureWriter
-from extract.matcher import (MatchResult, draw_matches, main, match_descriptors, match_features,
-                             verify)
+from extract.matcher import main
+from extract.matching import MatchResult, match_descriptors, match_features, verify
 from tests.utils import photo, save_keypoint_checkpoint
 
 matplotlib.use("Agg")
@@ -65,7 +67,7 @@ def warped_pair(transform: np.ndarray, n_outliers: int = 60, seed: int = 0):
 @pytest.mark.parametrize("model,transform", [("affine", AFFINE), ("homography", HOMOGRAPHY)])
 def test_recovers_known_warp(model: str, transform: np.ndarray) -> None:
     img1, img2, f1, f2, n_true = warped_pair(transform)
-    res = match_features(f1, f2, model=model)
+    res = match_features(f1, f2, MatchConfig(model=model))
     assert res.transform is not None and res.transform.shape == ((2, 3) if model == "affine"
                                                                  else (3, 3))
     assert n_true - 5 <= res.num_inliers <= n_true + 3
@@ -91,7 +93,7 @@ def test_too_few_matches_give_zero_inliers(n: int) -> None:
     res = match_features(f, f)
     assert len(res.matches) == n and res.num_inliers == 0 and res.transform is None
     pts = rng.uniform(0, 100, (3, 2))
-    inliers, transform = verify(pts, pts, np.array([[0, 0], [1, 1], [2, 2]]), model="homography")
+    inliers, transform = verify(pts, pts, np.array([[0, 0], [1, 1], [2, 2]]), MatchConfig(model="homography"))
     assert not inliers.any() and transform is None
 
 
@@ -107,7 +109,7 @@ def test_empty_feature_sets() -> None:
     with pytest.raises(ValueError, match="shapes"):
         match_descriptors(full["descriptors"], full["descriptors"][:, :20])
     with pytest.raises(ValueError, match="unknown model"):
-        verify(full["keypoints"], full["keypoints"], np.zeros((5, 2), np.int64), model="similarity")
+        verify(full["keypoints"], full["keypoints"], np.zeros((5, 2), np.int64), MatchConfig(model="similarity"))
 
 
 def test_distance_bound_matches_kdtree() -> None:
@@ -118,11 +120,11 @@ def test_distance_bound_matches_kdtree() -> None:
                               rng.normal(size=(100, 40))]))
     dist, nn = cKDTree(d1).query(d2, distance_upper_bound=0.8)
     expected = np.stack([nn[np.isfinite(dist)], np.flatnonzero(np.isfinite(dist))], axis=1)
-    got = match_descriptors(d1, d2, max_distance=0.8)
+    got = match_descriptors(d1, d2, MatchConfig(max_distance=0.8))
     assert 100 < len(got) < 250
     np.testing.assert_array_equal(got, expected)
-    assert len(match_descriptors(d1, d2, max_distance=0.0)) == 0
-    assert len(match_descriptors(d1, d2, max_distance=2.01)) == len(d2)
+    assert len(match_descriptors(d1, d2, MatchConfig(max_distance=0.0))) == 0
+    assert len(match_descriptors(d1, d2, MatchConfig(max_distance=2.01))) == len(d2)
 
 
 def test_mutual_and_ratio() -> None:
@@ -130,21 +132,21 @@ def test_mutual_and_ratio() -> None:
     d1 = unit(np.stack([e[0], e[1], e[1] + 0.05 * e[2]]))  # 1 and 2 are near-duplicates
     d2 = unit(np.stack([e[0] + 0.1 * e[3], e[0] + 0.2 * e[3],
                     e[1] + 0.02 * e[2] + 0.01 * e[3]]))
-    plain = match_descriptors(d1, d2, max_distance=1.0)
+    plain = match_descriptors(d1, d2, MatchConfig(max_distance=1.0))
     np.testing.assert_array_equal(plain, [[0, 0], [0, 1], [1, 2]])
     # image-1 descriptor 0's nearest image-2 descriptor is 0: (0, 1) is not mutual
-    np.testing.assert_array_equal(match_descriptors(d1, d2, max_distance=1.0, mutual=True),
+    np.testing.assert_array_equal(match_descriptors(d1, d2, MatchConfig(max_distance=1.0, mutual=True)),
                                   [[0, 0], [1, 2]])
     # image-2 descriptor 2 is ambiguous between image-1 descriptors 1 and 2
-    np.testing.assert_array_equal(match_descriptors(d1, d2, max_distance=1.0, ratio=0.5),
+    np.testing.assert_array_equal(match_descriptors(d1, d2, MatchConfig(max_distance=1.0, ratio=0.5)),
                                   [[0, 0], [0, 1]])
-    one = match_descriptors(d1[:1], d2, max_distance=1.0, ratio=0.5)  # no second neighbour
+    one = match_descriptors(d1[:1], d2, MatchConfig(max_distance=1.0, ratio=0.5))  # no second neighbour
     np.testing.assert_array_equal(one, [[0, 0], [0, 1]])
 
 
 def test_draw_matches_figure() -> None:
-    from matplotlib.collections import LineCollection, PathCollection
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection, PathCollection
 
     img1, img2, f1, f2, _ = warped_pair(AFFINE)
     res = match_features(f1, f2)

@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from extract.metrics import (check_ranks, compute_map, evaluate, format_table,
-                             protocol_gnd)
+from extract.metrics import check_ranks, compute_map, evaluate, format_table, protocol_gnd
 
 
 def one_query(ranking: list[int], ok: list[int], junk: list[int] = ()) -> tuple[float, np.ndarray]:
@@ -66,7 +65,7 @@ def test_queries_without_positives_are_excluded() -> None:
 
 
 def reference_ap(ranking: np.ndarray, ok: set[int], junk: set[int]) -> float:
-    """SPEC §6 by definition: drop junk, then trapezoids between adjacent precision points."""
+    """revisitop's definition: drop junk, then trapezoids between adjacent precision points."""
     kept = [x for x in ranking if x not in junk]
     ap, found = 0.0, 0
     for r, x in enumerate(kept):

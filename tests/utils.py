@@ -1,6 +1,8 @@
 """Test data made on the spot: real CC0 photos bundled with scikit-image, tiny checkpoints."""
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +46,45 @@ def save_keypoint_checkpoint(path: Path, arch: str = "resnet18", target_layer: s
     model = Delf(ncls, arch=arch, stage="keypoint", target_layer=target_layer)
     atomic_save(checkpoint_dict(model), path)
     return path
+
+
+def write_bad_images(folder: Path) -> dict[str, str]:
+    """One file per kind of unusable image; returns name -> expected words of the reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    Image.fromarray(photo("chelsea", 120)).save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "whole.jpg").unlink()
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(_png_header(30000, 30000))
+    (folder / "dangling.jpg").symlink_to(folder / "does-not-exist.jpg")
+    return {"empty.jpg": "empty file", "truncated.jpg": "unreadable image data", "text.png": "not an image",
+            "bomb.png": "decompression bomb", "dangling.jpg": "dangling symbolic link"}
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG file claiming a huge image (Pillow refuses it on open, before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_odd_images(folder: Path) -> dict[str, tuple[int, int]]:
+    """Valid images in unusual modes; returns name -> displayed (w, h)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(photo("astronaut", 96))
+    rgb.convert("L").save(folder / "gray.png")
+    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(folder / "sixteen.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees for display
+    rgb.resize((96, 64)).save(folder / "rotated.jpg", exif=exif)
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    return {"gray.png": (96, 96), "sixteen.png": (96, 96), "rgba.png": (96, 96), "palette.gif": (96, 96),
+            "cmyk.jpg": (96, 96), "rotated.jpg": (64, 96), "animated.gif": (64, 64)}

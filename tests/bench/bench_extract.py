@@ -25,12 +25,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from train.runtime import native_bf16  # noqa: E402
+from extract.config import DEFAULT_SCALES, ExtractionConfig  # noqa: E402
 from extract.features import FeatureWriter  # noqa: E402
 from extract.pca import fit_pca  # noqa: E402
-from extract.pipeline import DEFAULT_SCALES, DelfExtractor  # noqa: E402
+from extract.pipeline import DelfExtractor  # noqa: E402
 from tests.utils import PHOTOS, photo  # noqa: E402
 from train.delf import Delf  # noqa: E402
+from train.runtime import limit_threads, native_bf16  # noqa: E402
 
 
 def once(fn: Callable[[], dict]) -> tuple[float, dict]:
@@ -72,10 +73,11 @@ def bare_forward(model: Delf, ex: DelfExtractor, image: Image.Image) -> Callable
 def agreement(ref: dict, other: dict) -> tuple[float, float]:
     """Fraction of ref keypoints (with scale) also in other; mean cosine of their descriptors."""
     index = {(x, y, s): i for (x, y), s, i in zip(other["keypoints"].tolist(), other["scales"].tolist(),
-                                                  range(len(other["scales"])))}
-    pairs = [(i, index[(x, y, s)]) for (x, y), s, i in zip(ref["keypoints"].tolist(), ref["scales"].tolist(),
-                                                          range(len(ref["scales"]))) if (x, y, s) in index]
-    a, b = (np.array(p) for p in zip(*pairs))
+                                                  range(len(other["scales"])), strict=True)}
+    pairs = [(i, index[(x, y, s)])
+             for (x, y), s, i in zip(ref["keypoints"].tolist(), ref["scales"].tolist(), range(len(ref["scales"])),
+                                     strict=True) if (x, y, s) in index]
+    a, b = (np.array(p) for p in zip(*pairs, strict=True))
     cos = (ref["descriptors"][a] * other["descriptors"][b]).sum(1)
     return len(pairs) / len(ref["scores"]), float(cos.mean())
 
@@ -95,11 +97,15 @@ def main() -> None:
     p.add_argument("--rss_images", type=int, default=200)
     p.add_argument("--rss_size", type=int, default=128, help="longest side of the RSS-run images")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    with limit_threads(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()
     pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
-    ex = DelfExtractor(model, pca=pca, scales=DEFAULT_SCALES, attn_thres=0.0)
+    ex = DelfExtractor(model, ExtractionConfig(attn_thres=0.0), pca=pca)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native_bf16()}; resnet50 layer3, scales {list(DEFAULT_SCALES)}, attn_thres 0, top_k 1000")
 
@@ -118,7 +124,7 @@ def main() -> None:
     model.to(memory_format=torch.channels_last)
     for width, height in ((512, 384), (1024, 768)):
         image = test_image(width, height)
-        t = compare({"pipeline": lambda: ex(image), "bare": bare_forward(ex.model, ex, image),
+        t = compare({"pipeline": lambda image=image: ex(image), "bare": bare_forward(ex.model, ex, image),
                      "unfolded": bare_forward(model, ex, image)}, args.repeats)
         n = len(ex(image)["scores"])
         print(f"   {width}x{height}: pipeline {t['pipeline']:.2f} s, bare forward {t['bare']:.2f} s "
@@ -128,7 +134,7 @@ def main() -> None:
     if not args.skip_amp:
         print("\n3. --amp (bf16 autocast, channels_last) vs fp32, 512x384 (bf16: one run, no warm-up)")
         image = test_image(512, 384)
-        amp = DelfExtractor(model, pca=pca, scales=DEFAULT_SCALES, attn_thres=0.0, amp=True)
+        amp = DelfExtractor(model, ExtractionConfig(attn_thres=0.0, amp=True), pca=pca)
         t32 = compare({"fp32": lambda: ex(image)}, 1)["fp32"]
         t16, f16 = once(lambda: amp(image))
         common, cos = agreement(ex(image), f16)

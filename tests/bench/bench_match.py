@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
-from extract.matcher import match_descriptors, match_features, verify
+from extract.matching import match_descriptors, match_features, verify
 
 N, DIM, N_TRUE, N_FALSE = 1000, 40, 300, 100
 

@@ -84,13 +84,13 @@ def main() -> None:
         t_rank = (time.perf_counter() - t) / args.queries
         c_rank = (time.process_time() - c) / args.queries
         orders = [rank(s) for s in scores]
-        top1 = np.mean([o[0] == i for o, i in zip(orders, targets)])
+        top1 = np.mean([o[0] == i for o, i in zip(orders, targets, strict=True)])
         t, c = time.perf_counter(), time.process_time()
         final = [rerank(o, s, Verifier(q, db.features), args.rerank)
-                 for o, s, q in zip(orders, scores, queries)]
+                 for o, s, q in zip(orders, scores, queries, strict=True)]
         t_rerank = (time.perf_counter() - t) / args.queries
         c_rerank = (time.process_time() - c) / args.queries
-        top1_after = np.mean([o[0] == i for o, i in zip(final, targets)])
+        top1_after = np.mean([o[0] == i for o, i in zip(final, targets, strict=True)])
         total = t_rank + t_rerank
         print(f"nprobe {nprobe:3d}: initial ranking {t_rank * 1e3:6.0f} ms/query "
               f"(top-1 {top1:.0%}), re-ranking top {args.rerank} {t_rerank * 1e3:6.0f} ms/query "

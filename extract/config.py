@@ -1,0 +1,67 @@
+"""Typed configurations of extraction, PCA fitting, matching and evaluation: each default is written
+here once.
+
+The CLIs turn these fields into flags of the same name (``train.cli.add_config_args``, help from
+the field's metadata) and build the config back (``train.cli.config_from_args``); library code
+takes the config. :class:`ExtractionConfig`'s field names are also the feature file's root
+attribute names (written with ``dataclasses.asdict``), so what is stored is what was used.
+
+Matching defaults follow the official DeLF ``match_images.py``: putative matches closer than 0.8
+(L2, unit descriptors), RANSAC with a 20 px residual and 1000 iterations. The official
+``image_reranking.py`` uses 0.9 and 10 px: both are flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+MODELS = ("affine", "homography")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Multi-scale DeLF extraction of one image (see extract/pipeline.py for the conventions)."""
+
+    scale_list: tuple[float, ...] = field(default=DEFAULT_SCALES, metadata={"help": "image pyramid scales"})
+    attn_thres: float = field(default=0.31, metadata={"help": "keep cells with attention >= this"})
+    iou_thres: float = field(default=0.92, metadata={"help": "NMS IoU threshold on receptive boxes"})
+    top_k: int = field(default=1000, metadata={"help": "features kept per image"})
+    max_image_size: int = field(default=1024,
+                                metadata={"help": "larger images are first shrunk to this longest side"})
+    use_pca: bool = field(default=True, metadata={"help": "delf: reduce descriptors with the PCA file"})
+    pca_dims: int = field(default=40, metadata={"help": "delf: descriptor dimension after PCA"})
+    amp: bool = field(default=False,
+                      metadata={"help": "bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA"})
+
+
+@dataclass(frozen=True)
+class PcaFitConfig:
+    """The descriptor sample the PCA is fitted on (field names = flags = PCA file attributes)."""
+
+    pca_max_features: int = field(
+        default=100_000, metadata={"help": "pca: uniform random sample of at most this many descriptors is fitted"})
+    seed: int = field(default=0, metadata={"help": "pca: seed of the descriptor sampling"})
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Putative matching of two feature sets and their RANSAC verification (extract/matching.py)."""
+
+    max_distance: float = field(default=0.8, metadata={"help": "descriptor L2 bound of a putative match"})
+    mutual: bool = field(default=False, metadata={"help": "keep mutual nearest neighbours only"})
+    ratio: float | None = field(default=None, metadata={"help": "Lowe ratio test threshold (default: none)"})
+    model: str = field(default="affine", metadata={"help": "RANSAC model", "choices": MODELS})
+    residual: float = field(default=20.0, metadata={"help": "RANSAC residual (px)"})
+    max_iters: int = field(default=1000, metadata={"help": "RANSAC iterations"})
+    confidence: float = field(default=0.99, metadata={"help": "RANSAC confidence (early stop)"})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Retrieval on Revisited Oxford / Paris: k-NN vote ranking, then RANSAC re-ranking."""
+
+    knn: int = field(default=10, metadata={"help": "neighbours of each query descriptor that vote"})
+    nlist: int = field(default=0, metadata={"help": "IVF cells (0: exact search up to 262144 descriptors, "
+                                                    "else ~1 per 1000)"})
+    nprobe: int = field(default=16, metadata={"help": "IVF cells scanned per query descriptor"})
+    rerank: int = field(default=100, metadata={"help": "images re-ranked by RANSAC (0: none)"})

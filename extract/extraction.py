@@ -1,0 +1,194 @@
+"""Extraction over many images: a feature file (:func:`extract_features`) or a PCA file
+(:func:`fit_pca_file`) from an image folder or list. Callable from Python; extractor.py is the CLI.
+
+    from extract.config import ExtractionConfig, PcaFitConfig
+    from extract.extraction import extract_features
+    report = extract_features(ExtractionConfig(), "fix.pth.tar", "images/", "features.h5", pca_path="pca.h5")
+
+The feature file's layout is described in extract/features.py; its root attributes are the
+:class:`~extract.config.ExtractionConfig` in effect (``dataclasses.asdict``) plus the model and
+run facts of :func:`feature_attrs`. Rerunning resumes: images already in the file are skipped.
+Under torchrun, pass ``share=WorkShare.join(runtime)``: the images are split between processes
+and the result equals a single-process run.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract.config import ExtractionConfig, PcaFitConfig
+from extract.features import FeatureWriter, iter_features
+from extract.images import image_loader, list_images
+from extract.paths import part_path
+from extract.pca import PcaError, Reservoir, merge_samples, save_pca
+from extract.pca import fit_pca as fit_pca_params
+from extract.pipeline import DelfExtractor, too_small
+from extract.report import Report
+from extract.workshare import WorkShare
+from train.checkpoint import file_sha256
+from train.runtime import warn_if_slow_amp
+
+log = logging.getLogger("delf")
+# Stored in the feature file's attributes but free to change when a run is resumed.
+INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
+
+
+def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> DelfExtractor:
+    """The extractor of ``checkpoint`` (+ the PCA file when ``conf.use_pca``) on ``device``;
+    warns when ``conf.amp`` would emulate bf16 on this CPU."""
+    warn_if_slow_amp(torch.device(device), conf.amp)
+    return DelfExtractor.from_checkpoint(checkpoint, pca_file, conf, device=device)
+
+
+def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None, input_path: str | Path,
+                  save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
+    """Root attributes of a feature file: the extraction config in effect, the model, the sha256
+    sums of the checkpoint and PCA file, and (informational) where the run took them from."""
+    pca_file = Path(pca_file) if ex.conf.use_pca and pca_file is not None else None
+    rf = ex.receptive_field
+    return {
+        **asdict(ex.conf), "descriptor_dim": ex.descriptor_dim, "save_attention": save_attention,
+        "arch": ex.model.arch, "target_layer": ex.model.target_layer,
+        "receptive_field": [rf.size, rf.stride, rf.padding],
+        "checkpoint_sha256": ex.checkpoint_sha256, "pca_sha256": file_sha256(pca_file) if pca_file else "",
+        "input_path": str(Path(input_path).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
+        "pca_parameters_path": str(pca_file.resolve()) if pca_file else "", "device": str(ex.device),
+        "workers": workers, "batch_size": 1,
+    }
+
+
+def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
+                show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, features) of each usable image; the others go into ``report``.
+
+    The decoding workers are forked here, at the call: open the output file afterwards, so that
+    they never inherit it (orphaned workers of a killed run would keep it locked)."""
+    decoded = iter(image_loader(items, workers)) if items else iter(())
+    return _stream(ex, decoded, len(items), report, show_progress)
+
+
+def _stream(ex: DelfExtractor, decoded: Iterator[tuple[str, Path, torch.Tensor | None, str | None]], total: int,
+            report: Report, show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    with tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        for name, path, image, reason in decoded:
+            feats = _extract_one(ex, path, image, reason, report)
+            if feats is not None:
+                yield name, feats
+            bar.update()
+
+
+def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reason: str | None,
+                 report: Report) -> dict[str, Any] | None:
+    if image is None:
+        report.skip(path, str(reason))
+        return None
+    try:
+        feats = ex(image)
+    except Exception as e:  # one image must never cost the others
+        log.warning("%s: extraction failed: %s", path, e)
+        report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
+        return None
+    small = too_small(image.shape[2], image.shape[1], ex.conf.max_image_size)
+    if small:
+        report.skip(path, f"{small}; zero features")
+    else:
+        report.processed += 1
+    return feats
+
+
+def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
+                     output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
+                     workers: int = 1, overwrite: bool = False, device: str | torch.device = "cpu",
+                     share: WorkShare | None = None) -> Report:
+    """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
+    paths) into the feature file ``output_path``; images already there are skipped. PCA when
+    ``conf.use_pca`` and ``pca_path`` is given. An existing file made with other parameters is
+    refused unless ``overwrite``. Returns the report (``report.output`` is the file)."""
+    share = share or WorkShare()
+    output = Path(output_path)
+    items = list_images(input_path)
+    ex = load_extractor(conf, checkpoint, pca_path, device)
+    if save_attention and 1.0 not in ex.scales:
+        raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
+    attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
+    done: set[str] = set()
+    target = output
+    if share.distributed:  # each process fills a part file; process 0 merges them at the end
+        done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
+        target = part_path(output, share.rank, share.size)
+    mine = share.share([item for item in items if item[0] not in done])
+    with FeatureWriter(target, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
+        todo = [item for item in mine if not writer.has(item[0])]
+    report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
+    stream = extract_all(ex, todo, workers, report, share.is_main)
+    with FeatureWriter(target, attrs, informational=INFORMATIONAL) as writer:
+        for name, feats in stream:
+            writer.write(name, feats, save_attention=save_attention)
+    reports = share.gather(report)
+    if share.distributed and share.is_main:
+        _merge_parts(output, attrs, share.size)
+    return Report.total(reports)
+
+
+def _done(output: Path, attrs: dict[str, Any], items: list[tuple[str, Path]], overwrite: bool) -> list[str]:
+    with FeatureWriter(output, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
+        return [name for name, _ in items if writer.has(name)]
+
+
+def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
+    with FeatureWriter(output, attrs, informational=INFORMATIONAL) as writer:
+        for rank in range(world_size):
+            part = part_path(output, rank, world_size)
+            for name, feats in iter_features(part):
+                writer.write(name, feats, save_attention="attention" in feats)
+            part.unlink()
+
+
+def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
+                 fit: PcaFitConfig | None = None, *, workers: int = 1, overwrite: bool = False,
+                 device: str | torch.device = "cpu", share: WorkShare | None = None) -> Report:
+    """Fit the PCA of the descriptors of the images of ``input_path`` (without PCA, a uniform
+    random sample of at most ``fit.pca_max_features``) and write the PCA file ``output_path``
+    (layout in extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused
+    unless ``overwrite``. Returns the report (``report.output`` is the file)."""
+    share, fit = share or WorkShare(), fit or PcaFitConfig()
+    max_features, seed = fit.pca_max_features, fit.seed
+    output = Path(output_path)
+    if output.exists() and not overwrite:
+        raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
+                       "or choose another --output_path")
+    if max_features < 1:
+        raise ValueError("--pca_max_features must be >= 1")
+    items = list_images(input_path)
+    ex = load_extractor(conf, checkpoint, None, device)
+    reservoir = Reservoir(max_features, seed=seed + share.rank)
+    report = Report(output)
+    for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
+        reservoir.add(feats["descriptors"])
+    sample = reservoir.sample
+    if share.distributed:
+        np.save(part_path(output, share.rank, share.size, ".npy"), sample)
+        seen = share.gather(reservoir.seen)
+        report = Report.total(share.gather(report))
+        if share.is_main:
+            parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
+            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], seen, max_features, seed)
+            for p in parts:
+                p.unlink()
+    if share.is_main:
+        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims")}
+        save_pca(output, fit_pca_params(sample), {
+            "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
+            "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),
+            **extraction, "scale_list": np.asarray(ex.scales), **asdict(fit),
+            "arch": ex.model.arch, "target_layer": ex.model.target_layer})
+        log.info("PCA of %d descriptors (%d-d) from %d images written to %s", len(sample), sample.shape[1],
+                 report.processed, output)
+    return report
