@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from extract import demo
-from extract.demo_data import build_dataset, random_view, landmark_photo
+from extract.demo_data import build_dataset, landmark_photo, random_view
 from extract.features import read_features
 from train.runtime import PROJECT_ROOT, repo_dir
 

@@ -26,7 +26,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
                       seed: int = 0) -> Path:
     """An ImageFolder: class k = random crops/flips of photo k, JPEG files."""
     rng = np.random.default_rng(seed)
-    for k, name in enumerate(PHOTOS[:classes]):
+    for name in PHOTOS[:classes]:
         img = photo(name, size=int(size * 1.5))
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
