@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from extract.demo_data import DemoDataset, build_dataset  # noqa: E402
-from extract.drawing import draw_matches  # noqa: E402
-from extract.features import read_features  # noqa: E402
-from extract.images import load_image  # noqa: E402
-from extract.matching import MatchResult, match_features  # noqa: E402
-from train.runtime import PROJECT_ROOT, repo_dir  # noqa: E402
+from extract.demo_data import DemoDataset, build_dataset
+from extract.drawing import draw_matches
+from extract.features import read_features
+from extract.images import load_image
+from extract.matching import MatchResult, match_features
+from train.runtime import PROJECT_ROOT, repo_dir
 
 
 @dataclass(frozen=True)

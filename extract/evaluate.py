@@ -22,31 +22,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Sequence  # noqa: E402
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from extract.config import EvalConfig, ExtractionConfig, MatchConfig  # noqa: E402
-from extract.extraction import load_extractor  # noqa: E402
-from extract.extractor import add_extraction_args, extraction_from_args  # noqa: E402
-from extract.feature_cache import cache_features, read_all  # noqa: E402
-from extract.features import FeatureFileError  # noqa: E402
-from extract.matcher import add_match_args  # noqa: E402
-from extract.metrics import PROTOCOLS, evaluate, format_table, protocol_gnd  # noqa: E402
-from extract.paths import dataset_features_dir  # noqa: E402
-from extract.pca import PcaError  # noqa: E402
-from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank  # noqa: E402
-from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.cli import add_bool_flag, add_config_args, config_from_args  # noqa: E402
+from extract.config import EvalConfig, ExtractionConfig, MatchConfig
+from extract.extraction import load_extractor
+from extract.extractor import add_extraction_args, extraction_from_args
+from extract.feature_cache import cache_features, read_all
+from extract.features import FeatureFileError
+from extract.matcher import add_match_args
+from extract.metrics import PROTOCOLS, evaluate, format_table, protocol_gnd
+from extract.paths import dataset_features_dir
+from extract.pca import PcaError
+from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
+from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
+from train.checkpoint import CheckpointError
+from train.cli import add_bool_flag, add_config_args, config_from_args
 
 log = logging.getLogger("delf")
 Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@10"}, percent

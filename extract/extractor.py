@@ -20,18 +20,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import ExtractionConfig, PcaFitConfig  # noqa: E402
-from extract.extraction import extract_features, fit_pca_file, load_extractor  # noqa: E402
-from extract.features import FeatureFileError  # noqa: E402
-from extract.images import InputError  # noqa: E402
-from extract.paths import checkpoint_path, features_path, pca_path  # noqa: E402
-from extract.pca import PcaError  # noqa: E402
-from extract.pipeline import DelfExtractor  # noqa: E402
-from extract.report import Report  # noqa: E402
-from extract.workshare import WorkShare  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.cli import add_bool_flag, add_config_args, config_from_args  # noqa: E402
-from train.runtime import setup_logging, setup_runtime, teardown_runtime  # noqa: E402
+from extract.config import ExtractionConfig, PcaFitConfig
+from extract.extraction import extract_features, fit_pca_file, load_extractor
+from extract.features import FeatureFileError
+from extract.images import InputError
+from extract.paths import checkpoint_path, features_path, pca_path
+from extract.pca import PcaError
+from extract.pipeline import DelfExtractor
+from extract.report import Report
+from extract.workshare import WorkShare
+from train.checkpoint import CheckpointError
+from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.runtime import setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
 EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError)

@@ -13,17 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+import argparse
+from typing import Any, Sequence
 
-from extract.config import MatchConfig  # noqa: E402
-from extract.extractor import add_extraction_args, extractor_from_args  # noqa: E402
-from extract.features import FeatureFileError, read_features  # noqa: E402
-from extract.images import BadImage, load_image  # noqa: E402
-from extract.matching import match_features  # noqa: E402
-from extract.pca import PcaError  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.cli import add_bool_flag, add_config_args, config_from_args  # noqa: E402
+from extract.config import MatchConfig
+from extract.extractor import add_extraction_args, extractor_from_args
+from extract.features import FeatureFileError, read_features
+from extract.images import BadImage, load_image
+from extract.matching import match_features
+from extract.pca import PcaError
+from train.checkpoint import CheckpointError
+from train.cli import add_bool_flag, add_config_args, config_from_args
 
 
 def add_match_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.config import TrainConfig, parse_args  # noqa: E402
-from train.dataloader import DataError  # noqa: E402
-from train.delf import PretrainedUnavailable  # noqa: E402
-from train.run import train  # noqa: E402
-from train.runtime import setup_logging, setup_runtime, teardown_runtime  # noqa: E402
-from train.solver import TrainingDiverged  # noqa: E402
+from train.checkpoint import CheckpointError
+from train.config import TrainConfig, parse_args
+from train.dataloader import DataError
+from train.delf import PretrainedUnavailable
+from train.run import train
+from train.runtime import setup_logging, setup_runtime, teardown_runtime
+from train.solver import TrainingDiverged
 
 __all__ = ["TrainConfig", "main", "train"]
 

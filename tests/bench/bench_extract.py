@@ -25,13 +25,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from extract.config import DEFAULT_SCALES, ExtractionConfig  # noqa: E402
-from extract.features import FeatureWriter  # noqa: E402
-from extract.pca import fit_pca  # noqa: E402
-from extract.pipeline import DelfExtractor  # noqa: E402
-from tests.utils import PHOTOS, photo  # noqa: E402
-from train.delf import Delf  # noqa: E402
-from train.runtime import limit_threads, native_bf16  # noqa: E402
+from extract.config import DEFAULT_SCALES, ExtractionConfig
+from extract.features import FeatureWriter
+from extract.pca import fit_pca
+from extract.pipeline import DelfExtractor
+from tests.utils import PHOTOS, photo
+from train.delf import Delf
+from train.runtime import limit_threads, native_bf16
 
 
 def once(fn: Callable[[], dict]) -> tuple[float, dict]:
