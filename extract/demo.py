@@ -2,12 +2,14 @@
 
 Builds a landmark dataset from scikit-image's bundled photos (extract/demo_data.py), trains the
 finetune and keypoint stages from scratch with the project's own CLI, copies bestshot.pth.tar to
-fix.pth.tar, fits PCA, extracts query features to HDF5, then matches a same-landmark pair and a
-different-landmark pair. Steps whose outputs exist are skipped (`make demo-clean` starts over).
+fix.pth.tar, fits PCA, extracts query features to HDF5, then matches every pair of query images
+and prints the inlier counts of same-landmark and different-landmark pairs (median, worst case).
+Steps whose outputs exist are skipped (`make demo-clean` starts over).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
+from extract.config import MatchConfig
 from extract.demo_data import DemoDataset, build_dataset
 from extract.drawing import draw_matches
-from extract.features import read_features
+from extract.features import iter_features, read_features
 from extract.images import load_image
-from extract.matching import MatchResult, match_features
+from extract.matching import match_features
 from train.runtime import PROJECT_ROOT, repo_dir
 
 
@@ -104,18 +108,48 @@ def extract(expr: str, data: DemoDataset) -> Path:
     return features
 
 
-def match_pair(features: Path, data: DemoDataset, a: tuple[str, int], b: tuple[str, int],
-               figure: Path | None = None) -> MatchResult:
-    names = [f"{cls}/{i:03d}.jpg" for cls, i in (a, b)]
-    f1, f2 = (read_features(features, n) for n in names)
-    result = match_features(f1, f2)
-    print(f"{names[0]} <-> {names[1]}: {len(result.matches)} putative matches, {result.num_inliers} inliers")
-    if figure is not None:
-        images = [load_image(data.query_image(*x)) for x in (a, b)]
-        fig = draw_matches(images[0], images[1], f1["keypoints"], f2["keypoints"], result)
-        fig.savefig(figure, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-    return result
+@dataclass(frozen=True)
+class Separation:
+    """RANSAC inlier counts of every pair of query images: pairs of the same landmark, and pairs
+    of different landmarks (name pairs, counts)."""
+
+    same: tuple[tuple[str, str, int], ...]
+    different: tuple[tuple[str, str, int], ...]
+
+    @property
+    def separated(self) -> bool:
+        """The demo's claim: every same-landmark pair has more inliers than any different pair."""
+        return min(n for *_, n in self.same) > max(n for *_, n in self.different)
+
+    def summary(self) -> str:
+        def line(label: str, pairs: tuple[tuple[str, str, int], ...], worst: int) -> str:
+            counts = [n for *_, n in pairs]
+            a, b, n = next(p for p in pairs if p[2] == worst)
+            return (f"{label} {len(counts)} pairs, inliers median {int(np.median(counts))}, "
+                    f"min {min(counts)}, max {max(counts)} (worst: {a} <-> {b}, {n})")
+
+        return "\n".join([line("same landmark:     ", self.same, min(n for *_, n in self.same)),
+                          line("different landmark:", self.different, max(n for *_, n in self.different)),
+                          f"separated (smallest same > largest different): {'yes' if self.separated else 'no'}"])
+
+
+def all_pairs(features: Path, conf: MatchConfig | None = None) -> Separation:
+    """Match every pair of images in the feature file; the landmark is a name's first folder."""
+    feats = dict(iter_features(features))
+    same, different = [], []
+    for a, b in itertools.combinations(sorted(feats), 2):
+        pair = (a, b, match_features(feats[a], feats[b], conf).num_inliers)
+        (same if a.split("/")[0] == b.split("/")[0] else different).append(pair)
+    return Separation(tuple(same), tuple(different))
+
+
+def match_figure(features: Path, data: DemoDataset, a: str, b: str, path: Path) -> None:
+    """The inliers of query images ``a`` and ``b`` drawn side by side."""
+    f1, f2 = read_features(features, a), read_features(features, b)
+    fig = draw_matches(load_image(data.query / a), load_image(data.query / b), f1["keypoints"],
+                       f2["keypoints"], match_features(f1, f2))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def attention_figure(features: Path, data: DemoDataset, names: list[str], path: Path) -> None:
@@ -136,28 +170,31 @@ def attention_figure(features: Path, data: DemoDataset, names: list[str], path: 
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    root = repo_dir() / args.expr
+def run_demo(expr: str = "demo", preset_name: str = "full", arch: str = "resnet18", seed: int = 0) -> Separation:
+    """Every step of the demo (outputs in repo/<expr>/); returns the inlier counts of all query pairs."""
+    preset = PRESETS[preset_name]
+    root = repo_dir() / expr
     data = build_dataset(root / "data", classes=preset.classes, train_per_class=preset.train_per_class,
                          val_per_class=preset.val_per_class, size=preset.size, query_size=preset.query_size,
-                         seed=args.seed)
+                         seed=seed)
     print(f"dataset: {preset.classes} landmarks from scikit-image photos in {data.root}")
-    train(args.expr, data, args.arch, preset, args.seed)
-    features = extract(args.expr, data)
+    train(expr, data, arch, preset, seed)
+    features = extract(expr, data)
+    separation = all_pairs(features)
+    worst = max(separation.different, key=lambda p: p[2])
+    match_figure(features, data, f"{data.classes[0]}/000.jpg", f"{data.classes[0]}/001.jpg", root / "match.png")
+    match_figure(features, data, worst[0], worst[1], root / "match_different.png")
+    attention_figure(features, data, [f"{c}/000.jpg" for c in data.classes[:4]], root / "attention.png")
+    print(f"\n{separation.summary()}")
+    print(f"figures: {root / 'match.png'}, {root / 'match_different.png'} (the different pair with most "
+          f"inliers), {root / 'attention.png'}")
+    return separation
 
-    same, other = data.classes[0], data.classes[1]
-    match_png, attention_png = root / "match.png", root / "attention.png"
-    same_pair = match_pair(features, data, (same, 0), (same, 1), figure=match_png)
-    diff_pair = match_pair(features, data, (same, 0), (other, 1), figure=root / "match_different.png")
-    attention_figure(features, data, [f"{c}/000.jpg" for c in data.classes[:4]], attention_png)
-    print(f"\nsame landmark:      {same_pair.num_inliers} inliers")
-    print(f"different landmark: {diff_pair.num_inliers} inliers")
-    print(f"figures: {match_png}, {attention_png}")
-    if same_pair.num_inliers <= diff_pair.num_inliers:
-        print("warning: the same-landmark pair did not get more inliers than the different pair")
-        return 1
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; exit status 0 (the separation is printed, not judged: see the README)."""
+    args = parse_args(argv)
+    run_demo(args.expr, args.preset, args.arch, args.seed)
     return 0
 
 

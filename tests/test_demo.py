@@ -43,17 +43,21 @@ def test_views_differ_but_strength_zero_is_the_photo() -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke_demo() -> tuple[str, int]:
+def smoke_demo() -> tuple[str, demo.Separation]:
     """The smoke preset at seed 0 (outputs in the session's temporary DELF_REPO_DIR)."""
     expr = f"test-demo-{uuid.uuid4().hex[:8]}"
-    return expr, demo.main(["--expr", expr, "--preset", "smoke", "--seed", "0"])
+    return expr, demo.run_demo(expr, "smoke", seed=0)
 
 
 @pytest.mark.slow
-def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, int]) -> None:
-    expr, rc = smoke_demo
+def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, demo.Separation]) -> None:
+    expr, separation = smoke_demo
     root = repo_dir() / expr
-    assert rc == 0  # the demo's claim, at this preset and seed: the same landmark gets more inliers
+    # 3 landmarks x 2 query images: 3 same-landmark pairs, 12 different-landmark pairs, and the
+    # demo's claim at this preset and seed: every same pair has more inliers than any different pair
+    assert len(separation.same) == 3 and len(separation.different) == 12
+    assert all(a.split("/")[0] == b.split("/")[0] for a, b, _ in separation.same)
+    assert separation.separated
     for path in ("finetune/ckpt/bestshot.pth.tar", "keypoint/ckpt/bestshot.pth.tar",
                  "keypoint/ckpt/fix.pth.tar", "pca/pca.h5", "features/query.h5",
                  "match.png", "match_different.png", "attention.png"):
@@ -63,8 +67,18 @@ def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, int]) -> None:
     assert Image.open(root / "match.png").size[0] > 200
 
 
+def test_separation_summary_and_claim() -> None:
+    sep = demo.Separation(same=(("a/0", "a/1", 30), ("b/0", "b/1", 12)),
+                          different=(("a/0", "b/0", 3), ("a/1", "b/1", 11), ("a/0", "b/1", 0), ("a/1", "b/0", 0)))
+    assert sep.separated
+    text = sep.summary()
+    assert "2 pairs, inliers median 21, min 12, max 30 (worst: b/0 <-> b/1, 12)" in text
+    assert "4 pairs, inliers median 1, min 0, max 11 (worst: a/1 <-> b/1, 11)" in text
+    assert not demo.Separation(sep.same, sep.different + (("a/0", "b/0", 12),)).separated
+
+
 @pytest.mark.slow
-def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, int], capsys: pytest.CaptureFixture) -> None:
+def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, demo.Separation], capsys: pytest.CaptureFixture) -> None:
     expr, _ = smoke_demo
     fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     before = fix.stat().st_mtime_ns
@@ -75,7 +89,7 @@ def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, int], capsys: pytest.C
 
 
 @pytest.mark.slow
-def test_notebook_runs_headless(smoke_demo: tuple[str, int]) -> None:
+def test_notebook_runs_headless(smoke_demo: tuple[str, demo.Separation]) -> None:
     expr, _ = smoke_demo
     nb = nbformat.read(PROJECT_ROOT / "visualize.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
