@@ -18,11 +18,12 @@ import pytest
 import torch
 import torchvision
 
-from train.checkpoint import atomic_save, load_file, load_model
+from tests.utils import save_keypoint_checkpoint
+from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
 from train.main import main
-from train.run import build_model, train
+from train.run import _check_resumable, build_model, train
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
 
@@ -346,3 +347,17 @@ def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) ->
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
+
+
+def test_attention_pool_flag_reaches_the_model_and_guards_resume(tmp_path: Path) -> None:
+    base = ["--stage", "keypoint", "--keypoint_train_path", "t", "--keypoint_val_path", "v", "--load_from", "m"]
+    assert parse_args(base).attention_pool == "sum"
+    cfg = parse_args([*base, "--attention_pool", "mean", "--arch", "resnet18"])
+    assert cfg.attention_pool == "mean"
+    cfg = dataclasses.replace(cfg, load_from=str(save_keypoint_checkpoint(tmp_path / "kp.pth.tar")))
+    model = build_model(cfg, ncls=3, resuming=False)
+    assert model.pool.mode == "mean"
+    ckpt = checkpoint_dict(model)
+    _check_resumable(ckpt, cfg, 3, tmp_path / "last.pth.tar")
+    with pytest.raises(CheckpointError, match=r"cannot resume, the checkpoint has attention_pool mean \(now sum\)"):
+        _check_resumable(ckpt, dataclasses.replace(cfg, attention_pool="sum"), 3, tmp_path / "last.pth.tar")

@@ -2,7 +2,8 @@
 
 Two formats load:
 - this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
-  ``ncls``, ``stage``, ``epoch``, ``best_acc``, ``optimizer``, ``lr_scheduler``, ``config``;
+  ``ncls``, ``stage``, ``attention_pool``, ``epoch``, ``best_acc``, ``optimizer``,
+  ``lr_scheduler``, ``config`` (files written before ``attention_pool`` existed mean "sum");
 - the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
   ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
 """
@@ -55,8 +56,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
     """This project's checkpoint format for ``model``; ``extra`` adds epoch, optimizer, ...."""
     ckpt = {"state_dict": model.state_dict(), "arch": model.arch, "target_layer": model.target_layer,
-            "ncls": model.ncls, "stage": model.stage, "epoch": 0, "best_acc": 0.0,
-            "optimizer": {}, "lr_scheduler": {}, "config": {}}
+            "ncls": model.ncls, "stage": model.stage, "attention_pool": model.attention_pool, "epoch": 0,
+            "best_acc": 0.0, "optimizer": {}, "lr_scheduler": {}, "config": {}}
     ckpt.update(extra)
     return ckpt
 
@@ -98,10 +99,12 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """arch, target_layer, ncls, stage and attn_batchnorm of a checkpoint of either format."""
+    """arch, target_layer, ncls, stage, attn_batchnorm and attention_pool of a checkpoint of either
+    format ("sum" where the file does not say: the seed's and this project's older files)."""
     state = model_state(ckpt)
     has_attn = any(k.startswith("attn.") for k in state)
-    info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state)}
+    info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state),
+            "attention_pool": ckpt.get("attention_pool", "sum")}
     if not is_seed_format(ckpt):
         return {**info, **{k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")}}
     blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("base.6."))
@@ -125,7 +128,7 @@ def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf,
             "train the keypoint stage (--stage keypoint --load_from this file) and use its checkpoint"
         )
     model = Delf(info["ncls"], arch=info["arch"], stage=stage, target_layer=info["target_layer"],
-                 attn_batchnorm=info["attn_batchnorm"])
+                 attn_batchnorm=info["attn_batchnorm"], attention_pool=info["attention_pool"])
     _load(model, model_state(ckpt), path)
     return model, ckpt
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from .cli import add_bool_flag, config_from_args
 from .delf import ARCHS, TARGET_LAYERS
+from .layers import ATTENTION_POOLS
 from .runtime import repo_dir
 
 STAGES = ("finetune", "keypoint")
@@ -104,6 +105,10 @@ class TrainConfig:
     target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
     pretrained: str = _opt("imagenet", "finetune stage backbone init: imagenet | none | PATH to a torchvision "
                            "state_dict", "model")
+    attention_pool: str = _opt("sum", "keypoint stage: pool the attention-weighted features by their sum (the "
+                               "paper's Eq. 1, the seed) or mean (the official TF2 trainer); the sum grows "
+                               "with the feature map, whose area gamma rescaling varies up to 8x", "model",
+                               choices=ATTENTION_POOLS)
     use_random_gamma_rescale: bool = _opt(True, "keypoint stage: resize each training batch by a random factor "
                                           "in [0.3535, 1]", "model", aliases=("--use_random_gamma_scaling",))
     # optimisation

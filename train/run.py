@@ -87,7 +87,7 @@ def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf:
             pretrained = pretrained_state(cfg.pretrained)
     try:
         model = Delf(ncls, arch=cfg.arch, stage=cfg.stage, target_layer=cfg.target_layer, pretrained=pretrained,
-                     use_random_gamma_rescale=cfg.use_random_gamma_rescale)
+                     use_random_gamma_rescale=cfg.use_random_gamma_rescale, attention_pool=cfg.attention_pool)
     except PretrainedUnavailable as e:
         if isinstance(pretrained, str):
             raise
@@ -107,6 +107,8 @@ def _resume_checkpoint(last: Path) -> dict[str, Any]:
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, ncls: int, path: Path) -> None:
     info = describe(ckpt)
     wanted = {"stage": cfg.stage, "arch": cfg.arch, "target_layer": cfg.target_layer, "ncls": ncls}
+    if cfg.stage == "keypoint":
+        wanted["attention_pool"] = cfg.attention_pool
     diff = [f"{k} {info[k]} (now {v})" for k, v in wanted.items() if info[k] != v]
     if diff:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has {', '.join(diff)}")
