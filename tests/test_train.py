@@ -14,9 +14,12 @@ import urllib.error
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+import torchvision.transforms as transforms
+from PIL import Image
 
 from tests.utils import save_keypoint_checkpoint
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
@@ -361,3 +364,29 @@ def test_attention_pool_flag_reaches_the_model_and_guards_resume(tmp_path: Path)
     _check_resumable(ckpt, cfg, 3, tmp_path / "last.pth.tar")
     with pytest.raises(CheckpointError, match=r"cannot resume, the checkpoint has attention_pool mean \(now sum\)"):
         _check_resumable(ckpt, dataclasses.replace(cfg, attention_pool="sum"), 3, tmp_path / "last.pth.tar")
+
+
+def test_training_loader_applies_exif_orientation(tmp_path: Path) -> None:
+    """A JPEG stored 40 wide x 20 high with Orientation 6 (rotate 90 degrees clockwise to display)
+    loads 20 wide x 40 high, its pixels the stored ones turned clockwise - as extraction loads it."""
+    from extract.images import load_image
+    from train.dataloader import ImageFolder, val_transform
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, right half blue
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(stored).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+
+    raw = np.asarray(Image.open(folder / "rotated.jpg").convert("RGB"))
+    upright = np.rot90(raw, k=-1)  # clockwise
+    tensor, _ = ImageFolder(tmp_path / "data", val_transform(20, 20))[0]
+    loaded = ImageFolder(tmp_path / "data", transforms.PILToTensor())[0][0]
+    assert loaded.shape == (3, 40, 20)
+    assert torch.equal(loaded, torch.from_numpy(upright.copy()).permute(2, 0, 1))
+    assert loaded[0, :5].float().mean() > 200 and loaded[2, -5:].float().mean() > 200  # red on top, blue below
+    assert np.array_equal(np.asarray(load_image(folder / "rotated.jpg")), upright)
+    assert tensor.shape == (3, 20, 20)

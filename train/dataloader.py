@@ -12,7 +12,7 @@ import torch
 import torch.utils.data as data
 import torchvision.datasets as datasets
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_RETRIES = 100
 log = logging.getLogger("delf")
@@ -34,8 +34,15 @@ def val_transform(sample_size: int, crop_size: int) -> T.Compose:
 
 
 def _load_rgb(path: str) -> Image.Image:
+    """The image as displayed, in RGB: EXIF orientation applied, as extraction does (a camera's
+    portrait photo is stored sideways with an Orientation tag)."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block: keep the stored orientation, as extraction does
+            pass
         return img.convert("RGB")
 
 
