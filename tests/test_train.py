@@ -390,3 +390,58 @@ def test_training_loader_applies_exif_orientation(tmp_path: Path) -> None:
     assert loaded[0, :5].float().mean() > 200 and loaded[2, -5:].float().mean() > 200  # red on top, blue below
     assert np.array_equal(np.asarray(load_image(folder / "rotated.jpg")), upright)
     assert tensor.shape == (3, 20, 20)
+
+
+def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
+    """7 images on 2 processes: DistributedSampler gives each 4 (one repeat); the metrics count
+    4 + 3 distinct samples, and their loss/top-k are those of exactly these samples."""
+    from train.dataloader import image_folders, loaders
+    from train.solver import EpochMeter, real_samples
+
+    train_set, val_set = image_folders(*image_data, 72, 64)
+    train_set.samples = train_set.samples[:7]
+    counted: list[int] = []
+    for rank in (0, 1):
+        loader, _ = loaders(train_set, val_set, 3, 3, 0, seed=1, rank=rank, world_size=2)
+        order = list(loader.sampler)
+        assert len(order) == 4 and real_samples(loader.sampler) == 4 - rank
+        counted += order[:real_samples(loader.sampler)]
+        torch.manual_seed(rank)
+        solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(lr=0.01))
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        step = solver.train_step
+
+        def recording(images: torch.Tensor, labels: torch.Tensor, step=step, seen=seen) -> tuple:
+            loss, outputs = step(images, labels)
+            seen.append((outputs, labels))
+            return loss, outputs
+
+        solver.train_step = recording
+        metrics = solver.train_epoch(loader, 0, 1)
+        outputs, labels = (torch.cat(t)[:4 - rank] for t in zip(*seen))
+        assert metrics["samples"] == 4 - rank
+        expected = torch.nn.functional.cross_entropy(outputs, labels).item()
+        assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+        assert metrics["top1"] == pytest.approx(100 * (outputs.argmax(1) == labels).float().mean().item())
+    assert sorted(counted) == list(range(7))
+
+    meter = EpochMeter(torch.device("cpu"), limit=5)
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
+    meter.update(torch.tensor(9.0), logits, torch.tensor([0, 1, 2]))  # loss is the batch mean: 9 * 3
+    meter.update(torch.tensor(0.0), logits, torch.tensor([2, 1, 0]))  # only 2 count: recomputed
+    first_two = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([2, 1]), reduction="sum").item()
+    avg = meter.averages()
+    assert avg["samples"] == 5 and avg["loss"] == pytest.approx((27 + first_two) / 5)
+    assert avg["top1"] == pytest.approx(100 * 3 / 5)  # hits: 0, 1 | 1
+
+
+@pytest.mark.parametrize("stage, gamma, training, expected", [
+    ("finetune", False, True, True), ("keypoint", True, True, False), ("keypoint", True, False, True),
+    ("keypoint", False, True, True)])
+def test_cudnn_autotuning_only_for_fixed_input_sizes(stage: str, gamma: bool, training: bool, expected: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Delf(3, arch="resnet18", stage=stage, use_random_gamma_rescale=gamma)
+    solver = Solver(model, Settings())
+    assert solver.autotune(training) is False  # CPU: never
+    monkeypatch.setattr(solver, "device", torch.device("cuda"))
+    assert solver.autotune(training) is expected

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.data as data
 from tqdm import tqdm
 
@@ -77,26 +78,54 @@ def correct_topk(outputs: torch.Tensor, labels: torch.Tensor, topk: Iterable[int
 
 
 class EpochMeter:
-    """Sums of loss, sample count and top-k hits over an epoch, kept on the device."""
+    """Sums of loss and top-k hits over an epoch, kept on the device, and the sample count (a
+    Python int). With ``limit``, only the first ``limit`` samples count: a DistributedSampler
+    pads the last batches with repeats so that every process gets as many batches, and those
+    repeats are trained on but must not count twice in the metrics (see :func:`real_samples`)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, limit: int | None = None) -> None:
+        self.device, self.limit = device, limit
+        self.sums = torch.zeros(1 + len(TOPK), dtype=torch.float64, device=device)
+        self.count = 0
 
     def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: ``loss`` is its mean loss (B,) -> (), ``outputs`` (B, ncls) logits."""
         n = labels.shape[0]
-        batch = torch.cat([torch.stack([loss.double() * n, loss.new_tensor(n, dtype=torch.float64)]),
-                           correct_topk(outputs, labels).double()])
-        self.sums += batch
+        if self.limit is not None and self.count + n > self.limit:
+            n = max(self.limit - self.count, 0)
+            if n == 0:
+                return
+            outputs, labels = outputs[:n], labels[:n]
+            loss_sum = F.cross_entropy(outputs.float(), labels, reduction="sum")
+        else:
+            loss_sum = loss.detach().double() * n
+        self.sums += torch.cat([loss_sum.double().view(1), correct_topk(outputs, labels).double()])
+        self.count += n
 
     def all_reduce(self) -> None:
+        """Sum over torchrun's processes (one collective, on the run's device)."""
         if dist.is_initialized():
-            dist.all_reduce(self.sums)
+            totals = torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                        device=self.device)])
+            dist.all_reduce(totals)
+            self.sums, self.count = totals[:-1], int(totals[-1].item())
 
     def averages(self) -> dict[str, float]:
-        """loss (mean) and top1/top3/top5 (percent)."""
-        loss_sum, n, *hits = self.sums.tolist()
-        n = max(n, 1.0)
-        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)}}
+        """loss (mean), top1/top3/top5 (percent) and the number of samples counted."""
+        loss_sum, *hits = self.sums.tolist()
+        n = max(self.count, 1)
+        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)},
+                "samples": self.count}
+
+
+def real_samples(sampler: data.Sampler | None) -> int | None:
+    """How many of the indices ``sampler`` gives this process are distinct samples: a
+    DistributedSampler without drop_last pads the shuffled list to a multiple of the process
+    count with its first indices, and the padding lands at the end of each process's share.
+    None (count all) for other samplers."""
+    if not isinstance(sampler, data.DistributedSampler) or sampler.drop_last:
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
 
 
 class RunLog:
@@ -156,8 +185,6 @@ class Solver:
         self.device = self.rt.device
         self.amp = settings.amp
         self.memory_format = torch.channels_last if self.amp else torch.contiguous_format
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels once
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = model
         if self.rt.distributed:
@@ -170,6 +197,22 @@ class Solver:
         self.start_epoch = 0
         self.best_acc = 0.0
         warn_if_slow_amp(self.device, self.amp)
+
+    def autotune(self, training: bool) -> bool:
+        """Whether cuDNN may benchmark its convolution algorithms (``cudnn.benchmark``).
+
+        Only where every batch has the same input size: benchmarking runs once per new size, so
+        with random gamma rescaling (the keypoint stage's training batches take hundreds of
+        sizes) it would re-benchmark nearly every batch, differently on each process, and the
+        processes would wait for each other. The sizes are not rounded to a few buckets instead:
+        that would change the seed's augmentation, and the keypoint stage's trainable part (the
+        attention head and classifier) is small, so autotuning its frozen backbone's forward
+        gains little. Validation crops are fixed, so it benchmarks there.
+        """
+        if self.device.type != "cuda":
+            return False
+        gamma = self.model.stage == "keypoint" and self.model.use_random_gamma_rescale
+        return not (training and gamma)
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,9 +241,10 @@ class Solver:
 
     # --- epochs --------------------------------------------------------------------------------
     def train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
-        """One pass over ``loader``; metrics averaged over all processes."""
+        """One pass over ``loader``; metrics averaged over all processes, each sample counted once."""
         self.net.train()
-        meter = EpochMeter(self.device)
+        torch.backends.cudnn.benchmark = self.autotune(training=True)
+        meter = EpochMeter(self.device, limit=real_samples(loader.sampler))
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
@@ -210,7 +254,8 @@ class Solver:
                 raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}: training stopped") from None
             meter.update(loss, outputs, labels.to(self.device))
             if self.rt.is_main:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.averages().items() if k in ("loss", "top1")})
+                avg = meter.averages()
+                bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "top1")})
         meter.all_reduce()
         return meter.averages()
 
@@ -218,6 +263,7 @@ class Solver:
     def validate(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
         """Loss and accuracy on ``loader`` (each process its own shard, then summed)."""
         self.model.eval()
+        torch.backends.cudnn.benchmark = self.autotune(training=False)
         meter = EpochMeter(self.device)
         bar = tqdm(loader, desc=f"val {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
