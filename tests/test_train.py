@@ -403,7 +403,7 @@ def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
     counted: list[int] = []
     for rank in (0, 1):
         loader, _ = loaders(train_set, val_set, 3, 3, 0, seed=1, rank=rank, world_size=2)
-        order = list(loader.sampler)
+        order = [index for _, _, index in loader.sampler]
         assert len(order) == 4 and real_samples(loader.sampler) == 4 - rank
         counted += order[:real_samples(loader.sampler)]
         torch.manual_seed(rank)

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 from .cli import add_bool_flag, config_from_args
+from .dataloader import MAX_WORKERS
 from .delf import ARCHS, TARGET_LAYERS
 from .layers import ATTENTION_POOLS
 from .runtime import repo_dir
 
 STAGES = ("finetune", "keypoint")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-SEED_WORKERS = 20
 
 
 def _positive_int(value: str | int) -> int:
@@ -95,9 +94,9 @@ class TrainConfig:
     finetune_crop_size: int = _opt(224, "finetune crop", "data", type=_positive_int)
     keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=_positive_int)
     keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=_positive_int)
-    workers: int = _opt(min(SEED_WORKERS, os.cpu_count() or 1),
-                        f"data-loading processes per training process (seed: {SEED_WORKERS})", "data",
-                        type=_non_negative_int)
+    workers: int | None = _opt(None, f"data-loading processes per training process; when omitted: the CPUs "
+                               f"shared among this node's training processes, at most {MAX_WORKERS} (the seed's "
+                               "value)", "data", type=_non_negative_int)
     ncls: int | None = _opt(None, "number of classes; when omitted: the training folder's", "data",
                             type=_positive_int)
     # model
@@ -127,6 +126,9 @@ class TrainConfig:
                               "device")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N", "device", type=_device)
     amp: bool = _opt(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last", "device")
+    deterministic: bool = _opt(False, "deterministic algorithms only, no cuDNN autotuning, no TF32: a run "
+                               "repeats bit for bit on the same GPU model, software and process count "
+                               "(slower; CPU runs repeat without it)", "device")
 
     # --- the chosen stage's values -------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .layers import ATTENTION_POOLS, ImageNormalize, SpatialAttention2d, WeightedSum2d
+from .layers import ATTENTION_POOLS, GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("finetune", "keypoint", "inference")
@@ -149,7 +149,7 @@ class Delf(nn.Module):
             self.layer4 = resnet.layer4
         if stage == "finetune":
             channels = feature_dim(arch, "layer4")
-            self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+            self.pool: nn.Module = GlobalAvgPool2d()
         else:
             channels = feature_dim(arch, target_layer)
             self.attn = SpatialAttention2d(channels, batchnorm=attn_batchnorm)
@@ -207,7 +207,11 @@ class Delf(nn.Module):
             x = gamma_rescale(x)
         with torch.no_grad():
             f = self.features(x)
-        return self.logits(self.pool(f, self.attn(f)))
+        a = self.attn(f)
+        # Pooling and classifier in fp32 even under autocast: the pooled sum over up to 45x45
+        # cells can exceed fp16's range (65504) and would make the loss infinite.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.logits(self.pool(f.float(), a.float()))
 
 
 def gamma_rescale(x: torch.Tensor, low: float = GAMMA_RANGE[0], high: float = GAMMA_RANGE[1]) -> torch.Tensor:

@@ -39,6 +39,14 @@ class SpatialAttention2d(nn.Module):
         return self.softplus(self.conv2(self.relu(self.bn(self.conv1(x)))))
 
 
+class GlobalAvgPool2d(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1) mean over the cells. Unlike nn.AdaptiveAvgPool2d, its CUDA
+    backward is deterministic (--deterministic allows only such ops)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 ATTENTION_POOLS = ("sum", "mean")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -17,13 +18,14 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, describe, file_sha256, load_backbone, load_file, pretrained_state
 from .config import TrainConfig
-from .dataloader import check_ncls, image_folders, loaders
+from .dataloader import check_ncls, default_workers, image_folders, loaders
 from .delf import Delf, Pretrained, PretrainedUnavailable
-from .runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
+from .runtime import Runtime, deterministic_mode, seed_everything, setup_runtime, teardown_runtime
 from .solver import Settings, Solver
 
 log = logging.getLogger("delf")
 T = TypeVar("T")
+DOWNLOAD_TIMEOUT = timedelta(hours=2)
 
 
 def train(cfg: TrainConfig, runtime: Runtime | None = None) -> Path:
@@ -39,7 +41,8 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> Path:
     own_group = runtime is None and not dist.is_initialized()
     rt = runtime or setup_runtime(cfg.device, cfg.gpu_id)
     try:
-        _train(cfg, rt)
+        with deterministic_mode(cfg.deterministic):
+            _train(cfg, rt)
     finally:
         if own_group:
             teardown_runtime()
@@ -65,9 +68,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> None:
     solver = Solver(model, Settings.from_config(cfg, seed), rt, out_dir, config)
     if resume is not None:
         solver.load_state(resume, last)
+    workers = cfg.workers if cfg.workers is not None else default_workers(rt.local_world_size)
     train_loader, val_loader = loaders(train_set, val_set, cfg.train_batch_size, cfg.val_batch_size,
-                                       cfg.workers, seed, rt.rank, rt.world_size,
-                                       pin_memory=rt.device.type == "cuda")
+                                       workers, seed, rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda")
     if rt.is_main:
         log.info("%s stage: %s %s, %d classes, %d train / %d val images, %s x %d process(es), "
                  "epochs %d..%d -> %s", cfg.stage, cfg.arch, cfg.target_layer, ncls, len(train_set),
@@ -120,10 +123,10 @@ def _seed(cfg: TrainConfig, resume: dict[str, Any] | None, rt: Runtime) -> int:
         return cfg.manualSeed
     if resume is not None and resume.get("config", {}).get("manualSeed") is not None:
         return int(resume["config"]["manualSeed"])
-    seed = torch.tensor(random.SystemRandom().randrange(2**31))
+    seed = torch.tensor(random.SystemRandom().randrange(2**31), device=rt.device)  # nccl: on the GPU
     if rt.distributed:
         dist.broadcast(seed, src=0)
-    return int(seed)
+    return int(seed.item())
 
 
 def _provenance(cfg: TrainConfig, resume: dict[str, Any] | None) -> dict[str, Any]:
@@ -136,11 +139,17 @@ def _provenance(cfg: TrainConfig, resume: dict[str, Any] | None) -> dict[str, An
 
 
 def _rank0_first(rt: Runtime, build: Callable[[], T]) -> T:
-    """Run ``build`` on rank 0 first (it may download ImageNet weights), then on the others."""
-    if rt.distributed and not rt.is_main:
-        dist.barrier()
+    """Run ``build`` on each node's first process first (it may download ImageNet weights into
+    the node's cache), then on the others. They wait at a barrier of a gloo group with a
+    :data:`DOWNLOAD_TIMEOUT`: the default group's (NCCL: 10 minutes) could end a slow download."""
+    if not rt.distributed:
+        return build()
+    group = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
+    first = rt.local_rank == 0
     try:
+        if not first:
+            dist.barrier(group=group)
         return build()
     finally:
-        if rt.distributed and rt.is_main:
-            dist.barrier()
+        if first:
+            dist.barrier(group=group)

@@ -31,10 +31,42 @@ log = logging.getLogger("delf")
 
 TOPK = (1, 3, 5)
 LOG_COLUMNS = ("epoch", "lr", "loss", "top1", "top3", "top5")
+CHECK_EVERY = 50  # training steps between host syncs (progress bar, non-finite-loss check)
+MAX_SKIPPED = 20  # fp16 with GradScaler: this many non-finite losses in a row mean divergence
+MIN_SCALE = 1.0  # fp16 with GradScaler: a loss scale below this means divergence
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (without a GradScaler), or kept being so (with one)."""
+
+
+class LossWatch:
+    """Non-finite training losses of one epoch, recorded on the device with no host sync per
+    step: the longest run of consecutive ones, the first step that had one, and whether that
+    one was NaN. :meth:`read` syncs once and agrees across processes (one all-reduce)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.run = torch.zeros((), dtype=torch.float64, device=device)
+        # max-reduced across processes: longest run, -(first bad step), first bad one was NaN
+        self.state = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        self.run = (self.run + 1) * bad
+        first = bad & (self.state[1] == -math.inf)
+        self.state = torch.stack([torch.maximum(self.state[0], self.run),
+                                  torch.where(first, -float(step), self.state[1]),
+                                  torch.where(first, torch.isnan(loss).double(), self.state[2])])
+
+    def read(self, distributed: bool) -> tuple[int, int | None, bool]:
+        """(longest run of non-finite losses, first such step or None, whether it was NaN) over
+        all processes."""
+        state = self.state.clone()
+        if distributed:
+            dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        longest, neg_first, nan = state.tolist()
+        return int(longest), None if neg_first == -math.inf else int(-neg_first), bool(nan)
 
 
 @dataclass(frozen=True)
@@ -207,55 +239,71 @@ class Solver:
         processes would wait for each other. The sizes are not rounded to a few buckets instead:
         that would change the seed's augmentation, and the keypoint stage's trainable part (the
         attention head and classifier) is small, so autotuning its frozen backbone's forward
-        gains little. Validation crops are fixed, so it benchmarks there.
+        gains little. Validation crops are fixed, so it benchmarks there. Never under
+        ``--deterministic`` (:func:`train.runtime.deterministic_mode`).
         """
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
             return False
         gamma = self.model.stage == "keypoint" and self.model.use_random_gamma_rescale
         return not (training and gamma)
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached.
-        Raises :class:`TrainingDiverged` before touching the weights if the loss is not finite."""
+        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached,
+        without waiting for the device. A non-finite loss is not checked here (that would sync
+        every step): with a GradScaler (fp16) the step is skipped and the scale lowered; without,
+        :meth:`train_epoch` stops the run at its next check, before any checkpoint is written."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp):
             outputs = self.net(images)
             loss = self.criterion(outputs, labels)
-        self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), outputs.detach()
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.rt.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            value = loss.item()
-            raise TrainingDiverged(f"loss is {value}" if not math.isfinite(value) else
-                                   "loss is not finite on another process")
+    def check_losses(self, watch: LossWatch, epoch: int, end_of_epoch: bool) -> None:
+        """Raise :class:`TrainingDiverged` when the run diverged: any non-finite loss without a
+        GradScaler; with one (fp16), :data:`MAX_SKIPPED` non-finite losses in a row or a loss
+        scale below :data:`MIN_SCALE` (isolated overflows are expected: the scaler skips them)."""
+        longest, first, nan = watch.read(self.rt.distributed)
+        where = f"at epoch {epoch + 1}, step {first + 1}" if first is not None else ""
+        if not self.scaler.is_enabled():
+            if first is not None:
+                raise TrainingDiverged(f"loss is {'nan' if nan else 'inf'} {where}: training stopped")
+            return
+        scale = self.scaler.get_scale()
+        if longest >= MAX_SKIPPED or scale < MIN_SCALE:
+            raise TrainingDiverged(f"fp16 training diverged: {longest} non-finite losses in a row (first {where}), "
+                                   f"loss scale {scale:g}: training stopped")
+        if end_of_epoch and first is not None and self.rt.is_main:
+            log.warning("fp16: steps with a non-finite loss were skipped this epoch (first %s); loss scale now %g",
+                        where, scale)
 
     # --- epochs --------------------------------------------------------------------------------
     def train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
-        """One pass over ``loader``; metrics averaged over all processes, each sample counted once."""
+        """One pass over ``loader``; metrics averaged over all processes, each sample counted once.
+        The host waits for the device only every :data:`CHECK_EVERY` steps (progress bar and
+        divergence check) and at the end."""
         self.net.train()
         torch.backends.cudnn.benchmark = self.autotune(training=True)
-        meter = EpochMeter(self.device, limit=real_samples(loader.sampler))
+        meter = EpochMeter(self.device, limit=real_samples(getattr(loader, "sampler", None)))
+        watch = LossWatch(self.device)
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
-            try:
-                loss, outputs = self.train_step(images, labels)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}: training stopped") from None
-            meter.update(loss, outputs, labels.to(self.device))
-            if self.rt.is_main:
-                avg = meter.averages()
-                bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "top1")})
+            labels = labels.to(self.device, non_blocking=True)
+            loss, outputs = self.train_step(images, labels)
+            meter.update(loss, outputs, labels)
+            watch.update(loss, step)
+            if (step + 1) % CHECK_EVERY == 0:
+                self.check_losses(watch, epoch, end_of_epoch=False)
+                if self.rt.is_main:
+                    avg = meter.averages()
+                    bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "top1")})
+        self.check_losses(watch, epoch, end_of_epoch=True)
         meter.all_reduce()
         return meter.averages()
 
