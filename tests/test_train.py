@@ -7,9 +7,11 @@ import csv
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -351,6 +353,12 @@ def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) ->
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
 
+    again = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode != 0  # every process stops: rank 0 refuses, the others follow
+    assert again.stderr.count("holds a run (epoch 1") == 1 and "rank 1: not starting, rank 0 refused" in again.stderr
+
 
 def test_attention_pool_flag_reaches_the_model_and_guards_resume(tmp_path: Path) -> None:
     base = ["--stage", "keypoint", "--keypoint_train_path", "t", "--keypoint_val_path", "v", "--load_from", "m"]
@@ -445,3 +453,130 @@ def test_cudnn_autotuning_only_for_fixed_input_sizes(stage: str, gamma: bool, tr
     assert solver.autotune(training) is False  # CPU: never
     monkeypatch.setattr(solver, "device", torch.device("cuda"))
     assert solver.autotune(training) is expected
+
+
+# --- never lose earlier work -----------------------------------------------------------------
+def test_an_existing_run_needs_resume_or_overwrite(image_data: tuple[Path, Path], expr: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    main(finetune_argv(expr, image_data))
+    stage = repo_dir() / expr / "finetune"
+    before = {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()}
+    best = load_file(stage / "ckpt" / "last.pth.tar")["best_acc"]
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, image_data))
+    assert str(exit_.value) == (f"error: {stage / 'ckpt' / 'last.pth.tar'} holds a run (epoch 1, best val top-1 "
+                                f"{best:.2f}%): pass --resume to continue it or --overwrite to start afresh, "
+                                "replacing it")
+    assert {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()} == before  # untouched
+
+    old_events = set((stage / "log").glob("events.out.tfevents.*"))
+    main(finetune_argv(expr, image_data, "--overwrite", "--lr", "0.02"))
+    assert load_file(stage / "ckpt" / "last.pth.tar")["config"]["lr"] == 0.02
+    assert not old_events & set((stage / "log").glob("events.out.tfevents.*"))  # one run's logs only
+    assert [r[0] for r in read_csv(stage / "log" / "train.log")] == ["epoch", "1"]
+    with pytest.raises(SystemExit):
+        main(finetune_argv(expr, image_data, "--overwrite", "--resume"))
+    assert "--resume continues a run and --overwrite replaces it: give one of them" in capsys.readouterr().err
+
+
+def test_disk_full_while_saving_ends_with_one_line(image_data: tuple[Path, Path], expr: str,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import train.solver as solver_module
+
+    saves = []
+    real_save = solver_module.atomic_save
+
+    def failing_in_epoch_2(obj: dict, path: Path) -> None:
+        saves.append(Path(path).name)
+        if obj["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(solver_module, "atomic_save", failing_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, image_data, "--finetune_epoch", "3"))
+    ckpt = repo_dir() / expr / "finetune" / "ckpt"
+    message = str(exit_.value)
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert message.startswith(f"error: could not write {ckpt}/") and "(No space left on device)" in message
+    assert message.endswith(f"{ckpt / 'last.pth.tar'} (epoch 1) is kept: --resume continues from it")
+    assert load_file(ckpt / "last.pth.tar")["epoch"] == 1
+    assert not list(ckpt.glob(".*.tmp"))
+
+    monkeypatch.setattr(solver_module, "atomic_save", real_save)
+    main(finetune_argv(expr, image_data, "--finetune_epoch", "3", "--resume"))
+    assert load_file(ckpt / "last.pth.tar")["epoch"] == 3
+
+    fresh = expr + "-fresh"
+    def broken_log(*args: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(solver_module.RunLog, "write", broken_log)
+    with pytest.raises(SystemExit, match=r"could not write .*/log \(I/O error\); .*\(epoch 1\) is kept"):
+        main(finetune_argv(fresh, image_data))
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": Path("/etc/passwd")}, path)  # a pickled Python object
+    with pytest.raises(CheckpointError) as err:
+        load_file(path)
+    assert str(err.value) == (f"refusing to load {path}: it holds Python objects other than tensors (only "
+                              "checkpoints written by this project or the seed load)")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(Path("/x")))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_file(tmp_path / "plain.pkl")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as err:
+        load_file(tmp_path / "junk.pth")
+    assert "\n" not in str(err.value) and "not a readable checkpoint" in str(err.value)
+
+
+def _hold_lock(stage: Path) -> subprocess.Popen:
+    """Another process holding the trainer's lock on ``stage``, as a running trainer does."""
+    code = ("import sys, time; from train.locking import OutputLock; "
+            "lock = OutputLock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([PYTHON, "-c", code, str(stage)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_killed_holders_lock_does_not_block_the_rerun(image_data: tuple[Path, Path], expr: str) -> None:
+    stage = repo_dir() / expr / "finetune"
+    holder = _hold_lock(stage)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(finetune_argv(expr, image_data))
+        assert str(exit_.value).startswith(f"error: {stage}: in use by another process (pid {holder.pid}, since ")
+        assert str(exit_.value).endswith("wait for it or choose another --expr")
+        assert not stage.exists()  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs
+        holder.wait()
+    main(finetune_argv(expr, image_data))
+    assert load_file(stage / "ckpt" / "last.pth.tar")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_second_trainer_is_refused_while_the_first_finishes_intact(image_data: tuple[Path, Path], expr: str) -> None:
+    first = subprocess.Popen([PYTHON, "train/main.py", *finetune_argv(expr, image_data, "--finetune_epoch", "6")],
+                             cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = repo_dir() / expr / "finetune.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, "the first trainer did not start"
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:  # the second trainer, in this process
+        main(finetune_argv(expr, image_data, "--overwrite"))
+    assert time.monotonic() - started < 5
+    assert first.poll() is None, "the first trainer should still be running"
+    assert str(exit_.value).startswith(f"error: {repo_dir() / expr / 'finetune'}: in use by another process "
+                                       f"(pid {first.pid}")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    _check_outputs(repo_dir() / expr / "finetune", epochs=6)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,14 +65,30 @@ def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load(weights_only=True) on CPU, with errors that name the file."""
+    """torch.load(weights_only=True) on CPU, with one-line errors that name the file. Files that
+    would run Python code when unpickled (pickled objects other than tensors and plain
+    containers) are refused, never loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler's protocol chatter
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or _starts_like_a_pickle(path):
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors (only "
+                                  "checkpoints written by this project or the seed load)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch file)") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """A pickle of protocol 2 or later begins with the PROTO opcode (0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

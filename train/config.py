@@ -83,6 +83,9 @@ class TrainConfig:
     load_from: str | None = _opt(None, "keypoint stage: finetune checkpoint (this project's or the seed repo's "
                                  "format)", "experiment")
     resume: bool = _opt(False, "continue from <repo>/<expr>/<stage>/ckpt/last.pth.tar", "experiment")
+    overwrite: bool = _opt(False, "start afresh where <repo>/<expr>/<stage>/ holds a run, replacing its "
+                           "checkpoints and logs (without it, or --resume, the trainer refuses to start)",
+                           "experiment")
     manualSeed: int | None = _opt(None, "random seed; when omitted: the resumed run's, else drawn at random",
                                   "experiment", type=int)
     # data
@@ -177,6 +180,8 @@ class TrainConfig:
         if self.sample_size < self.crop_size:
             return (f"--{self.stage}_sample_size {self.sample_size} is smaller than "
                     f"--{self.stage}_crop_size {self.crop_size}")
+        if self.resume and self.overwrite:
+            return "--resume continues a run and --overwrite replaces it: give one of them"
         if self.stage == "keypoint" and self.load_from is None and not self.resume:
             return "--stage keypoint needs --load_from <finetune checkpoint> (or --resume)"
         return None

@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, describe, file_sha256, load_backbone, l
 from .config import TrainConfig
 from .dataloader import check_ncls, default_workers, image_folders, loaders
 from .delf import Delf, Pretrained, PretrainedUnavailable
+from .locking import OutputInUse, OutputLock
 from .runtime import Runtime, deterministic_mode, seed_everything, setup_runtime, teardown_runtime
 from .solver import Settings, Solver
 
@@ -34,8 +35,15 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> Path:
 
     ``runtime``: device and place among torchrun's processes; by default
     ``setup_runtime(cfg.device, cfg.gpu_id)``, whose process group (if it made one) is left at the end.
-    Raises ValueError (inconsistent options), DataError, CheckpointError, PretrainedUnavailable,
-    TrainingDiverged (the last good checkpoint stays in ``ckpt/``).
+    Raises ValueError (inconsistent options), RunRefused (the folder holds another run, or
+    another process trains there), DataError, CheckpointError, PretrainedUnavailable,
+    TrainingDiverged, OutputWriteError (in both, the last good checkpoint stays in ``ckpt/``).
+
+    Rank 0 holds an exclusive lock on the folder (:class:`train.locking.OutputLock`, beside it
+    as ``<stage>.lock``) for the whole run; the OS releases it when the process ends, however.
+    A folder whose ``ckpt/last.pth.tar`` exists is only used with ``resume`` (continue it) or
+    ``overwrite`` (delete its checkpoints and logs once the data and model are ready, then
+    start afresh).
     """
     cfg.check()
     own_group = runtime is None and not dist.is_initialized()
@@ -49,12 +57,24 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> Path:
     return cfg.output_dir()
 
 
+class RunRefused(RuntimeError):
+    """The output folder holds a run that neither --resume nor --overwrite was given for, or
+    another process is training there; ``str(e)`` is the one-line reason."""
+
+
 def _train(cfg: TrainConfig, rt: Runtime) -> None:
+    lock = _claim_output(cfg, rt)
+    try:
+        _train_locked(cfg, rt)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, rt: Runtime) -> None:
     out_dir = cfg.output_dir()
     last = out_dir / "ckpt" / "last.pth.tar"
     resume = _resume_checkpoint(last) if cfg.resume else None
-    if resume is None and last.is_file() and rt.is_main:
-        log.warning("%s exists and will be overwritten (pass --resume to continue that run)", last)
     seed = _seed(cfg, resume, rt)
     seed_everything(seed)
 
@@ -75,9 +95,61 @@ def _train(cfg: TrainConfig, rt: Runtime) -> None:
         log.info("%s stage: %s %s, %d classes, %d train / %d val images, %s x %d process(es), "
                  "epochs %d..%d -> %s", cfg.stage, cfg.arch, cfg.target_layer, ncls, len(train_set),
                  len(val_set), rt.device, rt.world_size, solver.start_epoch + 1, cfg.epochs, out_dir)
+    if cfg.overwrite and rt.is_main:
+        _remove_run(out_dir)
     solver.fit(train_loader, val_loader, cfg.epochs)
     if rt.is_main:
         log.info("done: best val top-1 %.2f%%, checkpoints in %s", solver.best_acc, out_dir / "ckpt")
+
+
+def _claim_output(cfg: TrainConfig, rt: Runtime) -> OutputLock | None:
+    """Rank 0 locks the stage folder for the run and checks that it may start there (see
+    :func:`train`); every process stops with :class:`RunRefused` when it may not."""
+    lock, problem = None, None
+    if rt.is_main:
+        try:
+            lock = OutputLock(cfg.output_dir(), hint="choose another --expr")
+            problem = _existing_run(cfg)
+        except OutputInUse as e:
+            problem = str(e)
+        if problem is not None and lock is not None:
+            lock.release()
+            lock = None
+        elif lock is not None:  # the lock is ours: temp files in ckpt/ are a killed run's leftovers
+            for tmp in (cfg.output_dir() / "ckpt").glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+    if rt.distributed:
+        refused = torch.tensor(int(problem is not None), device=rt.device)  # nccl: on the GPU
+        dist.broadcast(refused, src=0)
+        if refused.item() and not rt.is_main:
+            problem = f"rank {rt.rank}: not starting, rank 0 refused (see its message)"
+    if problem is not None:
+        raise RunRefused(problem)
+    return lock
+
+
+def _existing_run(cfg: TrainConfig) -> str | None:
+    """Why a run without --resume/--overwrite may not start in the stage folder, or None."""
+    last = cfg.output_dir() / "ckpt" / "last.pth.tar"
+    if cfg.resume or cfg.overwrite or not last.is_file():
+        return None
+    try:
+        ckpt = load_file(last)
+        what = f"epoch {int(ckpt['epoch'])}, best val top-1 {float(ckpt['best_acc']):.2f}%"
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        what = "unreadable"
+    return (f"{last} holds a run ({what}): pass --resume to continue it or --overwrite to start afresh, "
+            "replacing it")
+
+
+def _remove_run(out_dir: Path) -> None:
+    """--overwrite: remove the previous run's checkpoints and logs (the folder is ours: locked)."""
+    patterns = {"ckpt": ("*.pth.tar",), "log": ("train.log", "val.log", "config.json", "events.out.tfevents.*")}
+    for sub, globs in patterns.items():
+        for pattern in globs:
+            for path in (out_dir / sub).glob(pattern):
+                path.unlink(missing_ok=True)
+    log.info("--overwrite: removed the previous run's checkpoints and logs in %s", out_dir)
 
 
 def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf:

@@ -40,6 +40,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite (without a GradScaler), or kept being so (with one)."""
 
 
+class OutputWriteError(RuntimeError):
+    """A checkpoint or log could not be written (disk full, I/O error, ...); ``str(e)`` is one
+    line saying what failed and which checkpoint is kept."""
+
+
 class LossWatch:
     """Non-finite training losses of one epoch, recorded on the device with no host sync per
     step: the longest run of consecutive ones, the first step that had one, and whether that
@@ -228,6 +233,7 @@ class Solver:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.start_epoch = 0
         self.best_acc = 0.0
+        self.saved_epoch: int | None = None  # epoch of the last.pth.tar this run wrote or resumed from
         warn_if_slow_amp(self.device, self.amp)
 
     def autotune(self, training: bool) -> bool:
@@ -330,7 +336,10 @@ class Solver:
         save bestshot (best val top-1) and last checkpoints, log."""
         run_log = None
         if self.out_dir is not None and self.rt.is_main:
-            run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+            try:
+                run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+            except OSError as e:
+                raise OutputWriteError(self._write_failure(self.out_dir / "log", e)) from None
         try:
             for epoch in range(self.start_epoch, epochs):
                 self._run_epoch(train_loader, val_loader, epoch, epochs, run_log)
@@ -354,8 +363,11 @@ class Solver:
         if self.rt.is_main:
             self.save(epoch + 1, is_best)
             if run_log is not None:
-                run_log.write("train", epoch + 1, lr, train)
-                run_log.write("val", epoch + 1, lr, val)
+                try:
+                    run_log.write("train", epoch + 1, lr, train)
+                    run_log.write("val", epoch + 1, lr, val)
+                except OSError as e:
+                    raise OutputWriteError(self._write_failure(run_log.csv["train"].parent, e)) from None
             log.info("epoch %d/%d  lr %.3g  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 %.2f"
                      "%s  (%.1f s)", epoch + 1, epochs, lr, train["loss"], train["top1"], val["loss"],
                      val["top1"], val["top5"], "  *best*" if is_best else "", time.perf_counter() - start)
@@ -377,9 +389,23 @@ class Solver:
         if self.ckpt_dir is None:
             return
         ckpt = self.checkpoint(epoch)
-        if is_best:
-            atomic_save(ckpt, self.ckpt_dir / "bestshot.pth.tar")
-        atomic_save(ckpt, self.ckpt_dir / "last.pth.tar")
+        names = ("bestshot.pth.tar", "last.pth.tar") if is_best else ("last.pth.tar",)
+        for name in names:
+            try:
+                atomic_save(ckpt, self.ckpt_dir / name)
+            except OSError as e:
+                raise OutputWriteError(self._write_failure(self.ckpt_dir / name, e)) from None
+        self.saved_epoch = epoch
+
+    def _write_failure(self, path: Path, error: OSError) -> str:
+        """One line: what could not be written, why, and what is kept (writes are atomic: a
+        failed one leaves the previous file whole)."""
+        reason = error.strerror or str(error) or type(error).__name__
+        if self.saved_epoch is not None and self.ckpt_dir is not None:
+            kept = f"{self.ckpt_dir / 'last.pth.tar'} (epoch {self.saved_epoch}) is kept: --resume continues from it"
+        else:
+            kept = "no checkpoint was written: rerun the command to start again"
+        return f"could not write {path} ({reason}); {kept}"
 
     def load_state(self, ckpt: dict[str, Any], source: str | Path) -> None:
         """Continue from a checkpoint of this trainer: weights, optimiser, LR schedule, AMP
@@ -392,5 +418,5 @@ class Solver:
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{source}: cannot resume from it: {e}") from None
-        self.start_epoch = int(ckpt["epoch"])
+        self.start_epoch = self.saved_epoch = int(ckpt["epoch"])
         self.best_acc = float(ckpt["best_acc"])
