@@ -580,3 +580,33 @@ def test_second_trainer_is_refused_while_the_first_finishes_intact(image_data: t
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     _check_outputs(repo_dir() / expr / "finetune", epochs=6)
+
+
+def test_add_config_args_honours_type_aliases_and_groups(capsys: pytest.CaptureFixture) -> None:
+    """One mechanism for every config: metadata type (validator), aliases, group, choices."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from train.cli import add_config_args, config_from_args
+
+    def even(value: str) -> int:
+        if int(value) % 2:
+            raise argparse.ArgumentTypeError(f"expected an even number, got {value}")
+        return int(value)
+
+    @dataclass(frozen=True)
+    class Demo:
+        size: int = field(default=4, metadata={"help": "an even size", "type": even, "group": "shape"})
+        mode: str = field(default="a", metadata={"help": "mode", "choices": ("a", "b"), "group": "shape"})
+        flip: bool = field(default=False, metadata={"help": "flip", "aliases": ("--mirror",)})
+        scales: tuple[float, ...] = (1.0,)
+
+    parser = argparse.ArgumentParser(prog="demo")
+    add_config_args(parser, Demo)
+    cfg = config_from_args(Demo, parser.parse_args(["--size", "6", "--mirror", "--scales", "0.5", "1"]))
+    assert cfg == Demo(size=6, flip=True, scales=(0.5, 1.0))
+    assert [g.title for g in parser._action_groups][-1] == "shape"
+    assert {a.dest for a in parser._action_groups[-1]._group_actions} == {"size", "mode"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--size", "3"])
+    assert "argument --size: expected an even number, got 3" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from .cli import add_bool_flag, config_from_args
+from .cli import add_config_args, config_from_args
 from .dataloader import MAX_WORKERS
 from .delf import ARCHS, TARGET_LAYERS
 from .layers import ATTENTION_POOLS
@@ -203,22 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Train DeLF in two stages: finetune, then keypoint (attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = p.add_argument_group(meta["group"])
-        g = groups[meta["group"]]
-        names = (f"--{f.name}", *meta["aliases"])
-        if f.type in (bool, "bool"):
-            add_bool_flag(g, *names, default=f.default, help=meta["help"], dest=f.name)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
-        if meta["type"] is not None:
-            kwargs["type"] = meta["type"]
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-        g.add_argument(*names, **kwargs)
+    add_config_args(p, TrainConfig)
     return p
 
 
