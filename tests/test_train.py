@@ -610,3 +610,30 @@ def test_add_config_args_honours_type_aliases_and_groups(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         parser.parse_args(["--size", "3"])
     assert "argument --size: expected an even number, got 3" in capsys.readouterr().err
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a small tmpfs (needs unshare -rm)")
+def test_really_full_disk_keeps_the_last_checkpoint(image_data: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 250 MB tmpfs holds epoch 1's two resnet18 checkpoints (~90 MB each), not epoch 2's."""
+    repo = tmp_path / "small-disk"
+    repo.mkdir()
+    last = repo / "full" / "finetune" / "ckpt" / "last.pth.tar"
+    check = (f"import glob, torch; print('kept epoch', torch.load({str(last)!r}, weights_only=True)['epoch'], "
+             f"'temp files', len(glob.glob({str(last.parent)!r} + '/.*.tmp')))")
+    argv = " ".join(f"'{a}'" for a in finetune_argv("full", image_data, "--finetune_epoch", "3"))
+    script = (f"mount -t tmpfs -o size=250m tmpfs {repo} && {{ {PYTHON} train/main.py {argv}; echo rc=$?; "
+              f"{PYTHON} -c \"{check}\"; }}")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DELF_REPO_DIR": str(repo)})
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "rc=1" in result.stdout and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(error) == 1 and "(No space left on device)" in error[0]
+    assert error[0].endswith(f"{last} (epoch 1) is kept: --resume continues from it")
+    assert "kept epoch 1 temp files 0" in result.stdout

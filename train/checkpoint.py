@@ -50,9 +50,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save that never leaves a partial file at ``path`` (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save that never leaves a partial file at ``path`` (see :func:`atomic_path`). Write
+    errors (disk full, I/O) raise the OSError itself, not the RuntimeError torch.save turns it into."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # the zip writer's "unexpected pos" after the failed write
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
