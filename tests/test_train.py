@@ -469,6 +469,11 @@ def test_an_existing_run_needs_resume_or_overwrite(image_data: tuple[Path, Path]
                                 "replacing it")
     assert {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()} == before  # untouched
 
+    (stage / "ckpt" / "last.pth.tar").rename(stage / "ckpt" / "moved.pth.tar")  # a best checkpoint alone
+    with pytest.raises(SystemExit, match=r"bestshot.pth.tar holds a run \(epoch 1, .*no last.pth.tar: pass --overwr"):
+        main(finetune_argv(expr, image_data))
+    (stage / "ckpt" / "moved.pth.tar").rename(stage / "ckpt" / "last.pth.tar")
+
     old_events = set((stage / "log").glob("events.out.tfevents.*"))
     main(finetune_argv(expr, image_data, "--overwrite", "--lr", "0.02"))
     assert load_file(stage / "ckpt" / "last.pth.tar")["config"]["lr"] == 0.02

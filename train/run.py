@@ -112,6 +112,8 @@ def _claim_output(cfg: TrainConfig, rt: Runtime) -> OutputLock | None:
             problem = _existing_run(cfg)
         except OutputInUse as e:
             problem = str(e)
+        except OSError as e:  # e.g. a read-only repo folder
+            problem = f"{cfg.output_dir()}: cannot lock the output folder ({e.strerror or e})"
         if problem is not None and lock is not None:
             lock.release()
             lock = None
@@ -130,14 +132,19 @@ def _claim_output(cfg: TrainConfig, rt: Runtime) -> OutputLock | None:
 
 def _existing_run(cfg: TrainConfig) -> str | None:
     """Why a run without --resume/--overwrite may not start in the stage folder, or None."""
-    last = cfg.output_dir() / "ckpt" / "last.pth.tar"
-    if cfg.resume or cfg.overwrite or not last.is_file():
+    ckpt_dir = cfg.output_dir() / "ckpt"
+    last, best = ckpt_dir / "last.pth.tar", ckpt_dir / "bestshot.pth.tar"
+    if cfg.resume or cfg.overwrite or not (last.is_file() or best.is_file()):
         return None
+    found = last if last.is_file() else best
     try:
-        ckpt = load_file(last)
+        ckpt = load_file(found)
         what = f"epoch {int(ckpt['epoch'])}, best val top-1 {float(ckpt['best_acc']):.2f}%"
     except (CheckpointError, KeyError, TypeError, ValueError):
         what = "unreadable"
+    if found == best:
+        return (f"{best} holds a run ({what}) but there is no last.pth.tar: pass --overwrite to start afresh, "
+                "replacing it")
     return (f"{last} holds a run ({what}): pass --resume to continue it or --overwrite to start afresh, "
             "replacing it")
 
