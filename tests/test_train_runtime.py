@@ -19,7 +19,7 @@ from train.checkpoint import load_file
 from train.config import TrainConfig, parse_args
 from train.dataloader import default_workers, image_folders, loaders
 from train.delf import Delf
-from train.run import _rank0_first, _seed
+from train.run import _claim_output, _rank0_first, _seed
 from train.runtime import PROJECT_ROOT, Runtime, deterministic_mode, repo_dir, setup_runtime
 from train.solver import EpochMeter, LossWatch, Settings, Solver, TrainingDiverged
 
@@ -315,3 +315,30 @@ def test_cuda_data_loader_pins_memory(image_data: tuple[Path, Path]) -> None:
     train_loader, _ = loaders(train_set, val_set, 4, 4, 1, seed=0, pin_memory=True)
     images, _ = next(iter(train_loader))
     assert images.is_pinned()
+
+
+@pytest.mark.cuda
+def test_cuda_every_collective_runs_over_nccl(tmp_path: Path, expr: str) -> None:
+    """A one-process NCCL group: the trainer's collectives (seed, refusal flag, loss watch,
+    metrics, the download barrier) run with it; a CPU tensor would fail with "No backend type
+    associated with device type cpu"."""
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=dev)
+    try:
+        rt = Runtime(dev, rank=0, world_size=2)  # "distributed": every collective is taken
+        assert 0 <= _seed(TrainConfig(), None, rt) < 2**31
+        lock = _claim_output(TrainConfig(expr=expr), rt)
+        assert lock is not None
+        lock.release()
+        watch = LossWatch(dev)
+        watch.update(torch.tensor(float("nan"), device=dev), 4)
+        assert watch.read(distributed=True) == (1, 4, True)
+        meter = EpochMeter(dev)
+        meter.update(torch.tensor(1.0, device=dev), torch.eye(3, device=dev), torch.arange(3, device=dev))
+        meter.all_reduce()
+        assert meter.averages()["samples"] == 3 and meter.averages()["top1"] == 100.0
+        assert _rank0_first(rt, lambda: "built") == "built"
+    finally:
+        dist.destroy_process_group()
