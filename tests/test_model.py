@@ -12,9 +12,9 @@ import torch.nn as nn
 import torchvision
 
 from tests.utils import save_keypoint_checkpoint
-from train.checkpoint import describe, load_backbone, load_file, load_model
+from train.checkpoint import checkpoint_dict, describe, load_backbone, load_file, load_model
 from train.delf import Delf, PretrainedUnavailable, feature_dim
-from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d
+from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d, WeightedSum2d
 
 NCLS = 5
 
@@ -199,3 +199,42 @@ def test_imagenet_download_failure_names_the_alternatives(monkeypatch: pytest.Mo
         Delf(NCLS, arch="resnet18", stage="finetune", pretrained="imagenet")
     assert "--pretrained none" in str(err.value) and "--pretrained PATH" in str(err.value)
     Delf(NCLS, arch="resnet18", stage="keypoint", pretrained="imagenet")  # never downloads
+
+
+def test_attention_pool_sum_and_mean_hand_computed() -> None:
+    """Every cell holds (3, 4) -> unit (0.6, 0.8), attention 2 on a 2x3 map: the sum is
+    6 * 2 * (0.6, 0.8); the mean divides by the 6 cells. The sum scales with the map's area."""
+    features = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1).expand(1, 2, 2, 3)
+    attention = torch.full((1, 1, 2, 3), 2.0)
+    total = WeightedSum2d("sum")(features, attention)
+    mean = WeightedSum2d("mean")(features, attention)
+    assert total.shape == mean.shape == (1, 2, 1, 1)
+    torch.testing.assert_close(total.flatten(), torch.tensor([7.2, 9.6]))
+    torch.testing.assert_close(mean.flatten(), torch.tensor([1.2, 1.6]))
+    big = WeightedSum2d("sum")(features[..., :1, :1].expand(1, 2, 6, 6), attention[..., :1, :1].expand(1, 1, 6, 6))
+    torch.testing.assert_close(big / total, torch.full_like(total, 6.0))  # 36 cells vs 6
+    with pytest.raises(ValueError, match="unknown attention pooling 'max'"):
+        WeightedSum2d("max")
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_attention_pool_is_stored_and_honoured(tmp_path: Path, pool: str) -> None:
+    torch.manual_seed(0)
+    trained = Delf(3, arch="resnet18", stage="keypoint", attention_pool=pool).eval()
+    path = tmp_path / "kp.pth.tar"
+    torch.save(checkpoint_dict(trained), path)
+    assert load_file(path)["attention_pool"] == pool
+    model, _ = load_model(path)
+    assert model.attention_pool == model.pool.mode == pool
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), trained(x))
+
+
+def test_checkpoint_without_attention_pool_means_sum(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = checkpoint_dict(Delf(3, arch="resnet18", stage="keypoint", attention_pool="mean"))
+    del ckpt["attention_pool"]  # a file written before the option existed
+    torch.save(ckpt, tmp_path / "old.pth.tar")
+    assert describe(ckpt)["attention_pool"] == "sum"
+    assert load_model(tmp_path / "old.pth.tar")[0].pool.mode == "sum"

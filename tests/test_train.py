@@ -7,22 +7,28 @@ import csv
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+import torchvision.transforms as transforms
+from PIL import Image
 
-from train.checkpoint import atomic_save, load_file, load_model
+from tests.utils import save_keypoint_checkpoint
+from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
 from train.main import main
-from train.run import build_model, train
+from train.run import _check_resumable, build_model, train
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
 
@@ -346,3 +352,293 @@ def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) ->
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
+
+    again = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode != 0  # every process stops: rank 0 refuses, the others follow
+    assert again.stderr.count("holds a run (epoch 1") == 1 and "rank 1: not starting, rank 0 refused" in again.stderr
+
+
+def test_attention_pool_flag_reaches_the_model_and_guards_resume(tmp_path: Path) -> None:
+    base = ["--stage", "keypoint", "--keypoint_train_path", "t", "--keypoint_val_path", "v", "--load_from", "m"]
+    assert parse_args(base).attention_pool == "sum"
+    cfg = parse_args([*base, "--attention_pool", "mean", "--arch", "resnet18"])
+    assert cfg.attention_pool == "mean"
+    cfg = dataclasses.replace(cfg, load_from=str(save_keypoint_checkpoint(tmp_path / "kp.pth.tar")))
+    model = build_model(cfg, ncls=3, resuming=False)
+    assert model.pool.mode == "mean"
+    ckpt = checkpoint_dict(model)
+    _check_resumable(ckpt, cfg, 3, tmp_path / "last.pth.tar")
+    with pytest.raises(CheckpointError, match=r"cannot resume, the checkpoint has attention_pool mean \(now sum\)"):
+        _check_resumable(ckpt, dataclasses.replace(cfg, attention_pool="sum"), 3, tmp_path / "last.pth.tar")
+
+
+def test_training_loader_applies_exif_orientation(tmp_path: Path) -> None:
+    """A JPEG stored 40 wide x 20 high with Orientation 6 (rotate 90 degrees clockwise to display)
+    loads 20 wide x 40 high, its pixels the stored ones turned clockwise - as extraction loads it."""
+    from extract.images import load_image
+    from train.dataloader import ImageFolder, val_transform
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, right half blue
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    folder = tmp_path / "data" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(stored).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+
+    raw = np.asarray(Image.open(folder / "rotated.jpg").convert("RGB"))
+    upright = np.rot90(raw, k=-1)  # clockwise
+    tensor, _ = ImageFolder(tmp_path / "data", val_transform(20, 20))[0]
+    loaded = ImageFolder(tmp_path / "data", transforms.PILToTensor())[0][0]
+    assert loaded.shape == (3, 40, 20)
+    assert torch.equal(loaded, torch.from_numpy(upright.copy()).permute(2, 0, 1))
+    assert loaded[0, :5].float().mean() > 200 and loaded[2, -5:].float().mean() > 200  # red on top, blue below
+    assert np.array_equal(np.asarray(load_image(folder / "rotated.jpg")), upright)
+    assert tensor.shape == (3, 20, 20)
+
+
+def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
+    """7 images on 2 processes: DistributedSampler gives each 4 (one repeat); the metrics count
+    4 + 3 distinct samples, and their loss/top-k are those of exactly these samples."""
+    from train.dataloader import image_folders, loaders
+    from train.solver import EpochMeter, real_samples
+
+    train_set, val_set = image_folders(*image_data, 72, 64)
+    train_set.samples = train_set.samples[:7]
+    counted: list[int] = []
+    for rank in (0, 1):
+        loader, _ = loaders(train_set, val_set, 3, 3, 0, seed=1, rank=rank, world_size=2)
+        order = [index for _, _, index in loader.sampler]
+        assert len(order) == 4 and real_samples(loader.sampler) == 4 - rank
+        counted += order[:real_samples(loader.sampler)]
+        torch.manual_seed(rank)
+        solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(lr=0.01))
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        step = solver.train_step
+
+        def recording(images: torch.Tensor, labels: torch.Tensor, step=step, seen=seen) -> tuple:
+            loss, outputs = step(images, labels)
+            seen.append((outputs, labels))
+            return loss, outputs
+
+        solver.train_step = recording
+        metrics = solver.train_epoch(loader, 0, 1)
+        outputs, labels = (torch.cat(t)[:4 - rank] for t in zip(*seen))
+        assert metrics["samples"] == 4 - rank
+        expected = torch.nn.functional.cross_entropy(outputs, labels).item()
+        assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+        assert metrics["top1"] == pytest.approx(100 * (outputs.argmax(1) == labels).float().mean().item())
+    assert sorted(counted) == list(range(7))
+
+    meter = EpochMeter(torch.device("cpu"), limit=5)
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
+    meter.update(torch.tensor(9.0), logits, torch.tensor([0, 1, 2]))  # loss is the batch mean: 9 * 3
+    meter.update(torch.tensor(0.0), logits, torch.tensor([2, 1, 0]))  # only 2 count: recomputed
+    first_two = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([2, 1]), reduction="sum").item()
+    avg = meter.averages()
+    assert avg["samples"] == 5 and avg["loss"] == pytest.approx((27 + first_two) / 5)
+    assert avg["top1"] == pytest.approx(100 * 3 / 5)  # hits: 0, 1 | 1
+
+
+@pytest.mark.parametrize("stage, gamma, training, expected", [
+    ("finetune", False, True, True), ("keypoint", True, True, False), ("keypoint", True, False, True),
+    ("keypoint", False, True, True)])
+def test_cudnn_autotuning_only_for_fixed_input_sizes(stage: str, gamma: bool, training: bool, expected: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Delf(3, arch="resnet18", stage=stage, use_random_gamma_rescale=gamma)
+    solver = Solver(model, Settings())
+    assert solver.autotune(training) is False  # CPU: never
+    monkeypatch.setattr(solver, "device", torch.device("cuda"))
+    assert solver.autotune(training) is expected
+
+
+# --- never lose earlier work -----------------------------------------------------------------
+def test_an_existing_run_needs_resume_or_overwrite(image_data: tuple[Path, Path], expr: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    main(finetune_argv(expr, image_data))
+    stage = repo_dir() / expr / "finetune"
+    before = {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()}
+    best = load_file(stage / "ckpt" / "last.pth.tar")["best_acc"]
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, image_data))
+    assert str(exit_.value) == (f"error: {stage / 'ckpt' / 'last.pth.tar'} holds a run (epoch 1, best val top-1 "
+                                f"{best:.2f}%): pass --resume to continue it or --overwrite to start afresh, "
+                                "replacing it")
+    assert {p: p.read_bytes() for p in stage.rglob("*") if p.is_file()} == before  # untouched
+
+    (stage / "ckpt" / "last.pth.tar").rename(stage / "ckpt" / "moved.pth.tar")  # a best checkpoint alone
+    with pytest.raises(SystemExit, match=r"bestshot.pth.tar holds a run \(epoch 1, .*no last.pth.tar: pass --overwr"):
+        main(finetune_argv(expr, image_data))
+    (stage / "ckpt" / "moved.pth.tar").rename(stage / "ckpt" / "last.pth.tar")
+
+    old_events = set((stage / "log").glob("events.out.tfevents.*"))
+    main(finetune_argv(expr, image_data, "--overwrite", "--lr", "0.02"))
+    assert load_file(stage / "ckpt" / "last.pth.tar")["config"]["lr"] == 0.02
+    assert not old_events & set((stage / "log").glob("events.out.tfevents.*"))  # one run's logs only
+    assert [r[0] for r in read_csv(stage / "log" / "train.log")] == ["epoch", "1"]
+    with pytest.raises(SystemExit):
+        main(finetune_argv(expr, image_data, "--overwrite", "--resume"))
+    assert "--resume continues a run and --overwrite replaces it: give one of them" in capsys.readouterr().err
+
+
+def test_disk_full_while_saving_ends_with_one_line(image_data: tuple[Path, Path], expr: str,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import train.solver as solver_module
+
+    saves = []
+    real_save = solver_module.atomic_save
+
+    def failing_in_epoch_2(obj: dict, path: Path) -> None:
+        saves.append(Path(path).name)
+        if obj["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(solver_module, "atomic_save", failing_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, image_data, "--finetune_epoch", "3"))
+    ckpt = repo_dir() / expr / "finetune" / "ckpt"
+    message = str(exit_.value)
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert message.startswith(f"error: could not write {ckpt}/") and "(No space left on device)" in message
+    assert message.endswith(f"{ckpt / 'last.pth.tar'} (epoch 1) is kept: --resume continues from it")
+    assert load_file(ckpt / "last.pth.tar")["epoch"] == 1
+    assert not list(ckpt.glob(".*.tmp"))
+
+    monkeypatch.setattr(solver_module, "atomic_save", real_save)
+    main(finetune_argv(expr, image_data, "--finetune_epoch", "3", "--resume"))
+    assert load_file(ckpt / "last.pth.tar")["epoch"] == 3
+
+    fresh = expr + "-fresh"
+    def broken_log(*args: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(solver_module.RunLog, "write", broken_log)
+    with pytest.raises(SystemExit, match=r"could not write .*/log \(I/O error\); .*\(epoch 1\) is kept"):
+        main(finetune_argv(fresh, image_data))
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": Path("/etc/passwd")}, path)  # a pickled Python object
+    with pytest.raises(CheckpointError) as err:
+        load_file(path)
+    assert str(err.value) == (f"refusing to load {path}: it holds Python objects other than tensors (only "
+                              "checkpoints written by this project or the seed load)")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(Path("/x")))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_file(tmp_path / "plain.pkl")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError) as err:
+        load_file(tmp_path / "junk.pth")
+    assert "\n" not in str(err.value) and "not a readable checkpoint" in str(err.value)
+
+
+def _hold_lock(stage: Path) -> subprocess.Popen:
+    """Another process holding the trainer's lock on ``stage``, as a running trainer does."""
+    code = ("import sys, time; from train.locking import OutputLock; "
+            "lock = OutputLock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([PYTHON, "-c", code, str(stage)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_killed_holders_lock_does_not_block_the_rerun(image_data: tuple[Path, Path], expr: str) -> None:
+    stage = repo_dir() / expr / "finetune"
+    holder = _hold_lock(stage)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(finetune_argv(expr, image_data))
+        assert str(exit_.value).startswith(f"error: {stage}: in use by another process (pid {holder.pid}, since ")
+        assert str(exit_.value).endswith("wait for it or choose another --expr")
+        assert not stage.exists()  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs
+        holder.wait()
+    main(finetune_argv(expr, image_data))
+    assert load_file(stage / "ckpt" / "last.pth.tar")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_second_trainer_is_refused_while_the_first_finishes_intact(image_data: tuple[Path, Path], expr: str) -> None:
+    first = subprocess.Popen([PYTHON, "train/main.py", *finetune_argv(expr, image_data, "--finetune_epoch", "6")],
+                             cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = repo_dir() / expr / "finetune.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, "the first trainer did not start"
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:  # the second trainer, in this process
+        main(finetune_argv(expr, image_data, "--overwrite"))
+    assert time.monotonic() - started < 5
+    assert first.poll() is None, "the first trainer should still be running"
+    assert str(exit_.value).startswith(f"error: {repo_dir() / expr / 'finetune'}: in use by another process "
+                                       f"(pid {first.pid}")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    _check_outputs(repo_dir() / expr / "finetune", epochs=6)
+
+
+def test_add_config_args_honours_type_aliases_and_groups(capsys: pytest.CaptureFixture) -> None:
+    """One mechanism for every config: metadata type (validator), aliases, group, choices."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from train.cli import add_config_args, config_from_args
+
+    def even(value: str) -> int:
+        if int(value) % 2:
+            raise argparse.ArgumentTypeError(f"expected an even number, got {value}")
+        return int(value)
+
+    @dataclass(frozen=True)
+    class Demo:
+        size: int = field(default=4, metadata={"help": "an even size", "type": even, "group": "shape"})
+        mode: str = field(default="a", metadata={"help": "mode", "choices": ("a", "b"), "group": "shape"})
+        flip: bool = field(default=False, metadata={"help": "flip", "aliases": ("--mirror",)})
+        scales: tuple[float, ...] = (1.0,)
+
+    parser = argparse.ArgumentParser(prog="demo")
+    add_config_args(parser, Demo)
+    cfg = config_from_args(Demo, parser.parse_args(["--size", "6", "--mirror", "--scales", "0.5", "1"]))
+    assert cfg == Demo(size=6, flip=True, scales=(0.5, 1.0))
+    assert [g.title for g in parser._action_groups][-1] == "shape"
+    assert {a.dest for a in parser._action_groups[-1]._group_actions} == {"size", "mode"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--size", "3"])
+    assert "argument --size: expected an even number, got 3" in capsys.readouterr().err
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a small tmpfs (needs unshare -rm)")
+def test_really_full_disk_keeps_the_last_checkpoint(image_data: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 250 MB tmpfs holds epoch 1's two resnet18 checkpoints (~90 MB each), not epoch 2's."""
+    repo = tmp_path / "small-disk"
+    repo.mkdir()
+    last = repo / "full" / "finetune" / "ckpt" / "last.pth.tar"
+    check = (f"import glob, torch; print('kept epoch', torch.load({str(last)!r}, weights_only=True)['epoch'], "
+             f"'temp files', len(glob.glob({str(last.parent)!r} + '/.*.tmp')))")
+    argv = " ".join(f"'{a}'" for a in finetune_argv("full", image_data, "--finetune_epoch", "3"))
+    script = (f"mount -t tmpfs -o size=250m tmpfs {repo} && {{ {PYTHON} train/main.py {argv}; echo rc=$?; "
+              f"{PYTHON} -c \"{check}\"; }}")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DELF_REPO_DIR": str(repo)})
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "rc=1" in result.stdout and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(error) == 1 and "(No space left on device)" in error[0]
+    assert error[0].endswith(f"{last} (epoch 1) is kept: --resume continues from it")
+    assert "kept epoch 1 temp files 0" in result.stdout

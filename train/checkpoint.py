@@ -2,7 +2,8 @@
 
 Two formats load:
 - this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
-  ``ncls``, ``stage``, ``epoch``, ``best_acc``, ``optimizer``, ``lr_scheduler``, ``config``;
+  ``ncls``, ``stage``, ``attention_pool``, ``epoch``, ``best_acc``, ``optimizer``,
+  ``lr_scheduler``, ``config`` (files written before ``attention_pool`` existed mean "sum");
 - the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
   ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,29 +50,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save that never leaves a partial file at ``path`` (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save that never leaves a partial file at ``path`` (see :func:`atomic_path`). Write
+    errors (disk full, I/O) raise the OSError itself, not the RuntimeError torch.save turns it into."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # the zip writer's "unexpected pos" after the failed write
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
     """This project's checkpoint format for ``model``; ``extra`` adds epoch, optimizer, ...."""
     ckpt = {"state_dict": model.state_dict(), "arch": model.arch, "target_layer": model.target_layer,
-            "ncls": model.ncls, "stage": model.stage, "epoch": 0, "best_acc": 0.0,
-            "optimizer": {}, "lr_scheduler": {}, "config": {}}
+            "ncls": model.ncls, "stage": model.stage, "attention_pool": model.attention_pool, "epoch": 0,
+            "best_acc": 0.0, "optimizer": {}, "lr_scheduler": {}, "config": {}}
     ckpt.update(extra)
     return ckpt
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load(weights_only=True) on CPU, with errors that name the file."""
+    """torch.load(weights_only=True) on CPU, with one-line errors that name the file. Files that
+    would run Python code when unpickled (pickled objects other than tensors and plain
+    containers) are refused, never loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler's protocol chatter
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or _starts_like_a_pickle(path):
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors (only "
+                                  "checkpoints written by this project or the seed load)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch file)") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """A pickle of protocol 2 or later begins with the PROTO opcode (0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -98,10 +123,12 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """arch, target_layer, ncls, stage and attn_batchnorm of a checkpoint of either format."""
+    """arch, target_layer, ncls, stage, attn_batchnorm and attention_pool of a checkpoint of either
+    format ("sum" where the file does not say: the seed's and this project's older files)."""
     state = model_state(ckpt)
     has_attn = any(k.startswith("attn.") for k in state)
-    info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state)}
+    info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state),
+            "attention_pool": ckpt.get("attention_pool", "sum")}
     if not is_seed_format(ckpt):
         return {**info, **{k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")}}
     blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("base.6."))
@@ -125,7 +152,7 @@ def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf,
             "train the keypoint stage (--stage keypoint --load_from this file) and use its checkpoint"
         )
     model = Delf(info["ncls"], arch=info["arch"], stage=stage, target_layer=info["target_layer"],
-                 attn_batchnorm=info["attn_batchnorm"])
+                 attn_batchnorm=info["attn_batchnorm"], attention_pool=info["attention_pool"])
     _load(model, model_state(ckpt), path)
     return model, ckpt
 

@@ -40,22 +40,34 @@ def add_config_args(parser: Container, cls: type, rename: dict[str, str] | None 
                     skip: tuple[str, ...] = ()) -> None:
     """One flag per field of dataclass ``cls`` (``--<field>``, or ``--<rename[field]>``), with the
     field's default, type and ``metadata["help"]``. bool fields become :func:`add_bool_flag`
-    options; ``tuple[float, ...]``/``list`` fields take several values; ``X | None`` fields take X."""
+    options; ``tuple[float, ...]``/``list`` fields take several values; ``X | None`` fields take X.
+
+    Optional metadata: ``choices``; ``type`` (a parser/validator used instead of the annotated
+    type, e.g. one that rejects negative numbers with an ``argparse.ArgumentTypeError``);
+    ``aliases`` (more flag names); ``group`` (the title of the ``--help`` section the flag is
+    listed under; sections are made in field order, on a parser only, not inside a group)."""
     hints = typing.get_type_hints(cls)
     rename = rename or {}
+    groups: dict[str, Container] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        flag = "--" + rename.get(f.name, f.name)
+        meta = f.metadata
+        names = ("--" + rename.get(f.name, f.name), *(meta.get("aliases") or ()))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
+        help_text = meta.get("help", "")
+        target = parser
+        if meta.get("group") and isinstance(parser, argparse.ArgumentParser):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
         kind = hints[f.name]
         if kind is bool:
-            add_bool_flag(parser, flag, default=default, help=help_text, dest=f.name)
+            add_bool_flag(target, *names, default=default, help=help_text, dest=f.name)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+        if meta.get("choices") is not None:
+            kwargs["choices"] = meta["choices"]
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin in (tuple, list):
             kwargs.update(type=args[0], nargs="+")
@@ -64,7 +76,9 @@ def add_config_args(parser: Container, cls: type, rename: dict[str, str] | None 
             kwargs["type"] = next(a for a in args if a is not type(None))
         else:
             kwargs["type"] = kind
-        parser.add_argument(flag, **kwargs)
+        if meta.get("type") is not None:
+            kwargs["type"] = meta["type"]
+        target.add_argument(*names, **kwargs)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:

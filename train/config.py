@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from .cli import add_bool_flag, config_from_args
+from .cli import add_config_args, config_from_args
+from .dataloader import MAX_WORKERS
 from .delf import ARCHS, TARGET_LAYERS
+from .layers import ATTENTION_POOLS
 from .runtime import repo_dir
 
 STAGES = ("finetune", "keypoint")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-SEED_WORKERS = 20
 
 
 def _positive_int(value: str | int) -> int:
@@ -83,6 +83,9 @@ class TrainConfig:
     load_from: str | None = _opt(None, "keypoint stage: finetune checkpoint (this project's or the seed repo's "
                                  "format)", "experiment")
     resume: bool = _opt(False, "continue from <repo>/<expr>/<stage>/ckpt/last.pth.tar", "experiment")
+    overwrite: bool = _opt(False, "start afresh where <repo>/<expr>/<stage>/ holds a run, replacing its "
+                           "checkpoints and logs (without it, or --resume, the trainer refuses to start)",
+                           "experiment")
     manualSeed: int | None = _opt(None, "random seed; when omitted: the resumed run's, else drawn at random",
                                   "experiment", type=int)
     # data
@@ -94,9 +97,9 @@ class TrainConfig:
     finetune_crop_size: int = _opt(224, "finetune crop", "data", type=_positive_int)
     keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=_positive_int)
     keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=_positive_int)
-    workers: int = _opt(min(SEED_WORKERS, os.cpu_count() or 1),
-                        f"data-loading processes per training process (seed: {SEED_WORKERS})", "data",
-                        type=_non_negative_int)
+    workers: int | None = _opt(None, f"data-loading processes per training process; when omitted: the CPUs "
+                               f"shared among this node's training processes, at most {MAX_WORKERS} (the seed's "
+                               "value)", "data", type=_non_negative_int)
     ncls: int | None = _opt(None, "number of classes; when omitted: the training folder's", "data",
                             type=_positive_int)
     # model
@@ -104,6 +107,10 @@ class TrainConfig:
     target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
     pretrained: str = _opt("imagenet", "finetune stage backbone init: imagenet | none | PATH to a torchvision "
                            "state_dict", "model")
+    attention_pool: str = _opt("sum", "keypoint stage: pool the attention-weighted features by their sum (the "
+                               "paper's Eq. 1, the seed) or mean (the official TF2 trainer); the sum grows "
+                               "with the feature map, whose area gamma rescaling varies up to 8x", "model",
+                               choices=ATTENTION_POOLS)
     use_random_gamma_rescale: bool = _opt(True, "keypoint stage: resize each training batch by a random factor "
                                           "in [0.3535, 1]", "model", aliases=("--use_random_gamma_scaling",))
     # optimisation
@@ -122,6 +129,9 @@ class TrainConfig:
                               "device")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N", "device", type=_device)
     amp: bool = _opt(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last", "device")
+    deterministic: bool = _opt(False, "deterministic algorithms only, no cuDNN autotuning, no TF32: a run "
+                               "repeats bit for bit on the same GPU model, software and process count "
+                               "(slower; CPU runs repeat without it)", "device")
 
     # --- the chosen stage's values -------------------------------------------------------------
     @property
@@ -170,6 +180,8 @@ class TrainConfig:
         if self.sample_size < self.crop_size:
             return (f"--{self.stage}_sample_size {self.sample_size} is smaller than "
                     f"--{self.stage}_crop_size {self.crop_size}")
+        if self.resume and self.overwrite:
+            return "--resume continues a run and --overwrite replaces it: give one of them"
         if self.stage == "keypoint" and self.load_from is None and not self.resume:
             return "--stage keypoint needs --load_from <finetune checkpoint> (or --resume)"
         return None
@@ -191,22 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="main.py", description="Train DeLF in two stages: finetune, then keypoint (attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = p.add_argument_group(meta["group"])
-        g = groups[meta["group"]]
-        names = (f"--{f.name}", *meta["aliases"])
-        if f.type in (bool, "bool"):
-            add_bool_flag(g, *names, default=f.default, help=meta["help"], dest=f.name)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
-        if meta["type"] is not None:
-            kwargs["type"] = meta["type"]
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-        g.add_argument(*names, **kwargs)
+    add_config_args(p, TrainConfig)
     return p
 
 

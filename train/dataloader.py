@@ -5,6 +5,7 @@ Images come out as RGB float tensors in [0, 1]; the model normalises them itself
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,9 +13,12 @@ import torch
 import torch.utils.data as data
 import torchvision.datasets as datasets
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_RETRIES = 100
+MAX_WORKERS = 20  # the seed's --workers
+SampleKey = tuple[int, int, int]
+"""(run seed, epoch, dataset index): what :class:`EpochSampler` hands the dataset."""
 log = logging.getLogger("delf")
 
 
@@ -34,8 +38,15 @@ def val_transform(sample_size: int, crop_size: int) -> T.Compose:
 
 
 def _load_rgb(path: str) -> Image.Image:
+    """The image as displayed, in RGB: EXIF orientation applied, as extraction does (a camera's
+    portrait photo is stored sideways with an Orientation tag)."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block: keep the stored orientation, as extraction does
+            pass
         return img.convert("RGB")
 
 
@@ -54,7 +65,18 @@ class ImageFolder(datasets.ImageFolder):
             raise DataError(f"{root}: not an ImageFolder (one sub-folder of images per class): {e}") from None
         self.corrupt: set[int] = set()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        """Sample ``key``: an index, or (seed, epoch, index) from :class:`EpochSampler`, whose
+        random augmentation is then drawn from torch's generator seeded by that triple, so it
+        does not depend on which worker process loads it (nor on --workers, nor on --resume)."""
+        if isinstance(key, int):
+            return self._get(key)
+        seed, epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(seed, epoch, index))
+            return self._get(index)
+
+    def _get(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(min(MAX_RETRIES, len(self))):
             i = (index + attempt) % len(self)
             if i in self.corrupt:
@@ -65,6 +87,21 @@ class ImageFolder(datasets.ImageFolder):
                 self.corrupt.add(i)
                 log.warning("skipping corrupt image %s (%s)", self.samples[i][0], type(e).__name__)
         raise DataError(f"{self.root}: no readable image among {MAX_RETRIES} files from index {index}")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 2_000_003 + index) % 2**63
+
+
+class EpochSampler(data.DistributedSampler):
+    """DistributedSampler (shuffled by seed and epoch; call ``set_epoch``) that yields
+    (seed, epoch, index) keys, so that each sample's augmentation is seeded by them
+    (see :meth:`ImageFolder.__getitem__`): persistent workers keep their random state across
+    epochs, which would otherwise make a resumed run differ from an uninterrupted one."""
+
+    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
+        return ((self.seed, self.epoch, i) for i in super().__iter__())
 
 
 def image_folders(train_path: str | Path, val_path: str | Path, sample_size: int,
@@ -103,15 +140,26 @@ class ShardSampler(data.Sampler[int]):
         return len(self.indices)
 
 
+def default_workers(local_processes: int = 1) -> int:
+    """Data-loading processes per training process: the CPUs this process may use shared among
+    the training processes of this node, at most :data:`MAX_WORKERS` and at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus // max(1, local_processes)))
+
+
 def loaders(train: ImageFolder, val: ImageFolder, train_batch_size: int, val_batch_size: int,
             workers: int, seed: int, rank: int = 0, world_size: int = 1,
             pin_memory: bool = False) -> tuple[data.DataLoader, data.DataLoader]:
-    """Shuffled training loader (a DistributedSampler, also for one process: its order depends
-    only on the seed and the epoch; call ``loader.sampler.set_epoch``) and an ordered
-    validation loader sharded across processes."""
-    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
-    train_sampler = data.DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True,
-                                            seed=seed)
+    """Shuffled training loader (an :class:`EpochSampler`, also for one process: its order and
+    augmentation depend only on the seed and the epoch; call ``loader.sampler.set_epoch``) and
+    an ordered validation loader sharded across processes. Worker processes persist across
+    epochs (not re-forked from the training process each epoch); ``pin_memory`` for CUDA."""
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory,
+                              "persistent_workers": workers > 0}
+    train_sampler = EpochSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return (data.DataLoader(train, batch_size=train_batch_size, sampler=train_sampler, **common),
             data.DataLoader(val, batch_size=val_batch_size, sampler=ShardSampler(len(val), rank, world_size),
                             **common))

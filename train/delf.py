@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .layers import ImageNormalize, SpatialAttention2d, WeightedSum2d
+from .layers import ATTENTION_POOLS, GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("finetune", "keypoint", "inference")
@@ -111,7 +111,8 @@ class Delf(nn.Module):
 
     - ``finetune``: base -> layer4 -> global average pool -> classifier; ``forward`` gives logits.
     - ``keypoint``: frozen base (+ frozen layer4 for layer4 features) -> attention -> attention-
-      weighted sum of L2-normalised features -> classifier; ``forward`` gives logits.
+      weighted sum (``attention_pool="sum"``, the paper's Eq. 1 and the seed) or mean ("mean",
+      the official TF2 trainer) of L2-normalised features -> classifier; ``forward`` gives logits.
     - ``inference``: as keypoint; use :meth:`extract` for feature maps and attention.
 
     ``base`` is ``nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3)``, the seed
@@ -128,6 +129,7 @@ class Delf(nn.Module):
         pretrained: Pretrained = "none",
         attn_batchnorm: bool = True,
         use_random_gamma_rescale: bool = False,
+        attention_pool: str = "sum",
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -135,7 +137,10 @@ class Delf(nn.Module):
         if target_layer not in TARGET_LAYERS:
             raise ValueError(f"unknown target_layer {target_layer!r}: choose from {', '.join(TARGET_LAYERS)}")
         self.arch, self.stage, self.target_layer, self.ncls = arch, stage, target_layer, ncls
+        if attention_pool not in ATTENTION_POOLS:
+            raise ValueError(f"unknown attention_pool {attention_pool!r}: choose from {', '.join(ATTENTION_POOLS)}")
         self.use_random_gamma_rescale = use_random_gamma_rescale
+        self.attention_pool = attention_pool
         resnet = build_resnet(arch, pretrained if stage == "finetune" else "none")
 
         self.normalize = ImageNormalize()
@@ -144,11 +149,11 @@ class Delf(nn.Module):
             self.layer4 = resnet.layer4
         if stage == "finetune":
             channels = feature_dim(arch, "layer4")
-            self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+            self.pool: nn.Module = GlobalAvgPool2d()
         else:
             channels = feature_dim(arch, target_layer)
             self.attn = SpatialAttention2d(channels, batchnorm=attn_batchnorm)
-            self.pool = WeightedSum2d()
+            self.pool = WeightedSum2d(attention_pool)
         self.logits = nn.Sequential(nn.Conv2d(channels, ncls, 1), nn.Flatten())
         if stage != "finetune":
             self.freeze_backbone()
@@ -202,7 +207,11 @@ class Delf(nn.Module):
             x = gamma_rescale(x)
         with torch.no_grad():
             f = self.features(x)
-        return self.logits(self.pool(f, self.attn(f)))
+        a = self.attn(f)
+        # Pooling and classifier in fp32 even under autocast: the pooled sum over up to 45x45
+        # cells can exceed fp16's range (65504) and would make the loss infinite.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.logits(self.pool(f.float(), a.float()))
 
 
 def gamma_rescale(x: torch.Tensor, low: float = GAMMA_RANGE[0], high: float = GAMMA_RANGE[1]) -> torch.Tensor:

@@ -39,13 +39,37 @@ class SpatialAttention2d(nn.Module):
         return self.softplus(self.conv2(self.relu(self.bn(self.conv1(x)))))
 
 
-class WeightedSum2d(nn.Module):
-    """y = sum_{h,w} a_hw * normalize_L2(F_hw): attention-weighted sum of unit features.
+class GlobalAvgPool2d(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1) mean over the cells. Unlike nn.AdaptiveAvgPool2d, its CUDA
+    backward is deterministic (--deterministic allows only such ops)."""
 
-    A sum, as in the seed (the official TF code takes the mean; the classifier absorbs the
-    constant). Returns (B, C, 1, 1).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+ATTENTION_POOLS = ("sum", "mean")
+
+
+class WeightedSum2d(nn.Module):
+    """y = sum_{h,w} a_hw * normalize_L2(F_hw) (``mode="sum"``: the paper's Eq. 1 and the seed),
+    or that sum divided by h*w (``mode="mean"``: the official TF2 trainer). Returns (B, C, 1, 1).
+
+    The two differ by more than a constant the classifier could absorb: the sum grows with the
+    number of cells, and random gamma rescaling in [0.3535, 1] changes the map's area, hence the
+    sum, by up to 1/0.3535^2 = 8x from one batch to the next.
     """
+
+    def __init__(self, mode: str = "sum") -> None:
+        super().__init__()
+        if mode not in ATTENTION_POOLS:
+            raise ValueError(f"unknown attention pooling {mode!r}: choose from {', '.join(ATTENTION_POOLS)}")
+        self.mode = mode
 
     def forward(self, features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         y = F.normalize(features, p=2, dim=1) * attention
+        if self.mode == "mean":
+            return y.mean(dim=(2, 3), keepdim=True)
         return y.sum(dim=(2, 3), keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

@@ -19,9 +19,9 @@ from train.checkpoint import CheckpointError
 from train.config import TrainConfig, parse_args
 from train.dataloader import DataError
 from train.delf import PretrainedUnavailable
-from train.run import train
+from train.run import RunRefused, train
 from train.runtime import setup_logging, setup_runtime, teardown_runtime
-from train.solver import TrainingDiverged
+from train.solver import OutputWriteError, TrainingDiverged
 
 __all__ = ["TrainConfig", "main", "train"]
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir = cfg.output_dir()
     try:
         return train(cfg, runtime)
-    except (DataError, CheckpointError, PretrainedUnavailable) as e:
+    except (RunRefused, DataError, CheckpointError, PretrainedUnavailable, OutputWriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except TrainingDiverged as e:
         last = out_dir / "ckpt" / "last.pth.tar"

@@ -51,6 +51,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -67,15 +68,19 @@ def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
 
     ``gpu_id`` sets CUDA_VISIBLE_DEVICES as the seed did; it must happen before CUDA initialises,
     which is why it lives here. ``device``: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.
+    With CUDA, each of torchrun's processes on a node takes its own GPU (cuda:LOCAL_RANK); more
+    processes than visible GPUs, or one ``cuda:N`` for several processes, is a clear error (NCCL
+    fails obscurely when two processes share a GPU).
     """
     if gpu_id is not None and gpu_id != "":
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device == "auto":
         if torch.cuda.is_available():
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            dev = _local_gpu(local_rank, local_world_size, gpu_id)
         else:
             hint = f" (--gpu_id {gpu_id} shows no GPU)" if gpu_id else ""
             if rank == 0:
@@ -87,12 +92,65 @@ def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
             if not torch.cuda.is_available():
                 raise SystemExit(f"error: --device {device} asked for, but CUDA is not available")
             if dev.index is None:
-                dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+                dev = _local_gpu(local_rank, local_world_size, gpu_id)
+            elif local_world_size > 1:
+                raise SystemExit(f"error: --device {device} puts all {local_world_size} processes of this node "
+                                 "on one GPU; use --device cuda (one GPU per process) or --gpu_id")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, world_size, local_rank)
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return Runtime(dev, rank, world_size, local_rank, local_world_size)
+
+
+def _local_gpu(local_rank: int, local_world_size: int, gpu_id: str | None) -> torch.device:
+    """cuda:LOCAL_RANK, after checking that every process of this node gets a GPU of its own."""
+    count = torch.cuda.device_count()
+    if local_world_size > count:
+        if gpu_id:
+            shown = f"--gpu_id {gpu_id} shows"
+        elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            shown = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows"
+        else:
+            shown = "this machine has"
+        raise SystemExit(f"error: {local_world_size} processes per node (--nproc_per_node) but {shown} "
+                         f"{count} GPU(s): start at most {count} per node, or give --gpu_id one GPU per process "
+                         "(e.g. --gpu_id 0,1)")
+    return torch.device("cuda", local_rank)
+
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+@contextmanager
+def deterministic_mode(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when ``enabled``): deterministic algorithms only (an op that has none
+    raises), cuDNN deterministic and not autotuning, TF32 off for matmuls and convolutions, and
+    ``CUBLAS_WORKSPACE_CONFIG`` set as deterministic cuBLAS needs (read when cuBLAS starts: enter
+    the block before the first CUDA matmul). The previous settings come back afterwards.
+
+    Then a run repeats bit for bit on the same device model, software versions and process
+    count; CPU and CUDA results still differ by rounding.
+    """
+    if not enabled:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+              cudnn.allow_tf32, matmul.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before[1:5]
+        if before[5] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def teardown_runtime() -> None:

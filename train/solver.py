@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.data as data
 from tqdm import tqdm
 
@@ -30,10 +31,47 @@ log = logging.getLogger("delf")
 
 TOPK = (1, 3, 5)
 LOG_COLUMNS = ("epoch", "lr", "loss", "top1", "top3", "top5")
+CHECK_EVERY = 50  # training steps between host syncs (progress bar, non-finite-loss check)
+MAX_SKIPPED = 20  # fp16 with GradScaler: this many non-finite losses in a row mean divergence
+MIN_SCALE = 1.0  # fp16 with GradScaler: a loss scale below this means divergence
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (without a GradScaler), or kept being so (with one)."""
+
+
+class OutputWriteError(RuntimeError):
+    """A checkpoint or log could not be written (disk full, I/O error, ...); ``str(e)`` is one
+    line saying what failed and which checkpoint is kept."""
+
+
+class LossWatch:
+    """Non-finite training losses of one epoch, recorded on the device with no host sync per
+    step: the longest run of consecutive ones, the first step that had one, and whether that
+    one was NaN. :meth:`read` syncs once and agrees across processes (one all-reduce)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.run = torch.zeros((), dtype=torch.float64, device=device)
+        # max-reduced across processes: longest run, -(first bad step), first bad one was NaN
+        self.state = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        self.run = (self.run + 1) * bad
+        first = bad & (self.state[1] == -math.inf)
+        self.state = torch.stack([torch.maximum(self.state[0], self.run),
+                                  torch.where(first, -float(step), self.state[1]),
+                                  torch.where(first, torch.isnan(loss).double(), self.state[2])])
+
+    def read(self, distributed: bool) -> tuple[int, int | None, bool]:
+        """(longest run of non-finite losses, first such step or None, whether it was NaN) over
+        all processes."""
+        state = self.state.clone()
+        if distributed:
+            dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        longest, neg_first, nan = state.tolist()
+        return int(longest), None if neg_first == -math.inf else int(-neg_first), bool(nan)
 
 
 @dataclass(frozen=True)
@@ -77,26 +115,54 @@ def correct_topk(outputs: torch.Tensor, labels: torch.Tensor, topk: Iterable[int
 
 
 class EpochMeter:
-    """Sums of loss, sample count and top-k hits over an epoch, kept on the device."""
+    """Sums of loss and top-k hits over an epoch, kept on the device, and the sample count (a
+    Python int). With ``limit``, only the first ``limit`` samples count: a DistributedSampler
+    pads the last batches with repeats so that every process gets as many batches, and those
+    repeats are trained on but must not count twice in the metrics (see :func:`real_samples`)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, limit: int | None = None) -> None:
+        self.device, self.limit = device, limit
+        self.sums = torch.zeros(1 + len(TOPK), dtype=torch.float64, device=device)
+        self.count = 0
 
     def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: ``loss`` is its mean loss (B,) -> (), ``outputs`` (B, ncls) logits."""
         n = labels.shape[0]
-        batch = torch.cat([torch.stack([loss.double() * n, loss.new_tensor(n, dtype=torch.float64)]),
-                           correct_topk(outputs, labels).double()])
-        self.sums += batch
+        if self.limit is not None and self.count + n > self.limit:
+            n = max(self.limit - self.count, 0)
+            if n == 0:
+                return
+            outputs, labels = outputs[:n], labels[:n]
+            loss_sum = F.cross_entropy(outputs.float(), labels, reduction="sum")
+        else:
+            loss_sum = loss.detach().double() * n
+        self.sums += torch.cat([loss_sum.double().view(1), correct_topk(outputs, labels).double()])
+        self.count += n
 
     def all_reduce(self) -> None:
+        """Sum over torchrun's processes (one collective, on the run's device)."""
         if dist.is_initialized():
-            dist.all_reduce(self.sums)
+            totals = torch.cat([self.sums, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                        device=self.device)])
+            dist.all_reduce(totals)
+            self.sums, self.count = totals[:-1], int(totals[-1].item())
 
     def averages(self) -> dict[str, float]:
-        """loss (mean) and top1/top3/top5 (percent)."""
-        loss_sum, n, *hits = self.sums.tolist()
-        n = max(n, 1.0)
-        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)}}
+        """loss (mean), top1/top3/top5 (percent) and the number of samples counted."""
+        loss_sum, *hits = self.sums.tolist()
+        n = max(self.count, 1)
+        return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)},
+                "samples": self.count}
+
+
+def real_samples(sampler: data.Sampler | None) -> int | None:
+    """How many of the indices ``sampler`` gives this process are distinct samples: a
+    DistributedSampler without drop_last pads the shuffled list to a multiple of the process
+    count with its first indices, and the padding lands at the end of each process's share.
+    None (count all) for other samplers."""
+    if not isinstance(sampler, data.DistributedSampler) or sampler.drop_last:
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
 
 
 class RunLog:
@@ -156,8 +222,6 @@ class Solver:
         self.device = self.rt.device
         self.amp = settings.amp
         self.memory_format = torch.channels_last if self.amp else torch.contiguous_format
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels once
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = model
         if self.rt.distributed:
@@ -169,48 +233,83 @@ class Solver:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.start_epoch = 0
         self.best_acc = 0.0
+        self.saved_epoch: int | None = None  # epoch of the last.pth.tar this run wrote or resumed from
         warn_if_slow_amp(self.device, self.amp)
+
+    def autotune(self, training: bool) -> bool:
+        """Whether cuDNN may benchmark its convolution algorithms (``cudnn.benchmark``).
+
+        Only where every batch has the same input size: benchmarking runs once per new size, so
+        with random gamma rescaling (the keypoint stage's training batches take hundreds of
+        sizes) it would re-benchmark nearly every batch, differently on each process, and the
+        processes would wait for each other. The sizes are not rounded to a few buckets instead:
+        that would change the seed's augmentation, and the keypoint stage's trainable part (the
+        attention head and classifier) is small, so autotuning its frozen backbone's forward
+        gains little. Validation crops are fixed, so it benchmarks there. Never under
+        ``--deterministic`` (:func:`train.runtime.deterministic_mode`).
+        """
+        if self.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            return False
+        gamma = self.model.stage == "keypoint" and self.model.use_random_gamma_rescale
+        return not (training and gamma)
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached.
-        Raises :class:`TrainingDiverged` before touching the weights if the loss is not finite."""
+        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached,
+        without waiting for the device. A non-finite loss is not checked here (that would sync
+        every step): with a GradScaler (fp16) the step is skipped and the scale lowered; without,
+        :meth:`train_epoch` stops the run at its next check, before any checkpoint is written."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp):
             outputs = self.net(images)
             loss = self.criterion(outputs, labels)
-        self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), outputs.detach()
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.rt.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            value = loss.item()
-            raise TrainingDiverged(f"loss is {value}" if not math.isfinite(value) else
-                                   "loss is not finite on another process")
+    def check_losses(self, watch: LossWatch, epoch: int, end_of_epoch: bool) -> None:
+        """Raise :class:`TrainingDiverged` when the run diverged: any non-finite loss without a
+        GradScaler; with one (fp16), :data:`MAX_SKIPPED` non-finite losses in a row or a loss
+        scale below :data:`MIN_SCALE` (isolated overflows are expected: the scaler skips them)."""
+        longest, first, nan = watch.read(self.rt.distributed)
+        where = f"at epoch {epoch + 1}, step {first + 1}" if first is not None else ""
+        if not self.scaler.is_enabled():
+            if first is not None:
+                raise TrainingDiverged(f"loss is {'nan' if nan else 'inf'} {where}: training stopped")
+            return
+        scale = self.scaler.get_scale()
+        if longest >= MAX_SKIPPED or scale < MIN_SCALE:
+            raise TrainingDiverged(f"fp16 training diverged: {longest} non-finite losses in a row (first {where}), "
+                                   f"loss scale {scale:g}: training stopped")
+        if end_of_epoch and first is not None and self.rt.is_main:
+            log.warning("fp16: steps with a non-finite loss were skipped this epoch (first %s); loss scale now %g",
+                        where, scale)
 
     # --- epochs --------------------------------------------------------------------------------
     def train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
-        """One pass over ``loader``; metrics averaged over all processes."""
+        """One pass over ``loader``; metrics averaged over all processes, each sample counted once.
+        The host waits for the device only every :data:`CHECK_EVERY` steps (progress bar and
+        divergence check) and at the end."""
         self.net.train()
-        meter = EpochMeter(self.device)
+        torch.backends.cudnn.benchmark = self.autotune(training=True)
+        meter = EpochMeter(self.device, limit=real_samples(getattr(loader, "sampler", None)))
+        watch = LossWatch(self.device)
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
-            try:
-                loss, outputs = self.train_step(images, labels)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}: training stopped") from None
-            meter.update(loss, outputs, labels.to(self.device))
-            if self.rt.is_main:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in meter.averages().items() if k in ("loss", "top1")})
+            labels = labels.to(self.device, non_blocking=True)
+            loss, outputs = self.train_step(images, labels)
+            meter.update(loss, outputs, labels)
+            watch.update(loss, step)
+            if (step + 1) % CHECK_EVERY == 0:
+                self.check_losses(watch, epoch, end_of_epoch=False)
+                if self.rt.is_main:
+                    avg = meter.averages()
+                    bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "top1")})
+        self.check_losses(watch, epoch, end_of_epoch=True)
         meter.all_reduce()
         return meter.averages()
 
@@ -218,6 +317,7 @@ class Solver:
     def validate(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
         """Loss and accuracy on ``loader`` (each process its own shard, then summed)."""
         self.model.eval()
+        torch.backends.cudnn.benchmark = self.autotune(training=False)
         meter = EpochMeter(self.device)
         bar = tqdm(loader, desc=f"val {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
@@ -236,7 +336,10 @@ class Solver:
         save bestshot (best val top-1) and last checkpoints, log."""
         run_log = None
         if self.out_dir is not None and self.rt.is_main:
-            run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+            try:
+                run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+            except OSError as e:
+                raise OutputWriteError(self._write_failure(self.out_dir / "log", e)) from None
         try:
             for epoch in range(self.start_epoch, epochs):
                 self._run_epoch(train_loader, val_loader, epoch, epochs, run_log)
@@ -260,8 +363,11 @@ class Solver:
         if self.rt.is_main:
             self.save(epoch + 1, is_best)
             if run_log is not None:
-                run_log.write("train", epoch + 1, lr, train)
-                run_log.write("val", epoch + 1, lr, val)
+                try:
+                    run_log.write("train", epoch + 1, lr, train)
+                    run_log.write("val", epoch + 1, lr, val)
+                except OSError as e:
+                    raise OutputWriteError(self._write_failure(run_log.csv["train"].parent, e)) from None
             log.info("epoch %d/%d  lr %.3g  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 %.2f"
                      "%s  (%.1f s)", epoch + 1, epochs, lr, train["loss"], train["top1"], val["loss"],
                      val["top1"], val["top5"], "  *best*" if is_best else "", time.perf_counter() - start)
@@ -283,9 +389,23 @@ class Solver:
         if self.ckpt_dir is None:
             return
         ckpt = self.checkpoint(epoch)
-        if is_best:
-            atomic_save(ckpt, self.ckpt_dir / "bestshot.pth.tar")
-        atomic_save(ckpt, self.ckpt_dir / "last.pth.tar")
+        names = ("bestshot.pth.tar", "last.pth.tar") if is_best else ("last.pth.tar",)
+        for name in names:
+            try:
+                atomic_save(ckpt, self.ckpt_dir / name)
+            except OSError as e:
+                raise OutputWriteError(self._write_failure(self.ckpt_dir / name, e)) from None
+        self.saved_epoch = epoch
+
+    def _write_failure(self, path: Path, error: OSError) -> str:
+        """One line: what could not be written, why, and what is kept (writes are atomic: a
+        failed one leaves the previous file whole)."""
+        reason = error.strerror or str(error) or type(error).__name__
+        if self.saved_epoch is not None and self.ckpt_dir is not None:
+            kept = f"{self.ckpt_dir / 'last.pth.tar'} (epoch {self.saved_epoch}) is kept: --resume continues from it"
+        else:
+            kept = "no checkpoint was written: rerun the command to start again"
+        return f"could not write {path} ({reason}); {kept}"
 
     def load_state(self, ckpt: dict[str, Any], source: str | Path) -> None:
         """Continue from a checkpoint of this trainer: weights, optimiser, LR schedule, AMP
@@ -298,5 +418,5 @@ class Solver:
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{source}: cannot resume from it: {e}") from None
-        self.start_epoch = int(ckpt["epoch"])
+        self.start_epoch = self.saved_epoch = int(ckpt["epoch"])
         self.best_acc = float(ckpt["best_acc"])

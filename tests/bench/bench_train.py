@@ -25,7 +25,7 @@ import torch
 
 from train.delf import Delf
 from train.runtime import autocast, native_bf16
-from train.solver import EpochMeter, Settings, Solver
+from train.solver import EpochMeter, LossWatch, Settings, Solver
 
 NCLS = 586
 
@@ -40,10 +40,13 @@ def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterio
     optimizer.step()
 
 
-def trainer_step(solver: Solver, meter: EpochMeter, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """The trainer's step as train_epoch runs it: train_step + metric accumulation."""
+def trainer_step(solver: Solver, meter: EpochMeter, watch: LossWatch, images: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+    """The trainer's step as train_epoch runs it: train_step + metric and loss-watch accumulation
+    (on the device, no host sync)."""
     loss, outputs = solver.train_step(images, labels)
     meter.update(loss, outputs, labels)
+    watch.update(loss, 0)
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -57,10 +60,10 @@ def bench(stage: str, amp: bool, size: int, batch: int, reps: int) -> None:
     model = Delf(NCLS, arch="resnet50", stage=stage, use_random_gamma_rescale=False)
     solver = Solver(model, Settings(amp=amp))
     solver.net.train()
-    meter = EpochMeter(solver.device)
+    meter, watch = EpochMeter(solver.device), LossWatch(solver.device)
     images, labels = torch.rand(batch, 3, size, size), torch.randint(0, NCLS, (batch,))
 
-    ours = lambda: trainer_step(solver, meter, images, labels)  # noqa: E731
+    ours = lambda: trainer_step(solver, meter, watch, images, labels)  # noqa: E731
     bare = lambda: bare_step(model, solver.optimizer, solver.criterion, images, labels, amp)  # noqa: E731
     ours(), bare()  # warm-up: allocator, oneDNN primitives
     t_ours, t_bare = [], []
