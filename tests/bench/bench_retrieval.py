@@ -143,6 +143,10 @@ class GeneratedWords(VisualWords):
         return next(self._pending)[:, None]
 
 
+def assign_all(words: VisualWords, queries: list[np.ndarray], m: int) -> list[np.ndarray]:
+    return [words.assign(q, m) for q in queries]
+
+
 def bench_asmk(args: argparse.Namespace) -> None:
     cfg = AsmkConfig(codebook_size=args.codebook_size)
     for dim in args.asmk_dims:
@@ -169,8 +173,7 @@ def bench_asmk(args: argparse.Namespace) -> None:
             queries = [np.concatenate([noisy(db[i][:PER_IMAGE // 2], 0.3, rng),
                                        clustered(PER_IMAGE // 2, dim, seed=5 + j)])
                        for j, i in enumerate(targets)]
-            _, t_assign, c_assign = timed(lambda: [words.assign(q, cfg.query_assignments)
-                                                   for q in queries])
+            _, t_assign, c_assign = timed(assign_all, words, queries, cfg.query_assignments)
             scores, t, c = timed(index.scores, queries)
         top1 = np.mean([rank(s)[0] == i for s, i in zip(scores, targets, strict=True)])
         per_query, assign = t / len(queries), t_assign / len(queries)
