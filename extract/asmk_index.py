@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -162,18 +162,21 @@ class AsmkIndex:
     """ASMK* inverted file of database images: per visual word, the (image, binary residual)
     pairs of the images that have it, stored contiguously (entries sorted by word)."""
 
-    def __init__(self, words: VisualWords | np.ndarray, descriptors: Sequence[np.ndarray],
+    def __init__(self, words: VisualWords | np.ndarray, descriptors: Iterable[np.ndarray],
                  config: AsmkConfig = AsmkConfig()) -> None:
-        """``words``: the codebook (or its (K, D) centroids); ``descriptors[i]``: (n_i, D)
-        descriptors of database image i (an image without descriptors scores 0)."""
+        """``words``: the codebook (or its (K, D) centroids); ``descriptors``: the (n_i, D)
+        descriptors of database image i = 0, 1, ... (any iterable: images are read one at a
+        time; an image without descriptors scores 0)."""
         self.words = words if isinstance(words, VisualWords) else VisualWords(words)
-        self.config, self.num_images, self.dim = config, len(descriptors), self.words.dim
+        self.config, self.dim = config, self.words.dim
         codes, word_ids, images = [], [], []
+        self.num_images = 0
         for i, d in enumerate(descriptors):
             c, w = self._represent(d, config.db_assignments, f"database image {i}")
             codes.append(c)
             word_ids.append(w)
             images.append(np.full(len(w), i, np.int32))
+            self.num_images = i + 1
         word_ids_all = np.concatenate(word_ids) if word_ids else np.empty(0, np.int64)
         order = np.argsort(word_ids_all, kind="stable")
         self.codes = (np.concatenate(codes) if codes else

@@ -168,7 +168,9 @@ def test_asmk_copies_rank_first_and_edge_cases() -> None:
     assert np.argmax(scores[0]) == 3 and np.argmax(scores[1]) == 9
     assert scores[0, 3] > 1.5 * np.sort(scores[0])[-2]
     assert not scores[2].any() and not scores[:, 12].any()   # empty query / database image
-    np.testing.assert_array_equal(AsmkIndex(centroids, db).scores([db[3]]), scores[:1])
+    streamed = AsmkIndex(centroids, iter(db), AsmkConfig(codebook_size=64))   # images read one by one
+    assert streamed.num_images == 13
+    np.testing.assert_array_equal(streamed.scores([db[3]]), scores[:1])
     with pytest.raises(ValueError, match="query: descriptors are 8-d, the codebook's 40-d"):
         index.query(x[:5, :8])
     with pytest.raises(ValueError, match="database image 1: descriptors are 8-d"):
