@@ -21,7 +21,6 @@ never used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
+from extract.config import AsmkConfig
 from extract.index import as_rows, kmeans
 from train.checkpoint import atomic_path
 
@@ -40,22 +40,10 @@ class CodebookError(RuntimeError):
     """A codebook file is unreadable or was made with other parameters; the message says which."""
 
 
-@dataclass(frozen=True)
-class AsmkConfig:
-    """ASMK* parameters; the defaults are the reference ones, defined here only."""
-
-    codebook_size: int = 65536
-    kmeans_iters: int = 10         # as asmk's own codebook training
-    seed: int = 0
-    alpha: float = 3.0
-    similarity_threshold: float = 0.0
-    db_assignments: int = 1        # visual words per database descriptor
-    query_assignments: int = 5     # visual words per query descriptor
-
-
 # --- codebook ----------------------------------------------------------------------------------
-def train_codebook(descriptors: np.ndarray, config: AsmkConfig = AsmkConfig()) -> np.ndarray:
+def train_codebook(descriptors: np.ndarray, config: AsmkConfig | None = None) -> np.ndarray:
     """k-means centroids (codebook_size, D) float32 of (n, D) descriptors (faiss)."""
+    config = config or AsmkConfig()
     return kmeans(descriptors, config.codebook_size, niter=config.kmeans_iters, seed=config.seed)
 
 
@@ -89,11 +77,12 @@ def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.ascontiguousarray(centroids, dtype=np.float32), attrs
 
 
-def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConfig = AsmkConfig(),
+def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConfig | None = None,
              attrs: Mapping[str, Any] | None = None) -> np.ndarray:
     """The codebook stored at ``path`` when it was made the same way (``config``'s training
     parameters and ``attrs``, e.g. the descriptors' extraction parameters), else trained on
     ``descriptors()`` and stored there. A stored codebook made otherwise is refused."""
+    config = config or AsmkConfig()
     wanted = {**codebook_attrs(config), **(attrs or {})}
     if path.is_file():
         centroids, stored = load_codebook(path)
@@ -163,16 +152,16 @@ class AsmkIndex:
     pairs of the images that have it, stored contiguously (entries sorted by word)."""
 
     def __init__(self, words: VisualWords | np.ndarray, descriptors: Iterable[np.ndarray],
-                 config: AsmkConfig = AsmkConfig()) -> None:
+                 config: AsmkConfig | None = None) -> None:
         """``words``: the codebook (or its (K, D) centroids); ``descriptors``: the (n_i, D)
         descriptors of database image i = 0, 1, ... (any iterable: images are read one at a
         time; an image without descriptors scores 0)."""
         self.words = words if isinstance(words, VisualWords) else VisualWords(words)
-        self.config, self.dim = config, self.words.dim
+        self.config, self.dim = config or AsmkConfig(), self.words.dim
         codes, word_ids, images = [], [], []
         self.num_images = 0
         for i, d in enumerate(descriptors):
-            c, w = self._represent(d, config.db_assignments, f"database image {i}")
+            c, w = self._represent(d, self.config.db_assignments, f"database image {i}")
             codes.append(c)
             word_ids.append(w)
             images.append(np.full(len(w), i, np.int32))

@@ -10,27 +10,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import faiss
 import numpy as np
 
-KINDS = ("auto", "flat", "ivf", "ivfpq")
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How a k-NN index is built and searched; each default defined here only."""
-
-    kind: str = "auto"        # auto: flat up to exact_max rows, else ivf
-    nlist: int = 0            # IVF cells; 0: auto_nlist
-    nprobe: int = 64          # IVF cells scanned per query: recall@10 0.97 (bench_retrieval)
-    pq_m: int = 8             # IVF-PQ: sub-quantisers (bytes per row); must divide the dimension
-    exact_max: int = 1 << 18  # auto: exact search up to this many rows
-    train_per_cell: int = 64  # IVF training sample: rows per cell
-    train_iters: int = 10     # IVF training: k-means iterations
-    seed: int = 0
+from extract.config import INDEX_KINDS, IndexConfig
 
 
 @contextmanager
@@ -86,9 +71,10 @@ def auto_nlist(n: int, exact_max: int = IndexConfig.exact_max) -> int:
 class KnnIndex:
     """Inner-product k-NN over the rows of one (n, D) float32 array."""
 
-    def __init__(self, x: np.ndarray, config: IndexConfig = IndexConfig()) -> None:
-        if config.kind not in KINDS:
-            raise ValueError(f"index kind {config.kind!r}: expected one of {', '.join(KINDS)}")
+    def __init__(self, x: np.ndarray, config: IndexConfig | None = None) -> None:
+        config = config or IndexConfig()
+        if config.kind not in INDEX_KINDS:
+            raise ValueError(f"index kind {config.kind!r}: expected one of {', '.join(INDEX_KINDS)}")
         self.config = config
         self.x = as_rows(x)
         self.ntotal, self.dim = self.x.shape

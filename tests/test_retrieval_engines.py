@@ -13,17 +13,9 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 import extract.asmk_index as asmk_index
-from extract.asmk_index import (
-    AsmkConfig,
-    AsmkIndex,
-    CodebookError,
-    VisualWords,
-    aggregate,
-    codebook,
-    load_codebook,
-    save_codebook,
-)
-from extract.index import IndexConfig, KnnIndex, auto_nlist, faiss_threads, kmeans
+from extract.asmk_index import AsmkIndex, CodebookError, VisualWords, aggregate, codebook, load_codebook, save_codebook
+from extract.config import AsmkConfig, IndexConfig
+from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
 
 
 def unit(x: np.ndarray) -> np.ndarray:

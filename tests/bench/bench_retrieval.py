@@ -34,8 +34,9 @@ import time
 import faiss
 import numpy as np
 
-from extract.asmk_index import AsmkConfig, AsmkIndex, VisualWords
-from extract.index import IndexConfig, KnnIndex, faiss_threads, kmeans
+from extract.asmk_index import AsmkIndex, VisualWords
+from extract.config import AsmkConfig, IndexConfig
+from extract.index import KnnIndex, faiss_threads, kmeans
 from extract.retrieval import rank
 
 PER_IMAGE = 1000
