@@ -14,17 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.config import EvalConfig, ExtractionConfig
+import extract.asmk_index as asmk_index
+from extract.asmk_index import AsmkIndex, load_codebook
+from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.evaluate import evaluate_dataset, main
-from extract.features import iter_features
-from extract.metrics import evaluate
+from extract.feature_cache import set_name
+from extract.features import feature_names, iter_features
+from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
 from extract.revisitop import load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
-from train.runtime import limit_threads
+from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("astronaut", "coffee", "chelsea")
@@ -206,6 +209,7 @@ def test_ranks_mode_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     ("bad_shape", "shape (2, 6), expected"),
     ("no_npy", "cannot read a .npy ranking"),
     ("no_images", "8 of 8 images missing under"),
+    ("no_codebook", "--method asmk needs --codebook_images DIR"),
     ("bad_pkl", "not a revisitop ground-truth file"),
 ])
 def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
@@ -221,6 +225,8 @@ def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: s
         args += ["--ranks", str(tmp_path / "missing.npy")]
     if case == "bad_pkl":
         (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(b"not a pickle")
+    if case == "no_images":
+        args += ["--method", "vote"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -308,12 +314,14 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     feats, out = tiny["tmp"] / "features", tiny["tmp"] / "res.json"
     args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from",
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
-            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
+            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats), "--method", "vote"]
     assert main(args + ["--output", str(out)]) == 0
     reranked = json.loads(out.read_text())
-    assert set(reranked) == {"easy", "medium", "hard"}
-    assert all(0 <= v <= 100 for row in reranked.values() for v in row.values())
-    assert "initial ranking" in capsys.readouterr().out
+    assert set(reranked) == {"easy", "medium", "hard", "initial"}
+    assert all(0 <= v <= 100 for table in (reranked, reranked["initial"]) for p in PROTOCOLS
+               for v in table[p].values())
+    printed = capsys.readouterr().out
+    assert "k-NN votes (initial ranking)" in printed and "k-NN votes+SP" in printed
 
     # features: every database image and every cropped query, in the crop's frame
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
@@ -347,11 +355,83 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     # the same evaluation from Python, without argparse: the CLI's cache is accepted as is
     result = evaluate_dataset(load_dataset(tiny["root"], "roxford5k"), tiny["ckpt"], feats, pca_path=tiny["pca"],
                               extraction=ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES))),
-                              conf=EvalConfig(rerank=100))
+                              conf=EvalConfig(method="vote", rerank=100))
     assert result.final["medium"]["mAP"] == pytest.approx(reranked["medium"]["mAP"], abs=1e-4)
     assert result.initial["medium"]["mAP"] == pytest.approx(initial["medium"]["mAP"], abs=1e-4)
+    assert initial["initial"] == {p: initial[p] for p in PROTOCOLS}    # nothing re-ranked
     assert reranked["medium"]["mAP"] > 80.0
     # other extraction parameters: the cache is refused, with the way out
     assert main(args + ["--pca_dims", "16"]) == 1
     err = capsys.readouterr().err
     assert "pca_dims: 40 in the file, 16 now" in err and "--overwrite extracts again" in err
+
+
+def image_set(root: Path, names: tuple[str, ...], views: int, seed: int, size: int = 160) -> Path:
+    """A folder of ``views`` random views of each named photo."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for name in names:
+        img = photo(name, size)
+        for v in range(views):
+            Image.fromarray(view(img, rng, 0.1)).save(root / f"{name}_{v}.jpg", quality=92)
+    return root
+
+
+@pytest.mark.slow
+def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture) -> None:
+    """ASMK* with a 32-word codebook trained on other photos (as ROxf's on RParis): scores and
+    tables, the stored codebook (reused, the same again from the same seed), copies of a query
+    ranked first, distractors added to the database."""
+    tmp = tiny["tmp"] / expr
+    codebook_images = image_set(tmp / "codebook" / "jpg", ("hubble_deep_field", "rocket", "camera", "coins"), 3, 1)
+    feats, out = tmp / "features" / "roxford5k", tmp / "res.json"
+    args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_expr", expr, "--load_from",
+            str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
+            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats),
+            "--codebook_size", "32", "--codebook_images", str(codebook_images)]
+    assert main(args + ["--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"easy", "medium", "hard", "initial"}
+    assert all(0 <= v <= 100 for table in (res, res["initial"]) for p in PROTOCOLS for v in table[p].values())
+    assert res["medium"]["mAP"] > 80.0 and res["medium"]["mAP"] >= res["initial"]["medium"]["mAP"]
+    printed = capsys.readouterr().out
+    assert "ASMK* (initial ranking)" in printed and "ASMK*+SP (spatial verification of the top 100)" in printed
+    assert "kB per database image" in printed and "M mP@10" in printed
+
+    # the codebook: plain arrays under repo/<expr>/asmk, trained on the codebook images' features
+    stored = repo_dir() / expr / "asmk" / f"codebook_32_{set_name(codebook_images)}.h5"
+    centroids, attrs = load_codebook(stored)
+    assert centroids.shape == (32, 40) and attrs["codebook_size"] == 32
+    assert attrs["features.pca_dims"] == 40 and attrs["features.attn_thres"] == 0.0
+    cb_feats = feats.parent / f"{set_name(codebook_images)}.h5"
+    assert len(feature_names(cb_feats)) == 12 and attrs["num_descriptors"] == sum(
+        len(f["descriptors"]) for _, f in iter_features(cb_feats))
+
+    # reused as stored; deleted, the same seed trains the same codebook and ranks the same
+    monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
+    assert main(args + ["--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+    monkeypatch.undo()
+    stored.unlink()
+    assert main(args + ["--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+    np.testing.assert_array_equal(load_codebook(stored)[0], centroids)
+
+    # an identical copy of each query ranks first among the database images
+    with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
+        cfg = pickle.load(f)
+    db = dict(iter_features(feats / "db.h5"))
+    queries = [f["descriptors"] for _, f in sorted(iter_features(feats / "query.h5"))]
+    index = AsmkIndex(centroids, [db[n]["descriptors"] for n in cfg["imlist"]] + queries, AsmkConfig(codebook_size=32))
+    scores = index.scores(queries)
+    n = len(cfg["imlist"])
+    assert [int(np.argmax(s)) for s in scores] == [n + i for i in range(len(queries))]
+
+    # distractors join the database; their features are cached next to the dataset's
+    distractors = image_set(tmp / "distractors", ("hubble_deep_field", "camera"), 2, 2)
+    capsys.readouterr()
+    assert main(args + ["--distractors", str(distractors), "--output", str(out)]) == 0
+    assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
+    assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
+    assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
