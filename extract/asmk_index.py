@@ -30,7 +30,7 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 from extract.config import AsmkConfig
-from extract.index import as_rows, kmeans
+from extract.index import as_rows, kmeans, use_gpu
 from train.checkpoint import atomic_path
 
 CODEBOOK_FORMAT = "delf-pytorch asmk codebook 1"
@@ -115,12 +115,12 @@ POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
 
 class VisualWords:
     """A codebook's centroids and exact nearest-word assignment (asmk's Codebook: a flat L2
-    faiss index over the centroids)."""
+    faiss index over the centroids, on the GPU when faiss-gpu sees one)."""
 
     def __init__(self, centroids: np.ndarray) -> None:
         self.centroids = as_rows(centroids)
         self.size, self.dim = self.centroids.shape
-        self._book = Codebook(initialize_index(gpu_id=None), size=self.size)
+        self._book = Codebook(initialize_index(gpu_id=0 if use_gpu() else None), size=self.size)
         self._book.index(self.centroids)
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
