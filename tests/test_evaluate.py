@@ -18,13 +18,13 @@ import extract.asmk_index as asmk_index
 from extract.asmk_index import AsmkIndex, load_codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.evaluate import evaluate_dataset, main
-from extract.feature_cache import set_name
-from extract.features import feature_names, iter_features
+from extract.feature_cache import FeatureStore, set_name
+from extract.features import FeatureWriter, feature_names, iter_features
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
-from extract.revisitop import load_dataset
+from extract.revisitop import EvalError, load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.runtime import limit_threads, repo_dir
@@ -435,3 +435,24 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
     assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
+    assert main(args + ["--distractors", str(tmp / "nowhere")]) == 1
+    assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
+
+
+def test_set_name_and_feature_store(tmp_path: Path) -> None:
+    """Image sets are named by their last two folders (revisitop's are all called jpg); the store
+    numbers images across files in order and names a file that lacks one."""
+    assert set_name("/data/rparis6k/jpg") == "rparis6k_jpg" and set_name("/d/my list.txt") == "d_my-list.txt"
+    feats = {"keypoints": np.zeros((2, 2), np.float32), "descriptors": np.eye(2, dtype=np.float32),
+             "scores": np.ones(2, np.float32), "scales": np.ones(2, np.float32),
+             "image_size": np.array([4, 4], np.int32)}
+    for name, images in (("a.h5", ["x", "y"]), ("b.h5", ["z"])):
+        with FeatureWriter(tmp_path / name, {"pca_dims": 2}) as w:
+            for i, image in enumerate(images):
+                w.write(image, {**feats, "descriptors": feats["descriptors"] * (i + 1)})
+    with FeatureStore([(tmp_path / "a.h5", ["y", "x"]), (tmp_path / "b.h5", ["z"])]) as store:
+        assert len(store) == 3
+        np.testing.assert_array_equal(store.features(0)["descriptors"], 2 * np.eye(2))
+        assert [d[0, 0] for d in store.descriptors()] == [2.0, 1.0, 1.0]
+    with pytest.raises(EvalError, match=r"b.h5: no features for 1 images \(e.g. 'w'\)"):
+        FeatureStore([(tmp_path / "a.h5", ["x"]), (tmp_path / "b.h5", ["w"])])
