@@ -54,10 +54,10 @@ class DescriptorIndex:
         return self.x[self.image_offsets[i]:self.image_offsets[i + 1]]
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+               threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """k most similar database descriptors (inner product) of each query descriptor:
         (similarities (n, k) float32 descending, database images (n, k) int64; -1 where fewer
-        than k candidates). ``threads``: faiss's threads (0: all cores)."""
+        than k candidates). ``threads``: faiss's threads (0: faiss's default, $OMP_NUM_THREADS or all cores)."""
         with faiss_threads(threads):
             sims, rows = self.knn.search(as_rows(queries, self.dim), k, nprobe)
         return sims, np.where(rows >= 0, self.image[np.maximum(rows, 0)], -1)
