@@ -194,11 +194,15 @@ class AsmkIndex:
         return self.codes.nbytes + self.images.nbytes + self.offsets.nbytes + self.norm.nbytes
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
-        """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors:
-        sum over shared words of max(s, threshold-masked)^alpha, s = 1 - 2 hamming / D, divided
-        by sqrt(words of the query * words of the image)."""
+        """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors."""
+        return self.search(*self._represent(descriptors, self.config.query_assignments, "query"))
+
+    def search(self, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """ASMK* similarity (num database images,) float64 of an aggregated query (``codes``,
+        ``words`` as :func:`aggregate` returns them): per shared word, s = 1 - 2 hamming / D,
+        kept where s >= the threshold and raised to alpha, summed per image and divided by
+        sqrt(words of the query * words of the image)."""
         cfg = self.config
-        codes, words = self._represent(descriptors, cfg.query_assignments, "query")
         scores = np.zeros(self.num_images)
         if not len(words):
             return scores
