@@ -62,12 +62,52 @@ class MatchConfig:
                 "(8: the pyramid's 0.25..2.0 range)"})
 
 
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+METHODS = ("asmk", "vote")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """A faiss k-NN index (extract/index.py): how it is built and searched."""
+
+    kind: str = "auto"        # auto: flat up to exact_max rows, else ivf
+    nlist: int = 0            # IVF cells; 0: about one per 1000 rows
+    nprobe: int = 64          # IVF cells scanned per query: recall@10 0.97 (tests/bench/bench_retrieval.py)
+    pq_m: int = 8             # IVF-PQ: sub-quantisers (bytes per row); must divide the dimension
+    exact_max: int = 1 << 18  # auto: exact search up to this many rows
+    train_per_cell: int = 64  # IVF training sample: rows per cell
+    train_iters: int = 10     # IVF training: k-means iterations
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AsmkConfig:
+    """ASMK* (extract/asmk_index.py); the defaults are the reference parameters of the published
+    DELF-ASMK*, HOW and FIRe setups: binary residuals, alpha 3, similarity threshold 0, one
+    visual word per database descriptor and five per query descriptor, no IDF."""
+
+    codebook_size: int = 65536
+    kmeans_iters: int = 10         # as asmk's own codebook training
+    seed: int = 0
+    alpha: float = 3.0
+    similarity_threshold: float = 0.0
+    db_assignments: int = 1        # visual words per database descriptor
+    query_assignments: int = 5     # visual words per query descriptor
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Retrieval on Revisited Oxford / Paris: k-NN vote ranking, then RANSAC re-ranking."""
+    """Retrieval on Revisited Oxford / Paris: initial ranking (ASMK* or k-NN votes), then RANSAC
+    re-ranking of the shortlist."""
 
-    knn: int = field(default=10, metadata={"help": "neighbours of each query descriptor that vote"})
-    nlist: int = field(default=0, metadata={"help": "IVF cells (0: exact search up to 262144 descriptors, "
-                                                    "else ~1 per 1000)"})
-    nprobe: int = field(default=16, metadata={"help": "IVF cells scanned per query descriptor"})
+    method: str = field(default="asmk", metadata={
+        "help": "initial ranking: asmk (ASMK*, needs --codebook_images) or vote (k-NN descriptor votes)",
+        "choices": METHODS})
+    codebook_size: int = field(default=AsmkConfig.codebook_size,
+                               metadata={"help": "asmk: visual words of the codebook"})
+    knn: int = field(default=10, metadata={"help": "vote: neighbours of each query descriptor that vote"})
+    nlist: int = field(default=0, metadata={"help": "vote: IVF cells (0: exact search up to 262144 "
+                                                    "descriptors, else ~1 per 1000)"})
+    nprobe: int = field(default=IndexConfig.nprobe,
+                        metadata={"help": "vote: IVF cells scanned per query descriptor"})
     rerank: int = field(default=100, metadata={"help": "images re-ranked by RANSAC (0: none)"})

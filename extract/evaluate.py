@@ -7,10 +7,12 @@ best first):
     python extract/evaluate.py --dataset roxford5k --data_root R --ranks ranks.npy --output res.json
 
 or run DeLF end to end: database and cropped-query features (cached in HDF5, resumable), initial
-ranking by k-NN descriptor votes, re-ranking of the top --rerank images by RANSAC inliers (each
-protocol's junk removed first), then the scores:
+ranking by ASMK* (codebook trained on --codebook_images, e.g. the other dataset's images) or by
+k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by RANSAC inliers
+(each protocol's junk removed first), then the scores; --distractors adds images to the database:
 
-    python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf --output res.json
+    python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
+        --codebook_images R/rparis6k/jpg --output res.json
 
 R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop distributes them
 (extract/revisitop.py). From Python: :func:`evaluate_dataset`, :func:`score_ranking`.
@@ -28,76 +30,148 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.config import EvalConfig, ExtractionConfig, MatchConfig
-from extract.extraction import load_extractor
+from extract.asmk_index import AsmkIndex, CodebookError, codebook
+from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
+from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
-from extract.feature_cache import cache_features, read_all
-from extract.features import FeatureFileError
+from extract.feature_cache import FeatureStore, cache_features, cache_image_set, read_all, set_name
+from extract.features import FeatureFileError, file_attrs, iter_features
 from extract.matcher import add_match_args
-from extract.metrics import PROTOCOLS, evaluate, format_table, protocol_gnd
+from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
 from extract.paths import dataset_features_dir
 from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
 Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@10"}, percent
 
 
+METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes"}  # as the papers' tables name them
+
+
 @dataclass
 class Evaluation:
-    """Scores of the initial (k-NN vote) ranking and of the final (re-ranked) one; equal when
-    nothing is re-ranked."""
+    """Scores of the initial ranking and of the final (re-ranked) one (equal when nothing is
+    re-ranked), and the size of what was searched."""
 
     initial: Scores
     final: Scores
+    method: str = "asmk"
+    database_size: int = 0
+    distractors: int = 0
+    index_bytes: int = 0
 
 
-def retrieve(ds: Dataset, db_path: Path, query_path: Path, conf: EvalConfig | None = None,
-             matching: MatchConfig | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Initial ranks, and re-ranked ranks per protocol, each (database size, queries)."""
+def require_codebook_images(conf: EvalConfig, codebook_images: str | Path | None) -> None:
+    """ASMK* needs images to train its codebook on; say so before any work is done."""
+    if conf.method == "asmk" and codebook_images is None:
+        raise EvalError("--method asmk needs --codebook_images DIR (a folder or list of images to train the "
+                        "visual-word codebook on; the published setups use RParis6k's images for ROxford5k and "
+                        "vice versa), or use --method vote")
+
+
+def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir: Path, conf: AsmkConfig,
+                  extraction: ExtractionConfig, checkpoint: str | Path, pca_path: str | Path | None,
+                  overwrite: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
+    """The codebook's centroids: <codebook_dir>/codebook_<size>_<set name>.h5 when it exists and
+    was made from these features, else k-means of every descriptor of ``codebook_images``
+    (extracted into <features_root>/<set name>.h5, cached), stored there."""
+    features, _ = cache_image_set(codebook_images, features_root, extraction, checkpoint, pca_path, overwrite,
+                                  device)
+    attrs = {f"features.{k}": v for k, v in file_attrs(features).items()
+             if k not in (*INFORMATIONAL, "format")}
+    path = codebook_dir / f"codebook_{conf.codebook_size}_{set_name(codebook_images)}.h5"
+
+    def descriptors() -> np.ndarray:
+        x = [f["descriptors"] for _, f in iter_features(features)]
+        log.info("training a %d-word codebook on %d descriptors of %s", conf.codebook_size,
+                 sum(len(d) for d in x), codebook_images)
+        return np.concatenate(x)
+
+    return codebook(path, descriptors, conf, attrs)
+
+
+def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.ndarray]],
+             conf: EvalConfig | None = None, matching: MatchConfig | None = None,
+             centroids: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Initial ranks, re-ranked ranks per protocol (each (database size, queries)), and the
+    initial ranking's index memory (bytes). Database image i is ``store``'s image i (the
+    dataset's images first, then distractors); ASMK* needs the codebook's ``centroids``."""
     conf = conf or EvalConfig()
-    db_feats = read_all(db_path, ds.imlist)
-    queries = read_all(query_path, ds.qimlist)
     t = time.perf_counter()
-    index = DescriptorIndex([f["descriptors"] for f in db_feats], nlist=conf.nlist)
-    db = Database([f["keypoints"] for f in db_feats], index)
-    del db_feats
-    log.info("index of %d descriptors (%d cells, %.2f GiB) built in %.1f s", len(index.x),
-             index.nlist, index.nbytes / 2**30, time.perf_counter() - t)
-    scores = db.initial_scores([q["descriptors"] for q in queries], conf.knn, conf.nprobe)
+    if conf.method == "asmk":
+        if centroids is None:
+            raise ValueError("ASMK* ranking needs the codebook's centroids")
+        asmk = AsmkIndex(centroids, store.descriptors(), AsmkConfig(codebook_size=len(centroids)))
+        nbytes = asmk.nbytes
+        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
+                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
+        scores = asmk.scores([q["descriptors"] for q in queries])
+    else:
+        index = DescriptorIndex(list(store.descriptors()), nlist=conf.nlist)
+        db = Database([store.features(i)["keypoints"] for i in range(len(store))], index)
+        nbytes = index.nbytes
+        log.info("index of %d descriptors (%d cells) built in %.1f s", len(index.x), index.nlist,
+                 time.perf_counter() - t)
+        scores = db.initial_scores([q["descriptors"] for q in queries], conf.knn, conf.nprobe)
     initial = np.stack([rank(s) for s in scores], axis=1)
     final = {p: initial.copy() for p in PROTOCOLS}
     if conf.rerank > 0:
         gnds = {p: protocol_gnd(ds.gnd, p) for p in PROTOCOLS}
         for qi in tqdm(range(len(queries)), desc="re-ranking", unit="query", dynamic_ncols=True):
-            inliers = Verifier(queries[qi], db.features, matching)
+            inliers = Verifier(queries[qi], store.features, matching)
             for p in PROTOCOLS:
                 final[p][:, qi] = rerank(initial[:, qi], scores[qi], inliers, conf.rerank, gnds[p][qi]["junk"])
-    return initial, final
+    return initial, final, nbytes
 
 
 def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Path, *,
                      pca_path: str | Path | None = None, extraction: ExtractionConfig | None = None,
                      matching: MatchConfig | None = None, conf: EvalConfig | None = None,
-                     overwrite: bool = False, device: str | torch.device = "cpu") -> Evaluation:
+                     codebook_images: str | Path | None = None, distractors: str | Path | None = None,
+                     codebook_dir: str | Path | None = None, overwrite: bool = False,
+                     device: str | torch.device = "cpu") -> Evaluation:
     """DeLF end to end on ``ds`` (from :func:`extract.revisitop.load_dataset`): features cached
     in ``features_dir`` (extracted with ``checkpoint`` and, when ``extraction.use_pca``, the PCA
-    file), k-NN vote ranking, RANSAC re-ranking, revisitop scores."""
-    extraction = extraction or ExtractionConfig()
+    file), initial ranking (``conf.method``), RANSAC re-ranking, revisitop scores.
+
+    ASMK* trains its codebook on ``codebook_images`` (a folder or image list) and keeps it in
+    ``codebook_dir`` (default: <features_dir>/../../asmk, i.e. repo/<expr>/asmk). ``distractors``
+    (a folder or image list) are added to the database. The features of both image sets are
+    cached next to ``features_dir`` (<features_dir>/../<set name>.h5), shared by both datasets."""
+    extraction, conf = extraction or ExtractionConfig(), conf or EvalConfig()
+    require_codebook_images(conf, codebook_images)
     check_images(ds)
+    features_dir = Path(features_dir)
     ex = load_extractor(extraction, checkpoint, pca_path, device)
     db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
-    initial, final = retrieve(ds, db_path, query_path, conf, matching)
-    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd))
+    parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
+    if distractors is not None:
+        parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
+                                     overwrite, device))
+    centroids = None
+    if conf.method == "asmk":
+        assert codebook_images is not None
+        centroids = asmk_codebook(codebook_images, features_dir.parent,
+                                  Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk",
+                                  AsmkConfig(codebook_size=conf.codebook_size), extraction, checkpoint, pca_path,
+                                  overwrite, device)
+    queries = read_all(query_path, ds.qimlist)
+    with FeatureStore(parts) as store:
+        initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
+        size = len(store)
+    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), conf.method, size,
+                      size - len(ds.imlist), nbytes)
 
 
 def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
@@ -105,12 +179,16 @@ def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
     return evaluate(load_ranks(ranks_path, ds), ds.gnd)
 
 
-def write_json(results: Scores, path: Path) -> None:
-    """Scores as JSON; NaN (no query with positives) becomes null."""
-    clean = {p: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()}
-             for p, row in results.items()}
+def write_json(results: Scores, path: Path, initial: Scores | None = None) -> None:
+    """Scores as JSON (the initial ranking's under "initial"); NaN (no query with positives)
+    becomes null."""
+    def clean(scores: Scores) -> dict[str, Any]:
+        return {p: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()}
+                for p, row in scores.items()}
+
+    out = clean(results) if initial is None else {**clean(results), "initial": clean(initial)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean, indent=2) + "\n")
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -128,31 +206,45 @@ def build_parser() -> argparse.ArgumentParser:
                   help="extract again, replacing cached features made with other parameters")
     r = p.add_argument_group("ranking and re-ranking")
     add_config_args(r, EvalConfig)
+    r.add_argument("--codebook_images", type=Path,
+                   help="asmk: image folder or list to train the codebook on (e.g. R/rparis6k/jpg for "
+                        "roxford5k); the codebook is kept in repo/<load_expr>/asmk/")
+    r.add_argument("--distractors", type=Path,
+                   help="image folder or list added to the database (e.g. revisitop's 1M distractors)")
     add_match_args(r)
     add_extraction_args(p.add_argument_group("extraction (as extract/extractor.py)"))
     return p
 
 
-def run(args: argparse.Namespace) -> Scores:
-    """The evaluation the flags describe; prints the score tables, returns the final scores."""
+def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
+    """The evaluation the flags describe; prints the score tables, returns the final scores and
+    those of the initial ranking (None when scoring a given ranking)."""
     ds = load_dataset(args.data_root, args.dataset)
     if args.ranks is not None:
         results = score_ranking(ds, args.ranks)
-        title = "given ranking"
-    else:
-        check_images(ds)
-        conf = config_from_args(EvalConfig, args)
-        extraction, checkpoint, pca_file, device = extraction_from_args(args)
-        result = evaluate_dataset(
-            ds, checkpoint, args.features_dir or dataset_features_dir(args.load_expr, ds.name), pca_path=pca_file,
-            extraction=extraction, matching=config_from_args(MatchConfig, args), conf=conf,
-            overwrite=args.overwrite, device=device)
-        if conf.rerank > 0:
-            print(f"{ds.name}: initial ranking (k-NN votes)\n{format_table(result.initial)}")
-        results = result.final
-        title = f"DeLF, re-ranking top {conf.rerank}" if conf.rerank > 0 else "DeLF, no re-ranking"
-    print(f"{ds.name}: {title}\n{format_table(results)}")
-    return results
+        print(f"{ds.name}: given ranking\n{format_table(results)}")
+        return results, None
+    conf = config_from_args(EvalConfig, args)
+    require_codebook_images(conf, args.codebook_images)
+    check_images(ds)
+    extraction, checkpoint, pca_file, device = extraction_from_args(args)
+    result = evaluate_dataset(
+        ds, checkpoint, args.features_dir or dataset_features_dir(args.load_expr, ds.name), pca_path=pca_file,
+        extraction=extraction, matching=config_from_args(MatchConfig, args), conf=conf,
+        codebook_images=args.codebook_images, distractors=args.distractors,
+        codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device)
+    name = METHOD_NAMES[conf.method]
+    where = ds.name + (f" + {result.distractors} distractors" if result.distractors else "")
+    print(f"{where}: {name} index {result.index_bytes / 2**20:.1f} MiB, "
+          f"{result.index_bytes / max(result.database_size, 1) / 1e3:.1f} kB per database image")
+    rows = {name: result.initial}
+    print(f"{where}: {name} (initial ranking)\n{format_table(result.initial)}")
+    if conf.rerank > 0:
+        rows[f"{name}+SP"] = result.final
+        print(f"{where}: {name}+SP (spatial verification of the top {conf.rerank})\n"
+              f"{format_table(result.final)}")
+    print(f"{where}, as the papers' tables (mAP, mP@10):\n{format_rows(rows)}")
+    return result.final, result.initial
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,12 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        results = run(args)
-    except (EvalError, FeatureFileError, CheckpointError, PcaError, ValueError) as e:
+        results, initial = run(args)
+    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.output is not None:
-        write_json(results, args.output)
+        write_json(results, args.output, initial)
         print(f"wrote {args.output}")
     return 0
 

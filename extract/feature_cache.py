@@ -1,19 +1,26 @@
 """The features of a revisitop dataset, extracted once and cached: <features_dir>/db.h5 (database
-images) and query.h5 (queries cropped to their bbx, keypoints in the crop's frame). Resumable;
-a cache made with other parameters is refused unless ``overwrite``."""
+images) and query.h5 (queries cropped to their bbx, keypoints in the crop's frame); those of an
+extra image set (codebook training images, distractors) in <features root>/<set name>.h5.
+Resumable; a cache made with other parameters is refused unless ``overwrite``."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import h5py
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from extract.extraction import INFORMATIONAL, feature_attrs
-from extract.features import FeatureFileError, FeatureWriter, iter_features
-from extract.images import BadImage, load_image
+from extract.config import ExtractionConfig
+from extract.extraction import INFORMATIONAL, extract_features, feature_attrs
+from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
+from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
+
+log = logging.getLogger("delf")
 
 
 def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None,
@@ -54,3 +61,68 @@ def read_all(path: Path, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
     if missing:
         raise EvalError(f"{path}: no features for {len(missing)} images (e.g. {missing[0]!r})")
     return [found[n] for n in names]
+
+
+def set_name(source: str | Path) -> str:
+    """A file-name-safe name for an image folder or list: its last two path parts, e.g.
+    ``rparis6k_jpg`` for data/rparis6k/jpg (revisitop's folders are all called jpg)."""
+    parts = Path(source).resolve().parts[-2:]
+    return "_".join("".join(c if c.isalnum() or c in "-." else "-" for c in p) for p in parts)
+
+
+def cache_image_set(source: str | Path, features_root: str | Path, extraction: ExtractionConfig,
+                    checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
+                    device: str | torch.device = "cpu") -> tuple[Path, list[str]]:
+    """Features of every image of a folder (recursive) or image list -- the codebook's training
+    images, distractors -- in <features_root>/<set_name>.h5, resumable; returns the file and its
+    image names in list order (unusable images are skipped and logged)."""
+    output = Path(features_root) / f"{set_name(source)}.h5"
+    try:
+        report = extract_features(extraction, checkpoint, source, output, pca_path=pca_path,
+                                  overwrite=overwrite, device=device)
+    except InputError as e:
+        raise EvalError(str(e)) from None
+    except FeatureFileError as e:
+        raise EvalError(f"{e}\n(here: --overwrite extracts again)") from None
+    for path, reason in report.skipped:
+        log.warning("%s: skipped (%s)", path, reason)
+    stored = set(feature_names(output))
+    return output, [name for name, _ in list_images(source) if name in stored]
+
+
+class FeatureStore:
+    """Database features spread over feature files: image i is the i-th (file, name) of
+    ``parts``; files stay open for reading until :meth:`close` (a context manager)."""
+
+    def __init__(self, parts: Sequence[tuple[Path, Sequence[str]]]) -> None:
+        self._files = [h5py.File(path, "r") for path, _ in parts]
+        self._entries = [(k, name) for k, (_, names) in enumerate(parts) for name in names]
+        for (path, names), f in zip(parts, self._files, strict=True):
+            missing = [n for n in names if not isinstance(f.get(n), h5py.Group)]
+            if missing:
+                self.close()
+                raise EvalError(f"{path}: no features for {len(missing)} images (e.g. {missing[0]!r})")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def features(self, i: int) -> dict[str, np.ndarray]:
+        """Keypoints and descriptors of database image ``i``."""
+        k, name = self._entries[i]
+        group = self._files[k][name]
+        return {key: group[key][()] for key in ("keypoints", "descriptors")}
+
+    def descriptors(self) -> Iterator[np.ndarray]:
+        """The descriptors of image 0, 1, ... read one image at a time."""
+        for k, name in self._entries:
+            yield self._files[k][name]["descriptors"][()]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

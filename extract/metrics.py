@@ -115,3 +115,15 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     for protocol, row in results.items():
         lines.append(f"{protocol:8s}" + "".join(f"{row[c]:9.2f}" for c in cols))
     return "\n".join(lines)
+
+
+def format_rows(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """One row per method, as the Revisited Oxford/Paris paper's tables: mAP of Easy, Medium and
+    Hard, mP@10 of Medium and Hard."""
+    cols = [("E mAP", "easy", "mAP"), ("M mAP", "medium", "mAP"), ("M mP@10", "medium", "mP@10"),
+            ("H mAP", "hard", "mAP"), ("H mP@10", "hard", "mP@10")]
+    width = max(12, *(len(name) + 2 for name in rows))
+    lines = [f"{'':{width}s}" + "".join(f"{c:>9s}" for c, _, _ in cols)]
+    for name, res in rows.items():
+        lines.append(f"{name:{width}s}" + "".join(f"{res[p][k]:9.2f}" for _, p, k in cols))
+    return "\n".join(lines)

@@ -14,17 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.config import EvalConfig, ExtractionConfig
+import extract.asmk_index as asmk_index
+from extract.asmk_index import AsmkIndex, load_codebook
+from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.evaluate import evaluate_dataset, main
-from extract.features import iter_features
-from extract.metrics import evaluate
+from extract.feature_cache import FeatureStore, set_name
+from extract.features import FeatureWriter, feature_names, iter_features
+from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
-from extract.revisitop import load_dataset
+from extract.revisitop import EvalError, load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
-from train.runtime import limit_threads
+from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("astronaut", "coffee", "chelsea")
@@ -58,17 +61,20 @@ def held_bytes(obj: object) -> int:
 
 
 def test_index_memory() -> None:
-    """nbytes is what the index holds: n float32 descriptors, two int64 row maps of n entries,
-    the offsets of images and cells, and the centroids."""
+    """nbytes is what the index holds: n float32 descriptors, their images (int64), the image
+    offsets, and the faiss structure: nothing for exact search (it searches the descriptors in
+    place), the inverted lists (a copy of each descriptor and its int64 id) and the centroids
+    for IVF."""
     rng = np.random.default_rng(3)
     db = [unit(rng.normal(size=(n, 16))) for n in (30, 0, 5)]
     exact = DescriptorIndex(db)
-    assert exact.nbytes == 35 * 16 * 4 + 2 * 35 * 8 + 4 * 8 + 2 * 8 == held_bytes(exact)
+    assert np.shares_memory(exact.knn.x, exact.x)
+    assert exact.nbytes == 35 * 16 * 4 + 35 * 8 + 4 * 8 == held_bytes(exact)
     ivf = DescriptorIndex([unit(rng.normal(size=(400, 16))) for _ in range(5)], nlist=16)
-    cells = ivf.nlist
-    coarse = len(ivf._top)
-    expected = 2000 * 16 * 4 + 2 * 2000 * 8 + 6 * 8 + (cells + 1) * 8 + (cells + coarse) * 16 * 4 + cells * 8
-    assert ivf.nbytes == expected == held_bytes(ivf)
+    assert ivf.nlist == 16
+    held = 2000 * 16 * 4 + 2000 * 8 + 6 * 8
+    assert held == held_bytes(ivf)
+    assert ivf.nbytes == held + 2000 * (16 * 4 + 8) + 16 * 16 * 4
 
 
 def test_exact_search_equals_brute_force() -> None:
@@ -101,8 +107,7 @@ def test_ivf_search() -> None:
           for _ in range(100)]
     q = unit(np.concatenate(db[:3])[::10] + 0.05 * rng.normal(size=(90, 32)))
     index = DescriptorIndex(db, nlist=64)
-    assert 40 <= index.nlist <= 64 and index.centroids is not None
-    assert index.nbytes == held_bytes(index)
+    assert index.nlist == 64 and index.knn.kind == "ivf"
     np.testing.assert_array_equal(index.image_descriptors(7), db[7])
     ref_sims, ref_images = brute_force(db, q, 3)
     sims, images = index.search(q, 3, nprobe=8)
@@ -204,6 +209,7 @@ def test_ranks_mode_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     ("bad_shape", "shape (2, 6), expected"),
     ("no_npy", "cannot read a .npy ranking"),
     ("no_images", "8 of 8 images missing under"),
+    ("no_codebook", "--method asmk needs --codebook_images DIR"),
     ("bad_pkl", "not a revisitop ground-truth file"),
 ])
 def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
@@ -219,6 +225,8 @@ def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: s
         args += ["--ranks", str(tmp_path / "missing.npy")]
     if case == "bad_pkl":
         (root / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(b"not a pickle")
+    if case == "no_images":
+        args += ["--method", "vote"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -306,12 +314,14 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     feats, out = tiny["tmp"] / "features", tiny["tmp"] / "res.json"
     args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from",
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
-            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
+            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats), "--method", "vote"]
     assert main(args + ["--output", str(out)]) == 0
     reranked = json.loads(out.read_text())
-    assert set(reranked) == {"easy", "medium", "hard"}
-    assert all(0 <= v <= 100 for row in reranked.values() for v in row.values())
-    assert "initial ranking" in capsys.readouterr().out
+    assert set(reranked) == {"easy", "medium", "hard", "initial"}
+    assert all(0 <= v <= 100 for table in (reranked, reranked["initial"]) for p in PROTOCOLS
+               for v in table[p].values())
+    printed = capsys.readouterr().out
+    assert "k-NN votes (initial ranking)" in printed and "k-NN votes+SP" in printed
 
     # features: every database image and every cropped query, in the crop's frame
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
@@ -345,11 +355,104 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     # the same evaluation from Python, without argparse: the CLI's cache is accepted as is
     result = evaluate_dataset(load_dataset(tiny["root"], "roxford5k"), tiny["ckpt"], feats, pca_path=tiny["pca"],
                               extraction=ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES))),
-                              conf=EvalConfig(rerank=100))
+                              conf=EvalConfig(method="vote", rerank=100))
     assert result.final["medium"]["mAP"] == pytest.approx(reranked["medium"]["mAP"], abs=1e-4)
     assert result.initial["medium"]["mAP"] == pytest.approx(initial["medium"]["mAP"], abs=1e-4)
+    assert initial["initial"] == {p: initial[p] for p in PROTOCOLS}    # nothing re-ranked
     assert reranked["medium"]["mAP"] > 80.0
     # other extraction parameters: the cache is refused, with the way out
     assert main(args + ["--pca_dims", "16"]) == 1
     err = capsys.readouterr().err
     assert "pca_dims: 40 in the file, 16 now" in err and "--overwrite extracts again" in err
+
+
+def image_set(root: Path, names: tuple[str, ...], views: int, seed: int, size: int = 160) -> Path:
+    """A folder of ``views`` random views of each named photo."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for name in names:
+        img = photo(name, size)
+        for v in range(views):
+            Image.fromarray(view(img, rng, 0.1)).save(root / f"{name}_{v}.jpg", quality=92)
+    return root
+
+
+@pytest.mark.slow
+def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture) -> None:
+    """ASMK* with a 32-word codebook trained on other photos (as ROxf's on RParis): scores and
+    tables, the stored codebook (reused, the same again from the same seed), copies of a query
+    ranked first, distractors added to the database."""
+    tmp = tiny["tmp"] / expr
+    codebook_images = image_set(tmp / "codebook" / "jpg", ("hubble_deep_field", "rocket", "camera", "coins"), 3, 1)
+    feats, out = tmp / "features" / "roxford5k", tmp / "res.json"
+    args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_expr", expr, "--load_from",
+            str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
+            "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats),
+            "--codebook_size", "32", "--codebook_images", str(codebook_images)]
+    assert main(args + ["--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"easy", "medium", "hard", "initial"}
+    assert all(0 <= v <= 100 for table in (res, res["initial"]) for p in PROTOCOLS for v in table[p].values())
+    assert res["medium"]["mAP"] > 80.0 and res["medium"]["mAP"] >= res["initial"]["medium"]["mAP"]
+    printed = capsys.readouterr().out
+    assert "ASMK* (initial ranking)" in printed and "ASMK*+SP (spatial verification of the top 100)" in printed
+    assert "kB per database image" in printed and "M mP@10" in printed
+
+    # the codebook: plain arrays under repo/<expr>/asmk, trained on the codebook images' features
+    stored = repo_dir() / expr / "asmk" / f"codebook_32_{set_name(codebook_images)}.h5"
+    centroids, attrs = load_codebook(stored)
+    assert centroids.shape == (32, 40) and attrs["codebook_size"] == 32
+    assert attrs["features.pca_dims"] == 40 and attrs["features.attn_thres"] == 0.0
+    cb_feats = feats.parent / f"{set_name(codebook_images)}.h5"
+    assert len(feature_names(cb_feats)) == 12 and attrs["num_descriptors"] == sum(
+        len(f["descriptors"]) for _, f in iter_features(cb_feats))
+
+    # reused as stored; deleted, the same seed trains the same codebook and ranks the same
+    monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
+    assert main(args + ["--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+    monkeypatch.undo()
+    stored.unlink()
+    assert main(args + ["--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+    np.testing.assert_array_equal(load_codebook(stored)[0], centroids)
+
+    # an identical copy of each query ranks first among the database images
+    with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
+        cfg = pickle.load(f)
+    db = dict(iter_features(feats / "db.h5"))
+    queries = [f["descriptors"] for _, f in sorted(iter_features(feats / "query.h5"))]
+    index = AsmkIndex(centroids, [db[n]["descriptors"] for n in cfg["imlist"]] + queries, AsmkConfig(codebook_size=32))
+    scores = index.scores(queries)
+    n = len(cfg["imlist"])
+    assert [int(np.argmax(s)) for s in scores] == [n + i for i in range(len(queries))]
+
+    # distractors join the database; their features are cached next to the dataset's
+    distractors = image_set(tmp / "distractors", ("hubble_deep_field", "camera"), 2, 2)
+    capsys.readouterr()
+    assert main(args + ["--distractors", str(distractors), "--output", str(out)]) == 0
+    assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
+    assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
+    assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
+    assert main(args + ["--distractors", str(tmp / "nowhere")]) == 1
+    assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
+
+
+def test_set_name_and_feature_store(tmp_path: Path) -> None:
+    """Image sets are named by their last two folders (revisitop's are all called jpg); the store
+    numbers images across files in order and names a file that lacks one."""
+    assert set_name("/data/rparis6k/jpg") == "rparis6k_jpg" and set_name("/d/my list.txt") == "d_my-list.txt"
+    feats = {"keypoints": np.zeros((2, 2), np.float32), "descriptors": np.eye(2, dtype=np.float32),
+             "scores": np.ones(2, np.float32), "scales": np.ones(2, np.float32),
+             "image_size": np.array([4, 4], np.int32)}
+    for name, images in (("a.h5", ["x", "y"]), ("b.h5", ["z"])):
+        with FeatureWriter(tmp_path / name, {"pca_dims": 2}) as w:
+            for i, image in enumerate(images):
+                w.write(image, {**feats, "descriptors": feats["descriptors"] * (i + 1)})
+    with FeatureStore([(tmp_path / "a.h5", ["y", "x"]), (tmp_path / "b.h5", ["z"])]) as store:
+        assert len(store) == 3
+        np.testing.assert_array_equal(store.features(0)["descriptors"], 2 * np.eye(2))
+        assert [d[0, 0] for d in store.descriptors()] == [2.0, 1.0, 1.0]
+    with pytest.raises(EvalError, match=r"b.h5: no features for 1 images \(e.g. 'w'\)"):
+        FeatureStore([(tmp_path / "a.h5", ["x"]), (tmp_path / "b.h5", ["w"])])

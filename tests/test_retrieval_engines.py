@@ -1,0 +1,218 @@
+"""The retrieval engines: faiss k-NN and k-means (extract/index.py), ASMK* and its codebook
+store (extract/asmk_index.py), checked against brute force and against the asmk package."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+from asmk import ASMKMethod
+from asmk.codebook import Codebook
+from asmk.index import initialize_index
+
+import extract.asmk_index as asmk_index
+from extract.asmk_index import AsmkIndex, CodebookError, VisualWords, aggregate, codebook, load_codebook, save_codebook
+from extract.config import AsmkConfig, IndexConfig
+from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, centres: int, noise: float) -> np.ndarray:
+    c = unit(rng.normal(size=(centres, dim)))
+    return unit(c[rng.integers(0, centres, n)] + noise * rng.normal(size=(n, dim)))
+
+
+# --- faiss k-NN --------------------------------------------------------------------------------
+def test_flat_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    x, q = unit(rng.normal(size=(300, 24))), unit(rng.normal(size=(40, 24)))
+    index = KnnIndex(x)
+    assert index.kind == "flat" and index.nlist == 1 and index.nbytes == 0
+    sims, ids = index.search(q, 7)
+    ref = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(ids, ref)
+    np.testing.assert_allclose(sims, np.take_along_axis(q @ x.T, ref, 1), atol=1e-5)
+    sims, ids = index.search(q[:2], 305)            # more neighbours than rows: padded
+    assert (ids[:, 300:] == -1).all() and np.isneginf(sims[:, 300:]).all()
+    assert sorted(ids[0, :300]) == list(range(300))
+    assert index.search(np.zeros((0, 24)), 3)[1].shape == (0, 3)
+    with pytest.raises(ValueError, match="query vectors are 8-d, the index's 24-d"):
+        index.search(q[:, :8], 3)
+    with pytest.raises(ValueError, match="index kind 'hnsw'"):
+        KnnIndex(x, IndexConfig(kind="hnsw"))
+
+
+def test_ivf_and_ivfpq() -> None:
+    """IVF-Flat finds the exact neighbours when every cell is probed and nearly all with a few;
+    IVF-PQ (8 bytes per row) finds rows of the right cluster."""
+    rng = np.random.default_rng(1)
+    x = clustered(rng, 20000, 32, 200, 0.05)
+    q = unit(x[::500] + 0.02 * rng.normal(size=(40, 32)))
+    exact = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    ivf = KnnIndex(x, IndexConfig(kind="ivf", nlist=64))
+    assert ivf.kind == "ivf" and ivf.nlist == 64
+    assert ivf.nbytes == 20000 * (32 * 4 + 8) + 64 * 32 * 4
+    _, ids = ivf.search(q, 10, nprobe=64)
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, exact, strict=True)]) >= 9.9
+    _, ids = ivf.search(q, 10, nprobe=8)
+    assert np.mean(ids[:, 0] == exact[:, 0]) >= 0.9
+    pq = KnnIndex(x, IndexConfig(kind="ivfpq", nlist=64, pq_m=8))
+    assert pq.nbytes < ivf.nbytes / 5
+    _, ids = pq.search(q, 10, nprobe=64)
+    true_sims = q @ x.T
+    best, found = true_sims.max(1), np.take_along_axis(true_sims, ids[:, :1], 1)[:, 0]
+    # a row of the query's cluster (similarity ~0.95; other clusters' rows ~0 +- 0.2)
+    assert (found > 0.85).all() and (best > 0.98).all()
+    with pytest.raises(ValueError, match="5 sub-quantisers do not divide 32"):
+        KnnIndex(x, IndexConfig(kind="ivfpq", nlist=64, pq_m=5))
+    assert auto_nlist(1 << 18) == 1 and auto_nlist(5_000_000) == 4096
+    auto = KnnIndex(x[:5000], IndexConfig(exact_max=100))
+    assert auto.kind == "ivf" and auto.nlist == 4
+
+
+def test_faiss_threads_restores() -> None:
+    before = faiss.omp_get_max_threads()
+    with faiss_threads(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_kmeans_finds_separated_clusters_and_is_seeded() -> None:
+    rng = np.random.default_rng(2)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], np.float32)
+    x = (centres[rng.integers(0, 4, 800)] + 0.1 * rng.normal(size=(800, 2))).astype(np.float32)
+    c = kmeans(x, 4, niter=20, seed=0)       # (some seeds start two centroids in one cluster)
+    assert c.shape == (4, 2) and c.dtype == np.float32
+    found = sorted(map(tuple, np.round(c).astype(int).tolist()))
+    assert found == [(0, 0), (0, 10), (10, 0), (10, 10)]
+    np.testing.assert_array_equal(kmeans(x, 4, niter=20, seed=0), c)
+    assert not np.array_equal(kmeans(x, 4, niter=20, seed=1), c)
+    with pytest.raises(ValueError, match="k-means of 3 vectors into 4 clusters"):
+        kmeans(x[:3], 4)
+
+
+# --- ASMK* -------------------------------------------------------------------------------------
+def test_aggregate_by_hand() -> None:
+    centroids = np.array([[0, 0, 0], [10, 10, 10]], np.float32)
+    x = np.array([[1, -1, 2], [2, 3, -1], [9, 12, 10]], np.float32)
+    codes, words = aggregate(x, np.array([[0], [0], [1]]), centroids)
+    # word 0: (1,-1,2) + (2,3,-1) = (3,2,1) -> bits 111; word 1: (-1,2,0) -> 010 (0 is not > 0)
+    np.testing.assert_array_equal(words, [0, 1])
+    np.testing.assert_array_equal(codes, [[0b11100000], [0b01000000]])
+    # two assignments per descriptor: descriptor 2 also in word 0, descriptor 0 also in word 1
+    codes, words = aggregate(x, np.array([[0, 1], [0, 0], [1, 0]])[:, :2], centroids)
+    assert list(words) == [0, 1]
+
+
+def reference_scores(centroids: np.ndarray, db: list[np.ndarray], queries: list[np.ndarray],
+                     cfg: AsmkConfig) -> np.ndarray:
+    """asmk's own ASMKMethod (binary kernel, no IDF) built in memory from the same centroids."""
+    params = {"index": {"gpu_id": None},
+              "train_codebook": {"codebook": {"size": len(centroids)}},
+              "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False},
+                            "quantize": {"multiple_assignment": cfg.db_assignments},
+                            "aggregate": {}},
+              "query_ivf": {"quantize": {"multiple_assignment": cfg.query_assignments},
+                            "aggregate": {}, "search": {"topk": None},
+                            "similarity": {"similarity_threshold": cfg.similarity_threshold,
+                                           "alpha": cfg.alpha}}}
+    book = Codebook(initialize_index(gpu_id=None), size=len(centroids))
+    book.index(centroids)
+    method = ASMKMethod(params, {}, codebook=book).build_ivf(
+        np.concatenate(db), np.repeat(np.arange(len(db)), [len(d) for d in db]))
+    _, qids, ranks, scores = method.query_ivf(
+        np.concatenate(queries), np.repeat(np.arange(len(queries)), [len(q) for q in queries]))
+    out = np.zeros((len(queries), len(db)))
+    for qi, r, s in zip(qids, ranks, scores, strict=True):
+        out[qi, r] = s
+    return out
+
+
+@pytest.mark.parametrize("cfg", [AsmkConfig(codebook_size=128),
+                                 AsmkConfig(codebook_size=128, alpha=1.0,
+                                            similarity_threshold=0.2, query_assignments=2)])
+def test_asmk_scores_equal_the_asmk_package(cfg: AsmkConfig) -> None:
+    rng = np.random.default_rng(4)
+    x = clustered(rng, 30 * 120, 64, 300, 0.3)
+    centroids = x[rng.choice(len(x), 128, replace=False)]
+    db = list(np.split(x, 30))
+    queries = [unit(db[i][:60] + 0.1 * rng.normal(size=(60, 64))) for i in (0, 7, 21)]
+    index = AsmkIndex(centroids, db, cfg)
+    mine = index.scores(queries)
+    np.testing.assert_allclose(mine, reference_scores(centroids, db, queries, cfg), atol=1e-7)
+    assert [int(np.argmax(s)) for s in mine] == [0, 7, 21]
+    assert index.nbytes == index.num_entries * (8 + 4) + (128 + 1) * 8 + 30 * 8
+
+
+def test_asmk_copies_rank_first_and_edge_cases() -> None:
+    rng = np.random.default_rng(5)
+    x = clustered(rng, 12 * 80, 40, 100, 0.3)
+    centroids = x[rng.choice(len(x), 64, replace=False)]
+    db = list(np.split(x, 12)) + [np.empty((0, 40), np.float32)]
+    index = AsmkIndex(VisualWords(centroids), db, AsmkConfig(codebook_size=64))
+    scores = index.scores([db[3], db[9], np.empty((0, 40), np.float32)])
+    assert scores.shape == (3, 13)
+    assert np.argmax(scores[0]) == 3 and np.argmax(scores[1]) == 9
+    assert scores[0, 3] > 1.5 * np.sort(scores[0])[-2]
+    assert not scores[2].any() and not scores[:, 12].any()   # empty query / database image
+    streamed = AsmkIndex(centroids, iter(db), AsmkConfig(codebook_size=64))   # images read one by one
+    assert streamed.num_images == 13
+    np.testing.assert_array_equal(streamed.scores([db[3]]), scores[:1])
+    with pytest.raises(ValueError, match="query: descriptors are 8-d, the codebook's 40-d"):
+        index.query(x[:5, :8])
+    with pytest.raises(ValueError, match="database image 1: descriptors are 8-d"):
+        AsmkIndex(centroids, [x[:5], x[:5, :8]])
+
+
+# --- codebook store ----------------------------------------------------------------------------
+def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(6)
+    x = clustered(rng, 2000, 16, 50, 0.2)
+    cfg = AsmkConfig(codebook_size=32)
+    path = tmp_path / "asmk" / "codebook.h5"
+    calls: list[int] = []
+
+    def descriptors() -> np.ndarray:
+        calls.append(1)
+        return x
+
+    c = codebook(path, descriptors, cfg, {"pca_dims": 16, "source": "/data/rparis6k"})
+    assert c.shape == (32, 16) and calls == [1]
+    stored, attrs = load_codebook(path)
+    np.testing.assert_array_equal(stored, c)
+    assert attrs["codebook_size"] == 32 and attrs["dim"] == 16 and attrs["num_descriptors"] == 2000
+    assert attrs["source"] == "/data/rparis6k"
+    np.testing.assert_array_equal(kmeans(x, 32, niter=cfg.kmeans_iters, seed=cfg.seed), c)
+    # reused: no descriptors read, no training
+    monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("retrained"))
+    again = codebook(path, descriptors, cfg, {"pca_dims": 16, "source": "/data/rparis6k"})
+    np.testing.assert_array_equal(again, c)
+    assert calls == [1]
+    with pytest.raises(CodebookError, match=r"codebook\.h5: codebook made with other parameters "
+                       r"\(pca_dims: 16 in the file, 40 now\)"):
+        codebook(path, descriptors, cfg, {"pca_dims": 40, "source": "/data/rparis6k"})
+    with pytest.raises(CodebookError, match="codebook_size: 32 in the file, 64 now"):
+        codebook(path, descriptors, AsmkConfig(codebook_size=64), {"pca_dims": 16,
+                                                                  "source": "/data/rparis6k"})
+
+
+def test_codebook_file_errors_and_atomic_write(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(CodebookError, match="bad.h5: not a readable HDF5 file"):
+        load_codebook(bad)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["centroids"] = np.zeros((4, 2), np.float32)
+    with pytest.raises(CodebookError, match="other.h5: not an ASMK codebook of this project"):
+        load_codebook(other)
+    target = tmp_path / "cb.h5"
+    with pytest.raises(TypeError):
+        save_codebook(target, np.zeros((4, 2), np.float32), {"bad": object()})
+    assert not target.exists() and list(tmp_path.glob(".cb.h5*")) == []
