@@ -37,6 +37,15 @@ from train.runtime import warn_if_slow_amp
 log = logging.getLogger("delf")
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
+# Compared attributes that older feature files lack, and the value such a file had: descriptors
+# were whitened whenever the PCA was applied.
+LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False))}
+
+
+def feature_writer(path: str | Path, attrs: dict[str, Any], overwrite: bool = False) -> FeatureWriter:
+    """The feature file ``path`` opened for appending with the extraction's resume rules
+    (:data:`INFORMATIONAL` attributes not compared, :data:`LEGACY` values for older files)."""
+    return FeatureWriter(path, attrs, overwrite=overwrite, informational=INFORMATIONAL, legacy=LEGACY)
 
 
 def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str | Path | None = None,
@@ -124,11 +133,11 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
         done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
         target = part_path(output, share.rank, share.size)
     mine = share.share([item for item in items if item[0] not in done])
-    with FeatureWriter(target, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
+    with feature_writer(target, attrs, overwrite) as writer:
         todo = [item for item in mine if not writer.has(item[0])]
     report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
     stream = extract_all(ex, todo, workers, report, share.is_main)
-    with FeatureWriter(target, attrs, informational=INFORMATIONAL) as writer:
+    with feature_writer(target, attrs) as writer:
         for name, feats in stream:
             writer.write(name, feats, save_attention=save_attention)
     reports = share.gather(report)
@@ -138,12 +147,12 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
 
 
 def _done(output: Path, attrs: dict[str, Any], items: list[tuple[str, Path]], overwrite: bool) -> list[str]:
-    with FeatureWriter(output, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
+    with feature_writer(output, attrs, overwrite) as writer:
         return [name for name, _ in items if writer.has(name)]
 
 
 def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
-    with FeatureWriter(output, attrs, informational=INFORMATIONAL) as writer:
+    with feature_writer(output, attrs) as writer:
         for rank in range(world_size):
             part = part_path(output, rank, world_size)
             for name, feats in iter_features(part):
@@ -183,7 +192,7 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
             for p in parts:
                 p.unlink()
     if share.is_main:
-        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims")}
+        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims", "use_whitening")}
         save_pca(output, fit_pca_params(sample), {
             "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
             "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),

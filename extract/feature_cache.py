@@ -1,6 +1,7 @@
 """The features of a revisitop dataset, extracted once and cached: <features_dir>/db.h5 (database
 images) and query.h5 (queries cropped to their bbx, keypoints in the crop's frame); those of an
 extra image set (codebook training images, distractors) in <features root>/<set name>.h5.
+revisitop's bbx is in stored-pixel coordinates: the crop comes before the EXIF orientation.
 Resumable; a cache made with other parameters is refused unless ``overwrite``."""
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig
-from extract.extraction import INFORMATIONAL, extract_features, feature_attrs
-from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
+from extract.extraction import extract_features, feature_attrs, feature_writer
+from extract.features import FeatureFileError, feature_names, iter_features
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
@@ -34,8 +35,7 @@ def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_f
     for part, items in jobs.items():
         paths[part] = Path(features_dir) / f"{part}.h5"
         try:
-            writer = FeatureWriter(paths[part], {**attrs, "crop_to_bbx": part == "query"},
-                                   overwrite=overwrite, informational=INFORMATIONAL)
+            writer = feature_writer(paths[part], {**attrs, "crop_to_bbx": part == "query"}, overwrite)
         except FeatureFileError as e:
             raise EvalError(f"{e}\n(here: --overwrite extracts again, --features_dir picks another "
                             "cache folder)") from None
@@ -44,11 +44,9 @@ def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_f
             for name, path, bbx in tqdm(todo, desc=f"{ds.name} {part} features", unit="img",
                                         dynamic_ncols=True):
                 try:
-                    image = load_image(path)
+                    image = load_image(path, crop=None if bbx is None else np.asarray(bbx).ravel().tolist())
                 except BadImage as e:
                     raise EvalError(f"{path}: {e}") from None
-                if bbx is not None:
-                    image = image.crop(tuple(float(v) for v in np.asarray(bbx).ravel()))
                 writer.write(name, ex(image))
     return paths["db"], paths["query"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import posixpath
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -36,11 +36,13 @@ class FeatureWriter:
 
     A new file gets ``attrs`` as root attributes. An existing one is resumed when its attributes
     equal ``attrs`` (keys in ``informational`` are stored but not compared), else refused;
-    ``overwrite`` starts afresh.
+    ``overwrite`` starts afresh. ``legacy`` gives, for attributes that files written before they
+    existed lack, the value such a file had (a function of its stored attributes).
     """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any], overwrite: bool = False,
-                 informational: Iterable[str] = ()) -> None:
+                 informational: Iterable[str] = (),
+                 legacy: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -51,7 +53,7 @@ class FeatureWriter:
             raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({e}); "
                                    "delete it or pass --overwrite") from None
         try:
-            self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational))
+            self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational), legacy or {})
         except BaseException:
             self._file.close()
             raise
@@ -59,20 +61,26 @@ class FeatureWriter:
             del self._file[INCOMPLETE]
         self._file.flush()
 
-    def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str]) -> None:
-        stored = dict(self._file.attrs)
+    def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str],
+                            legacy: Mapping[str, Callable[[Mapping[str, Any]], Any]]) -> None:
+        stored = {k: _plain(v) for k, v in self._file.attrs.items()}
         if not stored and not len(self._file):
             self._file.attrs.update({k: _storable(v) for k, v in attrs.items()})
             return
         if stored.get("format") != FORMAT:
             raise FeatureFileError(f"{self.path}: exists and is not a DeLF feature file of this project; "
                                    "choose another --output_path or pass --overwrite")
-        diffs = [f"{k}: {_plain(stored.get(k))!r} in the file, {_plain(_storable(v))!r} now"
-                 for k, v in attrs.items() if k not in informational and _plain(stored.get(k)) != _plain(_storable(v))]
+        diffs = []
+        for k, v in attrs.items():
+            old, note = stored.get(k), ""
+            if k not in stored and k in legacy:
+                old, note = legacy[k](stored), f" (not recorded: the value of files written before {k} was)"
+            if k not in informational and old != _plain(_storable(v)):
+                diffs.append(f"{k}: {old!r} in the file{note}, {_plain(_storable(v))!r} now")
         if diffs:
             raise FeatureFileError(f"{self.path}: holds features made with other parameters ("
-                                   + "; ".join(diffs)
-                                   + "): pass --overwrite to replace it, or choose another --output_path")
+                                   + "; ".join(diffs) + "): pass the file's values to resume it, --overwrite "
+                                   "to replace it, or choose another --output_path")
 
     def has(self, name: str) -> bool:
         """Whether a complete group for ``name`` is in the file."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import posixpath
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,9 +57,12 @@ def _read_list(list_file: Path) -> list[tuple[str, Path]]:
     return list(items.items())
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, crop: Sequence[float] | None = None) -> Image.Image:
     """The image at ``path`` as an 8-bit RGB PIL image, as displayed (EXIF orientation applied;
-    first frame of an animation). Raises :class:`BadImage` with the reason when it is unusable."""
+    first frame of an animation). Raises :class:`BadImage` with the reason when it is unusable.
+
+    ``crop`` [x1, y1, x2, y2] is in pixels of the image as stored (before the EXIF orientation,
+    as revisitop's query boxes): the crop is taken first, then turned upright."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise BadImage(f"dangling symbolic link (to {path.readlink()})")
@@ -71,6 +75,8 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore")  # EXIF / palette-transparency chatter
             with Image.open(path) as img:
                 img.load()
+                if crop is not None:
+                    img = img.crop(tuple(float(v) for v in crop))  # keeps the EXIF block
                 return to_rgb(_upright(img))
     except BadImage:
         raise

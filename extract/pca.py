@@ -115,7 +115,7 @@ def load_pca(path: str | Path, checkpoint_sha256: str | None = None) -> dict[str
     return params
 
 
-def apply_pca(descriptors: torch.Tensor, params: dict[str, Any], dims: int, whiten: bool = True) -> torch.Tensor:
+def apply_pca(descriptors: torch.Tensor, params: dict[str, Any], dims: int, whiten: bool = False) -> torch.Tensor:
     """(N, D) unit descriptors -> (N, dims): subtract the mean, project on the first ``dims``
     components, divide by sqrt(variance) when ``whiten``, L2-normalise."""
     matrix = torch.as_tensor(params["pca_matrix"][:dims], device=descriptors.device)

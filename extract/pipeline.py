@@ -3,7 +3,9 @@
 Per image: shrink to ``max_image_size`` if needed; for each pyramid scale one forward pass gives
 the feature map F and the attention a; cells with a >= ``attn_thres`` are kept, all scales are
 concatenated, NMS on the receptive boxes (IoU ``iou_thres``, by attention) prunes them and the
-best ``top_k`` stay. Descriptors: L2-normalise, then the PCA file (extract/pca.py) when used.
+best ``top_k`` stay. Descriptors: L2-normalise, then, with the PCA file (extract/pca.py), subtract
+its mean, project on the first ``pca_dims`` components, divide by sqrt(variance) only when
+``use_whitening`` (off by default, as the official DeLF), L2-normalise again.
 
 Keypoint convention (half-pixel): resizing is bilinear with ``align_corners=False`` (torch's
 half-pixel convention), antialiased when shrinking. An image whose longest side exceeds
@@ -130,7 +132,8 @@ class DelfExtractor:
 
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
-    effect (``use_pca`` False and ``pca_dims`` 0 without a PCA file): the feature file's attributes.
+    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
+    file's attributes.
     """
 
     def __init__(self, model: Delf, conf: ExtractionConfig | None = None, *, pca: dict[str, Any] | None = None,
@@ -147,7 +150,8 @@ class DelfExtractor:
                            f"{model.feature_dim}-d")
         # the configuration in effect: without a PCA file, no PCA and 0 dimensions
         self.conf = replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca is not None,
-                            pca_dims=conf.pca_dims if pca is not None else 0)
+                            pca_dims=conf.pca_dims if pca is not None else 0,
+                            use_whitening=conf.use_whitening and pca is not None)
         self.device = torch.device(device)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.receptive_field = model.receptive_field()
@@ -227,7 +231,7 @@ class DelfExtractor:
         order = nms_top_k(boxes_t, scores_t, self.conf.iou_thres, self.conf.top_k)
         desc = F.normalize(gather_rows(cells, order), dim=1)
         if self.pca is not None:
-            desc = apply_pca(desc, self.pca, self.conf.pca_dims)
+            desc = apply_pca(desc, self.pca, self.conf.pca_dims, whiten=self.conf.use_whitening)
         return self._result(size, box_centres(boxes_t[order]), desc, scores_t[order], torch.cat(scales)[order],
                             attention)
 

@@ -18,15 +18,16 @@ import extract.asmk_index as asmk_index
 from extract.asmk_index import AsmkIndex, load_codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.evaluate import evaluate_dataset, main
-from extract.feature_cache import FeatureStore, set_name
+from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
-from extract.revisitop import EvalError, load_dataset
+from extract.revisitop import Dataset, EvalError, load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
+from train.delf import Delf
 from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,3 +457,28 @@ def test_set_name_and_feature_store(tmp_path: Path) -> None:
         assert [d[0, 0] for d in store.descriptors()] == [2.0, 1.0, 1.0]
     with pytest.raises(EvalError, match=r"b.h5: no features for 1 images \(e.g. 'w'\)"):
         FeatureStore([(tmp_path / "a.h5", ["x"]), (tmp_path / "b.h5", ["w"])])
+
+
+def test_feature_cache_crops_exif_rotated_queries_in_stored_pixels(tmp_path: Path, one_thread: None) -> None:
+    """A query stored with EXIF orientation 6: revisitop's bbx is in stored pixels, so the cache
+    holds the features of the stored crop turned upright (what a viewer of the crop sees)."""
+    jpg = tmp_path / "jpg"
+    jpg.mkdir()
+    stored = np.ascontiguousarray(photo("astronaut", 160)[:, :120])  # 120 wide, 160 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(jpg / "q.jpg", exif=exif, quality=95)
+    Image.fromarray(photo("coffee", 96)).save(jpg / "db.jpg", quality=95)
+    bbx = [10, 20, 110, 100]  # x1, y1, x2, y2 in stored pixels: 100 wide, 80 high
+    ds = Dataset("roxford5k", ["db"], ["q"], [{"bbx": bbx, "easy": [0], "hard": [], "junk": []}], jpg)
+    torch.manual_seed(0)
+    ex = DelfExtractor(Delf(3, arch="resnet18", stage="inference"),
+                       ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, use_pca=False))
+    _, query_path = cache_features(ds, ex, tmp_path / "ckpt", None, tmp_path / "cache")
+    got = dict(iter_features(query_path))["q"]
+    with Image.open(jpg / "q.jpg") as img:  # the stored pixels, cropped, then turned clockwise
+        upright = img.convert("RGB").crop(bbx).transpose(Image.Transpose.ROTATE_270)
+    assert got["image_size"].tolist() == [80, 100] == list(upright.size)
+    expected = ex(upright)
+    np.testing.assert_array_equal(got["keypoints"], expected["keypoints"])
+    np.testing.assert_allclose(got["descriptors"], expected["descriptors"], atol=1e-6)

@@ -24,6 +24,7 @@ from extract.features import feature_names, file_attrs, iter_features, read_feat
 from extract.matcher import parse_args as matcher_args
 from extract.pca import fit_pca, save_pca
 from tests.utils import make_image_folder, save_keypoint_checkpoint, write_bad_images, write_odd_images
+from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.runtime import PROJECT_ROOT, repo_dir
 
@@ -254,3 +255,27 @@ def test_flags_map_onto_configs(parse):
         assert parse(["--mutual", "false"]).mutual is False and parse(["--mutual"]).mutual is True
     if hasattr(args, "knn"):
         assert config_from_args(EvalConfig, args) == EvalConfig()
+
+
+def test_use_whitening_is_stored_and_compared_on_resume(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    """--use_whitening (default false) is a compared attribute; a file written before it existed
+    was whitened: refused with the default, resumed with --use_whitening true."""
+    pca = tmp_path / "pca.h5"
+    save_pca(pca, fit_pca(np.random.default_rng(0).standard_normal((300, 256)).astype(np.float32)),
+             {"checkpoint_sha256": file_sha256(ckpt)})
+    out = tmp_path / "f.h5"
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
+            "--pca_parameters_path", str(pca)] + FAST
+    assert main(base) == 0 and file_attrs(out)["use_whitening"] is False
+    capsys.readouterr()
+    assert main(base + ["--use_whitening", "true"]) == 1
+    assert "use_whitening: False in the file, True now" in capsys.readouterr().err
+
+    with h5py.File(out, "a") as f:  # what the extractor wrote before use_whitening existed
+        del f.attrs["use_whitening"]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "use_whitening: True in the file (not recorded: the value of files written before use_whitening " \
+           "was), False now" in err and "pass the file's values to resume it" in err
+    assert main(base + ["--use_whitening", "true"]) == 0
+    assert "0 images extracted, 4 already there" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,17 @@ from PIL import Image
 
 from extract.config import ExtractionConfig
 from extract.pca import fit_pca
-from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, gather_rows, nms_top_k, too_small
+from extract.pipeline import (
+    DelfExtractor,
+    cell_boxes,
+    fit_size,
+    fold_batchnorm,
+    gather_rows,
+    nms_top_k,
+    too_small,
+)
 from tests.utils import photo
-from train.delf import Delf
+from train.delf import Delf, ReceptiveField
 
 SCALES = (0.5, 1.0, 1.4142)
 
@@ -143,3 +153,49 @@ def test_gather_rows_equals_gathering_the_concatenation():
     expected = torch.cat([r[k] for r, k in cells])[order]
     assert torch.equal(gather_rows(cells, order), expected)
     assert gather_rows(cells, order[:0]).shape == (0, 4)
+
+
+def test_nms_threshold_arithmetic_at_layer3():
+    """resnet50 layer3 (receptive field 267, stride 16, as the model derives it): the boxes of
+    neighbouring cells of one scale overlap with IoU (266-16)/(266+16) = 0.887 (torchvision
+    measures inclusive boxes as x2 - x1 = 266 wide), diagonal neighbours 0.791, cells two apart
+    0.785; boxes of scales sqrt(2) apart at most 0.5. So 0.92 keeps every cell of a scale, and
+    0.85 removes direct neighbours but keeps cells two apart."""
+    rf = ReceptiveField(267, 16, 133)
+    boxes = cell_boxes(rf, 6, 8, (1.0, 1.0))
+    iou = torchvision.ops.box_iou(boxes, boxes)
+    assert iou[0, 1].item() == pytest.approx(250 / 282) == pytest.approx(0.887, abs=1e-3)  # right neighbour
+    assert iou[0, 8].item() == pytest.approx(250 / 282)  # the neighbour below
+    assert iou[0, 9].item() == pytest.approx(0.791, abs=1e-3) and iou[0, 2].item() == pytest.approx(0.785, abs=1e-3)
+    other_scale = cell_boxes(rf, 4, 6, (2 ** -0.5, 2 ** -0.5))  # the next scale down
+    assert torchvision.ops.box_iou(other_scale, boxes).max().item() <= 0.5 + 1e-6
+
+    scores = torch.linspace(1, 0.5, len(boxes))
+    assert len(nms_top_k(boxes, scores, 0.92, 1000)) == len(boxes), "0.92 removes nothing within a scale"
+    row = boxes[:3]  # cells (0, 0), (0, 1), (0, 2) of one row, best first
+    assert nms_top_k(row, torch.tensor([3.0, 2.0, 1.0]), 0.85, 10).tolist() == [0, 2]
+    assert nms_top_k(row, torch.tensor([3.0, 2.0, 1.0]), 0.92, 10).tolist() == [0, 1, 2]
+    kept = nms_top_k(boxes, scores, 0.85, 1000)
+    assert len(kept) < len(boxes) and not (torchvision.ops.box_iou(boxes[kept], boxes[kept]).fill_diagonal_(0)
+                                           > 0.85).any()
+
+
+def test_whitening_is_off_by_default(model: Delf, image: Image.Image):
+    """Without whitening (the default, as the official DeLF): L2 -> subtract the PCA mean ->
+    project -> L2. With --use_whitening: divided by sqrt(variance) before the final L2."""
+    conf = ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=50, pca_dims=16)
+    raw = DelfExtractor(model, replace(conf, use_pca=False))(image)["descriptors"]
+    pca = fit_pca(np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32) * 2.0 ** -(np.arange(256) / 8))
+    projected = (raw - pca["pca_mean"]) @ pca["pca_matrix"][:16].T
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    default = DelfExtractor(model, conf, pca=pca)
+    assert default.conf.use_whitening is False
+    np.testing.assert_allclose(default(image)["descriptors"], unit(projected), atol=1e-5)
+    whitened = DelfExtractor(model, replace(conf, use_whitening=True), pca=pca)(image)["descriptors"]
+    np.testing.assert_allclose(whitened, unit(projected / np.sqrt(pca["pca_vars"][:16])), atol=1e-5)
+    assert np.abs(whitened - unit(projected)).max() > 0.1
+    # without a PCA file there is nothing to whiten: the configuration in effect says so
+    assert DelfExtractor(model, replace(conf, use_whitening=True)).conf.use_whitening is False
