@@ -185,7 +185,8 @@ def test_whitening_is_off_by_default(model: Delf, image: Image.Image):
     project -> L2. With --use_whitening: divided by sqrt(variance) before the final L2."""
     conf = ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=50, pca_dims=16)
     raw = DelfExtractor(model, replace(conf, use_pca=False))(image)["descriptors"]
-    pca = fit_pca(np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32) * 2.0 ** -(np.arange(256) / 8))
+    sample = np.random.default_rng(0).standard_normal((600, 256)) * 2.0 ** -(np.arange(256) / 8)
+    pca = fit_pca(sample.astype(np.float32))  # variances spread over 2 orders of magnitude
     projected = (raw - pca["pca_mean"]) @ pca["pca_matrix"][:16].T
 
     def unit(x: np.ndarray) -> np.ndarray:
