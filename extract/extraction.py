@@ -14,6 +14,7 @@ and the result equals a single-process run.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from extract.config import ExtractionConfig, PcaFitConfig
 from extract.features import FeatureWriter, iter_features
-from extract.images import image_loader, list_images
+from extract.images import Decoded, image_loader, list_images
 from extract.paths import part_path
 from extract.pca import PcaError, Reservoir, merge_samples, save_pca
 from extract.pca import fit_pca as fit_pca_params
@@ -38,8 +39,16 @@ log = logging.getLogger("delf")
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
-# were whitened whenever the PCA was applied.
-LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False))}
+# were whitened whenever the PCA was applied; the device type was part of the informational
+# "device"; CUDA ran with PyTorch's default TF32 convolutions.
+LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False)),
+          "device_type": lambda stored: str(stored.get("device", "cpu")).split(":")[0],
+          "tf32": lambda stored: str(stored.get("device", "cpu")).startswith("cuda")}
+
+
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether convolutions or matrix products on ``device`` may round to TF32 (CUDA only)."""
+    return device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
 def feature_writer(path: str | Path, attrs: dict[str, Any], overwrite: bool = False) -> FeatureWriter:
@@ -59,7 +68,9 @@ def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str
 def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None, input_path: str | Path,
                   save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
     """Root attributes of a feature file: the extraction config in effect, the model, the sha256
-    sums of the checkpoint and PCA file, and (informational) where the run took them from."""
+    sums of the checkpoint and PCA file, the device type and TF32 state (features of a CPU and a
+    GPU differ in the last bits, enough to change a selection at the threshold: a file holds
+    one kind), and (informational) where the run took them from."""
     pca_file = Path(pca_file) if ex.conf.use_pca and pca_file is not None else None
     rf = ex.receptive_field
     return {
@@ -68,43 +79,57 @@ def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Pat
         "receptive_field": [rf.size, rf.stride, rf.padding],
         "checkpoint_sha256": ex.checkpoint_sha256, "pca_sha256": file_sha256(pca_file) if pca_file else "",
         "input_path": str(Path(input_path).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
+        "device_type": ex.device.type, "tf32": tf32_enabled(ex.device),
         "pca_parameters_path": str(pca_file.resolve()) if pca_file else "", "device": str(ex.device),
         "workers": workers, "batch_size": 1,
     }
 
 
+def default_workers(device: str | torch.device) -> int:
+    """Decoding processes when none are asked for: 1 on the CPU (the network needs the cores);
+    on a GPU this process's share of the CPUs (torchrun's LOCAL_WORLD_SIZE processes per node)
+    less one for itself, at most 8, so that decoding and shrinking keep the GPU busy."""
+    if torch.device(device).type != "cuda":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, cpus - 1))
+
+
 def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
                 show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, features) of each usable image; the others go into ``report``.
+    """(name, features) of each usable image; the others go into ``report``. ``workers``
+    processes decode and shrink the images (into pinned memory for a GPU).
 
     The decoding workers are forked here, at the call: open the output file afterwards, so that
     they never inherit it (orphaned workers of a killed run would keep it locked)."""
-    decoded = iter(image_loader(items, workers)) if items else iter(())
+    loader = image_loader(items, workers, ex.conf.max_image_size, pin_memory=ex.device.type == "cuda")
+    decoded = iter(loader) if items else iter(())
     return _stream(ex, decoded, len(items), report, show_progress)
 
 
-def _stream(ex: DelfExtractor, decoded: Iterator[tuple[str, Path, torch.Tensor | None, str | None]], total: int,
-            report: Report, show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def _stream(ex: DelfExtractor, decoded: Iterator[Decoded], total: int, report: Report,
+            show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     with tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-        for name, path, image, reason in decoded:
-            feats = _extract_one(ex, path, image, reason, report)
+        for name, path, image, size, reason in decoded:
+            feats = _extract_one(ex, path, image, size, reason, report)
             if feats is not None:
                 yield name, feats
             bar.update()
 
 
-def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reason: str | None,
-                 report: Report) -> dict[str, Any] | None:
-    if image is None:
+def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size: tuple[int, int] | None,
+                 reason: str | None, report: Report) -> dict[str, Any] | None:
+    if image is None or size is None:
         report.skip(path, str(reason))
         return None
+    size = (int(size[0]), int(size[1]))
     try:
-        feats = ex(image)
+        feats = ex(image, original_size=size)
     except Exception as e:  # one image must never cost the others
         log.warning("%s: extraction failed: %s", path, e)
         report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
         return None
-    small = too_small(image.shape[2], image.shape[1], ex.conf.max_image_size)
+    small = too_small(*size, ex.conf.max_image_size)
     if small:
         report.skip(path, f"{small}; zero features")
     else:
@@ -114,13 +139,16 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reas
 
 def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
-                     workers: int = 1, overwrite: bool = False, device: str | torch.device = "cpu",
+                     workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
                      share: WorkShare | None = None) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
     paths) into the feature file ``output_path``; images already there are skipped. PCA when
     ``conf.use_pca`` and ``pca_path`` is given. An existing file made with other parameters is
-    refused unless ``overwrite``. Returns the report (``report.output`` is the file)."""
+    refused unless ``overwrite``; so is one made on another device type or TF32 setting. ``workers``
+    decoding processes (default :func:`default_workers`). Returns the report (``report.output`` is
+    the file)."""
     share = share or WorkShare()
+    workers = default_workers(device) if workers is None else workers
     output = Path(output_path)
     items = list_images(input_path)
     ex = load_extractor(conf, checkpoint, pca_path, device)
@@ -161,13 +189,14 @@ def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
 
 
 def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
-                 fit: PcaFitConfig | None = None, *, workers: int = 1, overwrite: bool = False,
+                 fit: PcaFitConfig | None = None, *, workers: int | None = None, overwrite: bool = False,
                  device: str | torch.device = "cpu", share: WorkShare | None = None) -> Report:
     """Fit the PCA of the descriptors of the images of ``input_path`` (without PCA, a uniform
     random sample of at most ``fit.pca_max_features``) and write the PCA file ``output_path``
     (layout in extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused
     unless ``overwrite``. Returns the report (``report.output`` is the file)."""
     share, fit = share or WorkShare(), fit or PcaFitConfig()
+    workers = default_workers(device) if workers is None else workers
     max_features, seed = fit.pca_max_features, fit.seed
     output = Path(output_path)
     if output.exists() and not overwrite:

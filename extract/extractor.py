@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_id", help="sets CUDA_VISIBLE_DEVICES (seed flag)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="seed flag; images differ in size, so they are processed one at a time")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in this one)")
+    p.add_argument("--workers", type=int, help="image-decoding (and shrinking) processes; 0: in this one "
+                   "(default: 1 on CPU; on CUDA the CPUs per process less one, at most 8)")
     add_extraction_args(p)
     add_config_args(p, PcaFitConfig)
     add_bool_flag(p, "--save_attention", default=False, help="delf: also store the attention map at scale 1.0")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from extract.config import EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import build_parser as evaluate_parser
-from extract.extraction import extract_features, fit_pca_file
+from extract.extraction import default_workers, extract_features, fit_pca_file
 from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
 from extract.features import feature_names, file_attrs, iter_features, read_features
@@ -279,3 +279,40 @@ def test_use_whitening_is_stored_and_compared_on_resume(tmp_path: Path, ckpt: Pa
            "was), False now" in err and "pass the file's values to resume it" in err
     assert main(base + ["--use_whitening", "true"]) == 0
     assert "0 images extracted, 4 already there" in capsys.readouterr().out
+
+
+def test_device_type_and_tf32_are_compared_on_resume(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    """A file made on a GPU is not resumed on the CPU (features differ in the last bits); files
+    written before these attributes existed count as what their informational "device" says."""
+    out = tmp_path / "f.h5"
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
+            "--use_pca", "false"] + FAST
+    assert main(base) == 0
+    attrs = file_attrs(out)
+    assert (attrs["device_type"], attrs["tf32"], attrs["device"]) == ("cpu", False, "cpu")
+    with h5py.File(out, "a") as f:  # as a GPU run would have written it
+        f.attrs.update({"device_type": "cuda", "tf32": True, "device": "cuda:0"})
+    capsys.readouterr()
+    assert main(base) == 1
+    assert "device_type: 'cuda' in the file, 'cpu' now; tf32: True in the file, False now" in capsys.readouterr().err
+    with h5py.File(out, "a") as f:  # an older file, written on the CPU
+        del f.attrs["device_type"], f.attrs["tf32"]
+        f.attrs["device"] = "cpu"
+    assert main(base) == 0
+    assert "0 images extracted, 4 already there" in capsys.readouterr().out
+
+
+def test_decoding_workers_give_the_same_file(tmp_path: Path, ckpt: Path, images: Path, monkeypatch):
+    """Two decoding processes (which also shrink the images) write what decoding in-process does."""
+    conf = ExtractionConfig(scale_list=(0.5, 1.0), max_image_size=64, use_pca=False)
+    extract_features(conf, ckpt, images, tmp_path / "zero.h5", workers=0)
+    extract_features(conf, ckpt, images, tmp_path / "two.h5", workers=2)
+    _assert_same_features(tmp_path / "zero.h5", tmp_path / "two.h5")
+    assert read_features(tmp_path / "two.h5", "coffee/000.jpg")["image_size"].tolist() == [96, 96]
+    # defaults: 1 on the CPU; on CUDA the CPUs of this process's share less one, at most 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert default_workers("cpu") == 1 and default_workers("cuda") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers("cuda:1") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers("cuda") == 1
