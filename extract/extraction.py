@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig, PcaFitConfig
-from extract.features import FeatureWriter, iter_features
+from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
 from extract.images import Decoded, image_loader, list_images
 from extract.paths import part_path
 from extract.pca import PcaError, Reservoir, merge_samples, save_pca
@@ -33,6 +34,7 @@ from extract.pipeline import DelfExtractor, too_small
 from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import file_sha256
+from train.locking import OutputLock
 from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
@@ -155,23 +157,76 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
     if save_attention and 1.0 not in ex.scales:
         raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
-    done: set[str] = set()
-    target = output
-    if share.distributed:  # each process fills a part file; process 0 merges them at the end
-        done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
-        target = part_path(output, share.rank, share.size)
-    mine = share.share([item for item in items if item[0] not in done])
-    with feature_writer(target, attrs, overwrite) as writer:
-        todo = [item for item in mine if not writer.has(item[0])]
-    report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
-    stream = extract_all(ex, todo, workers, report, share.is_main)
-    with feature_writer(target, attrs) as writer:
-        for name, feats in stream:
-            writer.write(name, feats, save_attention=save_attention)
-    reports = share.gather(report)
-    if share.distributed and share.is_main:
-        _merge_parts(output, attrs, share.size)
-    return Report.total(reports)
+    with _claim(output, share):
+        done: set[str] = set()
+        target = output
+        if share.distributed:  # each process fills a part file; process 0 merges them at the end
+            done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
+            target = part_path(output, share.rank, share.size)
+        mine = share.share([item for item in items if item[0] not in done])
+        with feature_writer(target, attrs, overwrite) as writer:
+            todo = [item for item in mine if not writer.has(item[0])]
+        report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
+        failure = _write_all(target, attrs, extract_all(ex, todo, workers, report, share.is_main), save_attention)
+        results = share.gather((report, failure))  # every process learns of a failure, none waits forever
+        failures = [f for _, f in results if f]
+        if failures:
+            raise OutputWriteError(failures[0])
+        if share.distributed and share.is_main:
+            _merge_parts(output, attrs, share.size)
+    return Report.total([r for r, _ in results])
+
+
+def _reason(error: OSError) -> str:
+    """The OS's words for an I/O error (h5py's own text is many lines)."""
+    return os.strerror(error.errno) if error.errno else (str(error).splitlines() or [type(error).__name__])[0]
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output failed (disk full, I/O error, its folder removed); ``str(e)`` is one line:
+    what failed, what was saved, and how to go on."""
+
+
+@contextmanager
+def _claim(output: Path, share: WorkShare) -> Iterator[None]:
+    """Process 0 holds ``output``'s lock (train.locking.OutputLock) for the block; when another
+    run holds it, every process raises OutputInUse before anything is touched."""
+    held: list[OutputLock] = []
+    share.from_main(lambda: held.append(OutputLock(output, hint="choose another --output_path")))
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _write_all(target: Path, attrs: dict[str, Any], stream: Iterator[tuple[str, dict[str, Any]]],
+               save_attention: bool) -> str | None:
+    """Write the stream into ``target``; None, or on an I/O error the one-line account of it."""
+    written = 0
+    try:
+        with feature_writer(target, attrs) as writer:
+            for name, feats in stream:
+                writer.write(name, feats, save_attention=save_attention)
+                written += 1
+    except OSError as e:
+        return write_failure(target, e, written)
+    return None
+
+
+def write_failure(path: Path, error: OSError, written: int) -> str:
+    """One line for an I/O error while writing the feature file ``path`` after ``written`` images
+    of this run: what failed, what the file keeps, and that a rerun resumes."""
+    if isinstance(error, FileNotFoundError) or not path.exists():
+        return (f"{path}: removed while it was written (its folder deleted?); the images written in this run "
+                f"({written}) went with it: rerun the same command to extract them again")
+    reason = _reason(error)
+    try:
+        kept = f"; the file keeps {len(feature_names(path))} complete images"
+    except FeatureFileError:
+        kept = ""
+    return (f"{path}: writing failed ({reason}) after {written} images written in this run{kept}: "
+            "rerun the same command to resume")
 
 
 def _done(output: Path, attrs: dict[str, Any], items: list[tuple[str, Path]], overwrite: bool) -> list[str]:
@@ -199,25 +254,52 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
     workers = default_workers(device) if workers is None else workers
     max_features, seed = fit.pca_max_features, fit.seed
     output = Path(output_path)
-    if output.exists() and not overwrite:
-        raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
-                       "or choose another --output_path")
     if max_features < 1:
         raise ValueError("--pca_max_features must be >= 1")
-    items = list_images(input_path)
-    ex = load_extractor(conf, checkpoint, None, device)
-    reservoir = Reservoir(max_features, seed=seed + share.rank)
-    report = Report(output)
-    for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
-        reservoir.add(feats["descriptors"])
+    with _claim(output, share):
+        if share.from_main(lambda: output.exists() and not overwrite):
+            raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
+                           "or choose another --output_path")
+        items = list_images(input_path)
+        ex = load_extractor(conf, checkpoint, None, device)
+        reservoir = Reservoir(max_features, seed=seed + share.rank)
+        report = Report(output)
+        for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
+            reservoir.add(feats["descriptors"])
+        try:
+            _save_pca_file(output, ex, reservoir, report, checkpoint, input_path, fit, share)
+        except OSError as e:
+            raise OutputWriteError(f"{output}: writing the PCA file failed ({_reason(e)}); nothing was replaced: "
+                                   "rerun the same command to fit it again") from None
+    return report
+
+
+def _save_pca_file(output: Path, ex: DelfExtractor, reservoir: Reservoir, report: Report, checkpoint: str | Path,
+                   input_path: str | Path, fit: PcaFitConfig, share: WorkShare) -> None:
+    """Merge the processes' samples (torchrun), fit and write the PCA file atomically (process 0)."""
     sample = reservoir.sample
     if share.distributed:
-        np.save(part_path(output, share.rank, share.size, ".npy"), sample)
-        seen = share.gather(reservoir.seen)
-        report = Report.total(share.gather(report))
+        part = part_path(output, share.rank, share.size, ".npy")
+        try:
+            np.save(part, sample)
+            failure = ""
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            failure = _reason(e)
+        results = share.gather((reservoir.seen, report, failure))
+        parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
+        if any(f for _, _, f in results):
+            if share.is_main:
+                for p in parts:
+                    p.unlink(missing_ok=True)
+            raise OutputWriteError(f"{output}: writing the descriptor sample failed ("
+                                   f"{next(f for _, _, f in results if f)}); nothing was replaced: "
+                                   "rerun the same command to fit it again")
+        merged = Report.total([r for _, r, _ in results])
+        report.processed, report.existing, report.skipped = merged.processed, merged.existing, merged.skipped
         if share.is_main:
-            parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
-            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], seen, max_features, seed)
+            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], [n for n, _, _ in results],
+                                   fit.pca_max_features, fit.seed)
             for p in parts:
                 p.unlink()
     if share.is_main:
@@ -229,4 +311,3 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
             "arch": ex.model.arch, "target_layer": ex.model.target_layer})
         log.info("PCA of %d descriptors (%d-d) from %d images written to %s", len(sample), sample.shape[1],
                  report.processed, output)
-    return report

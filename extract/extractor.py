@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.config import ExtractionConfig, PcaFitConfig
-from extract.extraction import extract_features, fit_pca_file, load_extractor
+from extract.extraction import OutputWriteError, extract_features, fit_pca_file, load_extractor
 from extract.features import FeatureFileError
 from extract.images import InputError
 from extract.paths import checkpoint_path, features_path, pca_path
@@ -31,10 +31,12 @@ from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.locking import OutputInUse
 from train.runtime import setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
-EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError)
+EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError, OutputInUse,
+                   OutputWriteError)
 
 
 def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -115,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown_runtime()
     if runtime.is_main:
-        saved = report.save()
-        print(report.text() + f"(report written to {saved})", end="\n")
+        try:
+            saved = f"report written to {report.save()}"
+        except OSError as e:
+            saved = f"report not written: {e}"
+        print(report.text() + f"({saved})", end="\n")
     return 0 if report.processed + report.existing > 0 else 1
 
 

@@ -3,6 +3,7 @@ DeLF end to end on a tiny Revisited-Oxford-layout dataset made from real photos.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -482,3 +483,26 @@ def test_feature_cache_crops_exif_rotated_queries_in_stored_pixels(tmp_path: Pat
     expected = ex(upright)
     np.testing.assert_array_equal(got["keypoints"], expected["keypoints"])
     np.testing.assert_allclose(got["descriptors"], expected["descriptors"], atol=1e-6)
+
+
+def test_feature_cache_held_by_another_evaluation_is_refused(tiny: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """One evaluation at a time writes a feature cache: another one exits at once with one line
+    naming the holder, and the cache folder is not touched."""
+    feats = tmp_path / "features"
+    code = (f"import sys\nfrom train.locking import OutputLock\nlock = OutputLock({str(feats)!r})\n"
+            "print('ready', flush=True)\nsys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert main(["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from", str(tiny["ckpt"]),
+                     "--pca_parameters_path", str(tiny["pca"]), "--device", "cpu", "--features_dir", str(feats),
+                     "--method", "vote"]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {feats}: in use by another process (pid {holder.pid}, since "
+                           f"{err.split('since ')[1].split(')')[0]}); wait for it or choose another --features_dir")
+    assert not feats.exists()

@@ -211,7 +211,8 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
     assert "9 images extracted" in run.stdout
     _assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
     assert file_attrs(tmp_path / "one.h5") == file_attrs(tmp_path / "two.h5")
-    assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5"]  # part files merged and removed
+    # part files merged and removed; the lock's side file stays (process 0 held it for the run)
+    assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5", "two.h5.lock"]
 
 
 def test_library_entry_points_without_argparse(tmp_path: Path, ckpt: Path, images: Path):
