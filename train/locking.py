@@ -16,7 +16,6 @@ import weakref
 from pathlib import Path
 from typing import IO
 
-
 _HELD: weakref.WeakSet[OutputLock] = weakref.WeakSet()
 
 
