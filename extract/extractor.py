@@ -32,7 +32,7 @@ from extract.workshare import WorkShare
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
 from train.locking import OutputInUse
-from train.runtime import setup_logging, setup_runtime, teardown_runtime
+from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
 EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError, OutputInUse,
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_extraction_args(p)
     add_config_args(p, PcaFitConfig)
     add_bool_flag(p, "--save_attention", default=False, help="delf: also store the attention map at scale 1.0")
+    add_bool_flag(p, "--deterministic", default=False,
+                  help="deterministic algorithms, no cuDNN autotuning, TF32 off (GPU features then agree with the "
+                  "CPU's to rounding; the feature file records tf32 false)")
     add_bool_flag(p, "--overwrite", default=False, help="replace an existing output instead of resuming / refusing")
     return p
 
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size != 1:
         log.warning("--batch_size %d: images differ in size and are processed one at a time", args.batch_size)
     try:
-        report = run(args, runtime.device, WorkShare.join(runtime))
+        with deterministic_mode(args.deterministic):
+            report = run(args, runtime.device, WorkShare.join(runtime))
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

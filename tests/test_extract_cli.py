@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from extract.config import EvalConfig, ExtractionConfig, MatchConfig
@@ -301,6 +302,11 @@ def test_device_type_and_tf32_are_compared_on_resume(tmp_path: Path, ckpt: Path,
         f.attrs["device"] = "cpu"
     assert main(base) == 0
     assert "0 images extracted, 4 already there" in capsys.readouterr().out
+    # --deterministic changes nothing on the CPU (no TF32 there) and is undone after the run
+    det = tmp_path / "det.h5"
+    assert main(base[:5] + [str(det)] + base[6:] + ["--deterministic"]) == 0
+    assert file_attrs(det)["tf32"] is False and not torch.are_deterministic_algorithms_enabled()
+    _assert_same_features(det, out)
 
 
 def test_decoding_workers_give_the_same_file(tmp_path: Path, ckpt: Path, images: Path, monkeypatch):

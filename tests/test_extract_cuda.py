@@ -13,11 +13,13 @@ from PIL import Image
 
 from extract.config import ExtractionConfig
 from extract.extraction import extract_features
+from extract.extractor import main
 from extract.features import FeatureFileError, file_attrs, iter_features
 from extract.pca import fit_pca
 from extract.pipeline import DelfExtractor
 from tests.utils import make_image_folder, photo, save_keypoint_checkpoint
 from train.delf import Delf
+from train.runtime import deterministic_mode
 
 pytestmark = pytest.mark.cuda
 SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
@@ -25,12 +27,8 @@ SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 @pytest.fixture
 def deterministic() -> Iterator[None]:
-    """No TF32, no cuDNN autotuning, deterministic cuDNN algorithms (restored afterwards)."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
-    yield
-    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
+    with deterministic_mode():
+        yield
 
 
 def by_position(f: dict) -> np.ndarray:
@@ -97,3 +95,10 @@ def test_feature_file_records_the_device(tmp_path: Path):
     assert attrs["tf32"] == (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
     with pytest.raises(FeatureFileError, match="device_type: 'cuda' in the file, 'cpu' now"):
         extract_features(conf, ckpt, images, tmp_path / "f.h5", workers=0, device="cpu")
+    # --deterministic: TF32 off, recorded; a default (TF32) run does not resume that file
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(tmp_path / "d.h5"),
+                 "--use_pca", "false", "--scale_list", "0.5", "1.0", "--device", "cuda", "--deterministic"]) == 0
+    assert file_attrs(tmp_path / "d.h5")["tf32"] is False
+    if torch.backends.cudnn.allow_tf32:
+        with pytest.raises(FeatureFileError, match="tf32: False in the file, True now"):
+            extract_features(conf, ckpt, images, tmp_path / "d.h5", workers=0, device="cuda")
