@@ -40,7 +40,7 @@ from extract.asmk_index import AsmkIndex, CodebookError, codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
-from extract.feature_cache import FeatureStore, cache_features, cache_image_set, read_all, set_name
+from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
 from extract.features import FeatureFileError, file_attrs, iter_features
 from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
@@ -154,22 +154,23 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     check_images(ds)
     features_dir = Path(features_dir)
     ex = load_extractor(extraction, checkpoint, pca_path, device)
-    db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
-    parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
-    if distractors is not None:
-        parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
-                                     overwrite, device))
-    centroids = None
-    if conf.method == "asmk":
-        assert codebook_images is not None
-        centroids = asmk_codebook(codebook_images, features_dir.parent,
-                                  Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk",
-                                  AsmkConfig(codebook_size=conf.codebook_size), extraction, checkpoint, pca_path,
-                                  overwrite, device)
-    queries = read_all(query_path, ds.qimlist)
-    with FeatureStore(parts) as store:
-        initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
-        size = len(store)
+    with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
+        db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
+        parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
+        if distractors is not None:
+            parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
+                                         overwrite, device))
+        centroids = None
+        if conf.method == "asmk":
+            assert codebook_images is not None
+            centroids = asmk_codebook(codebook_images, features_dir.parent,
+                                      Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk",
+                                      AsmkConfig(codebook_size=conf.codebook_size), extraction, checkpoint, pca_path,
+                                      overwrite, device)
+        queries = read_all(query_path, ds.qimlist)
+        with FeatureStore(parts) as store:
+            initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
+            size = len(store)
     return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), conf.method, size,
                       size - len(ds.imlist), nbytes)
 

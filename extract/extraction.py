@@ -14,6 +14,8 @@ and the result equals a single-process run.
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig, PcaFitConfig
-from extract.features import FeatureWriter, iter_features
-from extract.images import image_loader, list_images
+from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
+from extract.images import Decoded, image_loader, list_images
 from extract.paths import part_path
 from extract.pca import PcaError, Reservoir, merge_samples, save_pca
 from extract.pca import fit_pca as fit_pca_params
@@ -32,11 +34,29 @@ from extract.pipeline import DelfExtractor, too_small
 from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import file_sha256
+from train.locking import OutputLock
 from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
+# Compared attributes that older feature files lack, and the value such a file had: descriptors
+# were whitened whenever the PCA was applied; the device type was part of the informational
+# "device"; CUDA ran with PyTorch's default TF32 convolutions.
+LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False)),
+          "device_type": lambda stored: str(stored.get("device", "cpu")).split(":")[0],
+          "tf32": lambda stored: str(stored.get("device", "cpu")).startswith("cuda")}
+
+
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether convolutions or matrix products on ``device`` may round to TF32 (CUDA only)."""
+    return device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+
+
+def feature_writer(path: str | Path, attrs: dict[str, Any], overwrite: bool = False) -> FeatureWriter:
+    """The feature file ``path`` opened for appending with the extraction's resume rules
+    (:data:`INFORMATIONAL` attributes not compared, :data:`LEGACY` values for older files)."""
+    return FeatureWriter(path, attrs, overwrite=overwrite, informational=INFORMATIONAL, legacy=LEGACY)
 
 
 def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str | Path | None = None,
@@ -50,7 +70,9 @@ def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str
 def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None, input_path: str | Path,
                   save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
     """Root attributes of a feature file: the extraction config in effect, the model, the sha256
-    sums of the checkpoint and PCA file, and (informational) where the run took them from."""
+    sums of the checkpoint and PCA file, the device type and TF32 state (features of a CPU and a
+    GPU differ in the last bits, enough to change a selection at the threshold: a file holds
+    one kind), and (informational) where the run took them from."""
     pca_file = Path(pca_file) if ex.conf.use_pca and pca_file is not None else None
     rf = ex.receptive_field
     return {
@@ -59,43 +81,57 @@ def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Pat
         "receptive_field": [rf.size, rf.stride, rf.padding],
         "checkpoint_sha256": ex.checkpoint_sha256, "pca_sha256": file_sha256(pca_file) if pca_file else "",
         "input_path": str(Path(input_path).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
+        "device_type": ex.device.type, "tf32": tf32_enabled(ex.device),
         "pca_parameters_path": str(pca_file.resolve()) if pca_file else "", "device": str(ex.device),
         "workers": workers, "batch_size": 1,
     }
 
 
+def default_workers(device: str | torch.device) -> int:
+    """Decoding processes when none are asked for: 1 on the CPU (the network needs the cores);
+    on a GPU this process's share of the CPUs (torchrun's LOCAL_WORLD_SIZE processes per node)
+    less one for itself, at most 8, so that decoding and shrinking keep the GPU busy."""
+    if torch.device(device).type != "cuda":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, cpus - 1))
+
+
 def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
                 show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, features) of each usable image; the others go into ``report``.
+    """(name, features) of each usable image; the others go into ``report``. ``workers``
+    processes decode and shrink the images (into pinned memory for a GPU).
 
     The decoding workers are forked here, at the call: open the output file afterwards, so that
     they never inherit it (orphaned workers of a killed run would keep it locked)."""
-    decoded = iter(image_loader(items, workers)) if items else iter(())
+    loader = image_loader(items, workers, ex.conf.max_image_size, pin_memory=ex.device.type == "cuda")
+    decoded = iter(loader) if items else iter(())
     return _stream(ex, decoded, len(items), report, show_progress)
 
 
-def _stream(ex: DelfExtractor, decoded: Iterator[tuple[str, Path, torch.Tensor | None, str | None]], total: int,
-            report: Report, show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def _stream(ex: DelfExtractor, decoded: Iterator[Decoded], total: int, report: Report,
+            show_progress: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     with tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
-        for name, path, image, reason in decoded:
-            feats = _extract_one(ex, path, image, reason, report)
+        for name, path, image, size, reason in decoded:
+            feats = _extract_one(ex, path, image, size, reason, report)
             if feats is not None:
                 yield name, feats
             bar.update()
 
 
-def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reason: str | None,
-                 report: Report) -> dict[str, Any] | None:
-    if image is None:
+def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size: tuple[int, int] | None,
+                 reason: str | None, report: Report) -> dict[str, Any] | None:
+    if image is None or size is None:
         report.skip(path, str(reason))
         return None
+    size = (int(size[0]), int(size[1]))
     try:
-        feats = ex(image)
+        feats = ex(image, original_size=size)
     except Exception as e:  # one image must never cost the others
         log.warning("%s: extraction failed: %s", path, e)
         report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
         return None
-    small = too_small(image.shape[2], image.shape[1], ex.conf.max_image_size)
+    small = too_small(*size, ex.conf.max_image_size)
     if small:
         report.skip(path, f"{small}; zero features")
     else:
@@ -105,45 +141,101 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, reas
 
 def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
-                     workers: int = 1, overwrite: bool = False, device: str | torch.device = "cpu",
+                     workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
                      share: WorkShare | None = None) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
     paths) into the feature file ``output_path``; images already there are skipped. PCA when
     ``conf.use_pca`` and ``pca_path`` is given. An existing file made with other parameters is
-    refused unless ``overwrite``. Returns the report (``report.output`` is the file)."""
+    refused unless ``overwrite``; so is one made on another device type or TF32 setting. ``workers``
+    decoding processes (default :func:`default_workers`). Returns the report (``report.output`` is
+    the file)."""
     share = share or WorkShare()
+    workers = default_workers(device) if workers is None else workers
     output = Path(output_path)
     items = list_images(input_path)
     ex = load_extractor(conf, checkpoint, pca_path, device)
     if save_attention and 1.0 not in ex.scales:
         raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
-    done: set[str] = set()
-    target = output
-    if share.distributed:  # each process fills a part file; process 0 merges them at the end
-        done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
-        target = part_path(output, share.rank, share.size)
-    mine = share.share([item for item in items if item[0] not in done])
-    with FeatureWriter(target, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
-        todo = [item for item in mine if not writer.has(item[0])]
-    report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
-    stream = extract_all(ex, todo, workers, report, share.is_main)
-    with FeatureWriter(target, attrs, informational=INFORMATIONAL) as writer:
-        for name, feats in stream:
-            writer.write(name, feats, save_attention=save_attention)
-    reports = share.gather(report)
-    if share.distributed and share.is_main:
-        _merge_parts(output, attrs, share.size)
-    return Report.total(reports)
+    with _claim(output, share):
+        done: set[str] = set()
+        target = output
+        if share.distributed:  # each process fills a part file; process 0 merges them at the end
+            done = set(share.from_main(lambda: _done(output, attrs, items, overwrite)))
+            target = part_path(output, share.rank, share.size)
+        mine = share.share([item for item in items if item[0] not in done])
+        with feature_writer(target, attrs, overwrite) as writer:
+            todo = [item for item in mine if not writer.has(item[0])]
+        report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
+        failure = _write_all(target, attrs, extract_all(ex, todo, workers, report, share.is_main), save_attention)
+        results = share.gather((report, failure))  # every process learns of a failure, none waits forever
+        failures = [f for _, f in results if f]
+        if failures:
+            raise OutputWriteError(failures[0])
+        if share.distributed and share.is_main:
+            _merge_parts(output, attrs, share.size)
+    return Report.total([r for r, _ in results])
+
+
+def _reason(error: OSError) -> str:
+    """The OS's words for an I/O error (h5py's own text is many lines)."""
+    return os.strerror(error.errno) if error.errno else (str(error).splitlines() or [type(error).__name__])[0]
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output failed (disk full, I/O error, its folder removed); ``str(e)`` is one line:
+    what failed, what was saved, and how to go on."""
+
+
+@contextmanager
+def _claim(output: Path, share: WorkShare) -> Iterator[None]:
+    """Process 0 holds ``output``'s lock (train.locking.OutputLock) for the block; when another
+    run holds it, every process raises OutputInUse before anything is touched."""
+    held: list[OutputLock] = []
+    share.from_main(lambda: held.append(OutputLock(output, hint="choose another --output_path")))
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _write_all(target: Path, attrs: dict[str, Any], stream: Iterator[tuple[str, dict[str, Any]]],
+               save_attention: bool) -> str | None:
+    """Write the stream into ``target``; None, or on an I/O error the one-line account of it."""
+    written = 0
+    try:
+        with feature_writer(target, attrs) as writer:
+            for name, feats in stream:
+                writer.write(name, feats, save_attention=save_attention)
+                written += 1
+    except OSError as e:
+        return write_failure(target, e, written)
+    return None
+
+
+def write_failure(path: Path, error: OSError, written: int) -> str:
+    """One line for an I/O error while writing the feature file ``path`` after ``written`` images
+    of this run: what failed, what the file keeps, and that a rerun resumes."""
+    if isinstance(error, FileNotFoundError) or not path.exists():
+        return (f"{path}: removed while it was written (its folder deleted?); the images written in this run "
+                f"({written}) went with it: rerun the same command to extract them again")
+    reason = _reason(error)
+    try:
+        kept = f"; the file keeps {len(feature_names(path))} complete images"
+    except FeatureFileError:
+        kept = ""
+    return (f"{path}: writing failed ({reason}) after {written} images written in this run{kept}: "
+            "rerun the same command to resume")
 
 
 def _done(output: Path, attrs: dict[str, Any], items: list[tuple[str, Path]], overwrite: bool) -> list[str]:
-    with FeatureWriter(output, attrs, overwrite=overwrite, informational=INFORMATIONAL) as writer:
+    with feature_writer(output, attrs, overwrite) as writer:
         return [name for name, _ in items if writer.has(name)]
 
 
 def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
-    with FeatureWriter(output, attrs, informational=INFORMATIONAL) as writer:
+    with feature_writer(output, attrs) as writer:
         for rank in range(world_size):
             part = part_path(output, rank, world_size)
             for name, feats in iter_features(part):
@@ -152,38 +244,66 @@ def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
 
 
 def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
-                 fit: PcaFitConfig | None = None, *, workers: int = 1, overwrite: bool = False,
+                 fit: PcaFitConfig | None = None, *, workers: int | None = None, overwrite: bool = False,
                  device: str | torch.device = "cpu", share: WorkShare | None = None) -> Report:
     """Fit the PCA of the descriptors of the images of ``input_path`` (without PCA, a uniform
     random sample of at most ``fit.pca_max_features``) and write the PCA file ``output_path``
     (layout in extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused
     unless ``overwrite``. Returns the report (``report.output`` is the file)."""
     share, fit = share or WorkShare(), fit or PcaFitConfig()
+    workers = default_workers(device) if workers is None else workers
     max_features, seed = fit.pca_max_features, fit.seed
     output = Path(output_path)
-    if output.exists() and not overwrite:
-        raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
-                       "or choose another --output_path")
     if max_features < 1:
         raise ValueError("--pca_max_features must be >= 1")
-    items = list_images(input_path)
-    ex = load_extractor(conf, checkpoint, None, device)
-    reservoir = Reservoir(max_features, seed=seed + share.rank)
-    report = Report(output)
-    for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
-        reservoir.add(feats["descriptors"])
+    with _claim(output, share):
+        if share.from_main(lambda: output.exists() and not overwrite):
+            raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
+                           "or choose another --output_path")
+        items = list_images(input_path)
+        ex = load_extractor(conf, checkpoint, None, device)
+        reservoir = Reservoir(max_features, seed=seed + share.rank)
+        report = Report(output)
+        for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
+            reservoir.add(feats["descriptors"])
+        try:
+            _save_pca_file(output, ex, reservoir, report, checkpoint, input_path, fit, share)
+        except OSError as e:
+            raise OutputWriteError(f"{output}: writing the PCA file failed ({_reason(e)}); nothing was replaced: "
+                                   "rerun the same command to fit it again") from None
+    return report
+
+
+def _save_pca_file(output: Path, ex: DelfExtractor, reservoir: Reservoir, report: Report, checkpoint: str | Path,
+                   input_path: str | Path, fit: PcaFitConfig, share: WorkShare) -> None:
+    """Merge the processes' samples (torchrun), fit and write the PCA file atomically (process 0)."""
     sample = reservoir.sample
     if share.distributed:
-        np.save(part_path(output, share.rank, share.size, ".npy"), sample)
-        seen = share.gather(reservoir.seen)
-        report = Report.total(share.gather(report))
+        part = part_path(output, share.rank, share.size, ".npy")
+        try:
+            np.save(part, sample)
+            failure = ""
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            failure = _reason(e)
+        results = share.gather((reservoir.seen, report, failure))
+        parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
+        if any(f for _, _, f in results):
+            if share.is_main:
+                for p in parts:
+                    p.unlink(missing_ok=True)
+            raise OutputWriteError(f"{output}: writing the descriptor sample failed ("
+                                   f"{next(f for _, _, f in results if f)}); nothing was replaced: "
+                                   "rerun the same command to fit it again")
+        merged = Report.total([r for _, r, _ in results])
+        report.processed, report.existing, report.skipped = merged.processed, merged.existing, merged.skipped
         if share.is_main:
-            parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
-            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], seen, max_features, seed)
+            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], [n for n, _, _ in results],
+                                   fit.pca_max_features, fit.seed)
             for p in parts:
                 p.unlink()
     if share.is_main:
-        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims")}
+        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims", "use_whitening")}
         save_pca(output, fit_pca_params(sample), {
             "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
             "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),
@@ -191,4 +311,3 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
             "arch": ex.model.arch, "target_layer": ex.model.target_layer})
         log.info("PCA of %d descriptors (%d-d) from %d images written to %s", len(sample), sample.shape[1],
                  report.processed, output)
-    return report

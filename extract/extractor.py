@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.config import ExtractionConfig, PcaFitConfig
-from extract.extraction import extract_features, fit_pca_file, load_extractor
+from extract.extraction import OutputWriteError, extract_features, fit_pca_file, load_extractor
 from extract.features import FeatureFileError
 from extract.images import InputError
 from extract.paths import checkpoint_path, features_path, pca_path
@@ -31,10 +31,12 @@ from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
-from train.runtime import setup_logging, setup_runtime, teardown_runtime
+from train.locking import OutputInUse
+from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
-EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError)
+EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError, OutputInUse,
+                   OutputWriteError)
 
 
 def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -69,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_id", help="sets CUDA_VISIBLE_DEVICES (seed flag)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="seed flag; images differ in size, so they are processed one at a time")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (0: decode in this one)")
+    p.add_argument("--workers", type=int, help="image-decoding (and shrinking) processes; 0: in this one "
+                   "(default: 1 on CPU; on CUDA the CPUs per process less one, at most 8)")
     add_extraction_args(p)
     add_config_args(p, PcaFitConfig)
     add_bool_flag(p, "--save_attention", default=False, help="delf: also store the attention map at scale 1.0")
+    add_bool_flag(p, "--deterministic", default=False,
+                  help="deterministic algorithms, no cuDNN autotuning, TF32 off (GPU features then agree with the "
+                  "CPU's to rounding; the feature file records tf32 false)")
     add_bool_flag(p, "--overwrite", default=False, help="replace an existing output instead of resuming / refusing")
     return p
 
@@ -107,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size != 1:
         log.warning("--batch_size %d: images differ in size and are processed one at a time", args.batch_size)
     try:
-        report = run(args, runtime.device, WorkShare.join(runtime))
+        with deterministic_mode(args.deterministic):
+            report = run(args, runtime.device, WorkShare.join(runtime))
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         teardown_runtime()
     if runtime.is_main:
-        saved = report.save()
-        print(report.text() + f"(report written to {saved})", end="\n")
+        try:
+            saved = f"report written to {report.save()}"
+        except OSError as e:
+            saved = f"report not written: {e}"
+        print(report.text() + f"({saved})", end="\n")
     return 0 if report.processed + report.existing > 0 else 1
 
 

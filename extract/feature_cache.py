@@ -1,10 +1,14 @@
 """The features of a revisitop dataset, extracted once and cached: <features_dir>/db.h5 (database
 images) and query.h5 (queries cropped to their bbx, keypoints in the crop's frame); those of an
 extra image set (codebook training images, distractors) in <features root>/<set name>.h5.
-Resumable; a cache made with other parameters is refused unless ``overwrite``."""
+revisitop's bbx is in stored-pixel coordinates: the crop comes before the EXIF orientation.
+Resumable; a cache made with other parameters is refused unless ``overwrite``. One evaluation at
+a time writes a dataset's cache folder (:func:`hold_cache`); an image set's file is locked by the
+extraction that writes it."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,13 +18,26 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig
-from extract.extraction import INFORMATIONAL, extract_features, feature_attrs
-from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
+from extract.extraction import OutputWriteError, extract_features, feature_attrs, feature_writer, write_failure
+from extract.features import FeatureFileError, feature_names, iter_features
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
+from train.locking import OutputInUse, OutputLock
 
 log = logging.getLogger("delf")
+
+
+@contextmanager
+def hold_cache(features_dir: str | Path) -> Iterator[None]:
+    """This process alone writes ``features_dir`` (and what an evaluation keeps there) inside the
+    block; another one holding it raises EvalError saying so, before anything is touched."""
+    try:
+        lock = OutputLock(features_dir, hint="choose another --features_dir")
+    except OutputInUse as e:
+        raise EvalError(str(e)) from None
+    with lock:
+        yield
 
 
 def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None,
@@ -34,22 +51,24 @@ def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_f
     for part, items in jobs.items():
         paths[part] = Path(features_dir) / f"{part}.h5"
         try:
-            writer = FeatureWriter(paths[part], {**attrs, "crop_to_bbx": part == "query"},
-                                   overwrite=overwrite, informational=INFORMATIONAL)
+            writer = feature_writer(paths[part], {**attrs, "crop_to_bbx": part == "query"}, overwrite)
         except FeatureFileError as e:
             raise EvalError(f"{e}\n(here: --overwrite extracts again, --features_dir picks another "
                             "cache folder)") from None
-        with writer:
-            todo = [item for item in items if not writer.has(item[0])]
-            for name, path, bbx in tqdm(todo, desc=f"{ds.name} {part} features", unit="img",
-                                        dynamic_ncols=True):
-                try:
-                    image = load_image(path)
-                except BadImage as e:
-                    raise EvalError(f"{path}: {e}") from None
-                if bbx is not None:
-                    image = image.crop(tuple(float(v) for v in np.asarray(bbx).ravel()))
-                writer.write(name, ex(image))
+        written = 0
+        try:
+            with writer:
+                todo = [item for item in items if not writer.has(item[0])]
+                for name, path, bbx in tqdm(todo, desc=f"{ds.name} {part} features", unit="img",
+                                            dynamic_ncols=True):
+                    try:
+                        image = load_image(path, crop=None if bbx is None else np.asarray(bbx).ravel().tolist())
+                    except BadImage as e:
+                        raise EvalError(f"{path}: {e}") from None
+                    writer.write(name, ex(image))
+                    written += 1
+        except OSError as e:
+            raise EvalError(write_failure(paths[part], e, written)) from None
     return paths["db"], paths["query"]
 
 
@@ -80,7 +99,7 @@ def cache_image_set(source: str | Path, features_root: str | Path, extraction: E
     try:
         report = extract_features(extraction, checkpoint, source, output, pca_path=pca_path,
                                   overwrite=overwrite, device=device)
-    except InputError as e:
+    except (InputError, OutputInUse, OutputWriteError) as e:
         raise EvalError(str(e)) from None
     except FeatureFileError as e:
         raise EvalError(f"{e}\n(here: --overwrite extracts again)") from None

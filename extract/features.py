@@ -9,13 +9,20 @@ pixels of the original image (half-pixel mapping, see extract/pipeline.py).
 
 A group is built under ``/__incomplete__`` and moved to its name only when complete, then the
 file is flushed; so a killed run leaves whole groups only, and a rerun skips them.
+
+A write that would fill the disk is refused before HDF5 starts it (:func:`check_room`). A file
+that another process has open for writing is locked by HDF5: it is reported as in use
+(never as unreadable, and ``overwrite`` does not remove it).
 """
 from __future__ import annotations
 
+import errno
+import os
 import posixpath
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -25,10 +32,34 @@ DTYPES = {"keypoints": np.float32, "descriptors": np.float32, "scores": np.float
           "image_size": np.int32}
 INCOMPLETE = "__incomplete__"
 FORMAT = "delf-pytorch features 1"
+# Free space kept beyond twice the data of a write: HDF5 cannot recover from a full disk in the
+# middle of a write (its objects fail to close, the process may crash), so writes stop short of it.
+RESERVE_BYTES = 1 << 20
+
+
+def check_room(path: str | Path, nbytes: int) -> None:
+    """Raise OSError(ENOSPC) unless the disk of ``path`` has room for ``nbytes`` of data with a
+    margin (twice the data plus :data:`RESERVE_BYTES`)."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():  # not made yet: its disk is the nearest existing folder's
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < 2 * nbytes + RESERVE_BYTES:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (writing {nbytes} bytes would leave less than "
+                      f"{RESERVE_BYTES >> 20} MiB free)", str(path))
 
 
 class FeatureFileError(RuntimeError):
     """A feature file is unreadable, lacks an image, or was made with other parameters."""
+
+
+def in_use(error: OSError) -> bool:
+    """Whether h5py failed to open a file because another process holds HDF5's lock on it."""
+    return "unable to lock file" in str(error)
+
+
+def in_use_message(path: str | Path) -> str:
+    return f"{path}: in use by another process (HDF5 file lock); wait for it or choose another --output_path"
 
 
 class FeatureWriter:
@@ -36,22 +67,32 @@ class FeatureWriter:
 
     A new file gets ``attrs`` as root attributes. An existing one is resumed when its attributes
     equal ``attrs`` (keys in ``informational`` are stored but not compared), else refused;
-    ``overwrite`` starts afresh.
+    ``overwrite`` starts afresh. ``legacy`` gives, for attributes that files written before they
+    existed lack, the value such a file had (a function of its stored attributes).
     """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any], overwrite: bool = False,
-                 informational: Iterable[str] = ()) -> None:
+                 informational: Iterable[str] = (),
+                 legacy: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            self.path.unlink(missing_ok=True)
+        if overwrite and self.path.exists():
+            try:  # never remove a file that another process is writing
+                h5py.File(self.path, "r").close()
+            except OSError as e:
+                if in_use(e):
+                    raise FeatureFileError(in_use_message(self.path)) from None
+            self.path.unlink()
         try:
             self._file = h5py.File(self.path, "a")
         except OSError as e:
-            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({e}); "
+            if in_use(e):
+                raise FeatureFileError(in_use_message(self.path)) from None
+            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({_first_line(e)}); "
                                    "delete it or pass --overwrite") from None
+        self._inode = _inode(self.path)
         try:
-            self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational))
+            self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational), legacy or {})
         except BaseException:
             self._file.close()
             raise
@@ -59,20 +100,26 @@ class FeatureWriter:
             del self._file[INCOMPLETE]
         self._file.flush()
 
-    def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str]) -> None:
-        stored = dict(self._file.attrs)
+    def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str],
+                            legacy: Mapping[str, Callable[[Mapping[str, Any]], Any]]) -> None:
+        stored = {k: _plain(v) for k, v in self._file.attrs.items()}
         if not stored and not len(self._file):
             self._file.attrs.update({k: _storable(v) for k, v in attrs.items()})
             return
         if stored.get("format") != FORMAT:
             raise FeatureFileError(f"{self.path}: exists and is not a DeLF feature file of this project; "
                                    "choose another --output_path or pass --overwrite")
-        diffs = [f"{k}: {_plain(stored.get(k))!r} in the file, {_plain(_storable(v))!r} now"
-                 for k, v in attrs.items() if k not in informational and _plain(stored.get(k)) != _plain(_storable(v))]
+        diffs = []
+        for k, v in attrs.items():
+            old, note = stored.get(k), ""
+            if k not in stored and k in legacy:
+                old, note = legacy[k](stored), f" (not recorded: the value of files written before {k} was)"
+            if k not in informational and old != _plain(_storable(v)):
+                diffs.append(f"{k}: {old!r} in the file{note}, {_plain(_storable(v))!r} now")
         if diffs:
             raise FeatureFileError(f"{self.path}: holds features made with other parameters ("
-                                   + "; ".join(diffs)
-                                   + "): pass --overwrite to replace it, or choose another --output_path")
+                                   + "; ".join(diffs) + "): pass the file's values to resume it, --overwrite "
+                                   "to replace it, or choose another --output_path")
 
     def has(self, name: str) -> bool:
         """Whether a complete group for ``name`` is in the file."""
@@ -85,11 +132,14 @@ class FeatureWriter:
         With ``save_attention``, ``feats["attention"]`` is stored as float16: either one (h, w) map
         or the per-scale list, of which the map at scale 1.0 (``feats["attention_scales"]``) is kept.
         """
-        tmp = self._file.require_group(INCOMPLETE).create_group(uuid.uuid4().hex)
-        for key in FEATURE_KEYS:
-            tmp.create_dataset(key, data=np.asarray(feats[key], dtype=DTYPES[key]))
+        self._check_in_place()
+        arrays = {key: np.asarray(feats[key], dtype=DTYPES[key]) for key in FEATURE_KEYS}
         if save_attention:
-            tmp.create_dataset("attention", data=_attention_at_scale_1(feats).astype(np.float16))
+            arrays["attention"] = _attention_at_scale_1(feats).astype(np.float16)
+        check_room(self.path, sum(a.nbytes for a in arrays.values()))
+        tmp = self._file.require_group(INCOMPLETE).create_group(uuid.uuid4().hex)
+        for key, data in arrays.items():
+            tmp.create_dataset(key, data=data)
         if name in self._file:
             del self._file[name]
         parent = posixpath.dirname(name)
@@ -99,16 +149,31 @@ class FeatureWriter:
         self._file.flush()
 
     def close(self) -> None:
+        """Drop an unfinished group and close. After a failed write (e.g. a full disk) closing is
+        best effort: the file holds what the last complete write flushed."""
         if self._file.id.valid:
-            if INCOMPLETE in self._file:
-                del self._file[INCOMPLETE]
-            self._file.close()
+            try:
+                if INCOMPLETE in self._file:
+                    del self._file[INCOMPLETE]
+            finally:
+                self._file.close()
+            self._check_in_place()
+
+    def _check_in_place(self) -> None:
+        """Raise FileNotFoundError when the file was removed or replaced since it was opened
+        (writes would go to a file nobody can open any more)."""
+        if _inode(self.path) != self._inode:
+            raise FileNotFoundError(errno.ENOENT, "removed while it was written (its folder deleted?)", str(self.path))
 
     def __enter__(self) -> "FeatureWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc_type is None:
+                raise  # otherwise the original error is the one to report
 
 
 def _attention_at_scale_1(feats: Mapping[str, Any]) -> np.ndarray:
@@ -189,4 +254,19 @@ def _open(path: str | Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from None
+        if in_use(e):
+            raise FeatureFileError(in_use_message(path)) from None
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({_first_line(e)})") from None
+
+
+def _first_line(error: OSError) -> str:
+    """HDF5's error text without its multi-line details."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

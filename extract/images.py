@@ -4,9 +4,11 @@ from __future__ import annotations
 import posixpath
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -56,9 +58,12 @@ def _read_list(list_file: Path) -> list[tuple[str, Path]]:
     return list(items.items())
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, crop: Sequence[float] | None = None) -> Image.Image:
     """The image at ``path`` as an 8-bit RGB PIL image, as displayed (EXIF orientation applied;
-    first frame of an animation). Raises :class:`BadImage` with the reason when it is unusable."""
+    first frame of an animation). Raises :class:`BadImage` with the reason when it is unusable.
+
+    ``crop`` [x1, y1, x2, y2] is in pixels of the image as stored (before the EXIF orientation,
+    as revisitop's query boxes): the crop is taken first, then turned upright."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise BadImage(f"dangling symbolic link (to {path.readlink()})")
@@ -71,6 +76,8 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore")  # EXIF / palette-transparency chatter
             with Image.open(path) as img:
                 img.load()
+                if crop is not None:
+                    img = img.crop(tuple(float(v) for v in crop))  # keeps the EXIF block
                 return to_rgb(_upright(img))
     except BadImage:
         raise
@@ -106,26 +113,63 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes images for a DataLoader: item = (name, path, uint8 tensor (3, H, W) or None,
-    reason or None). Failures come back as reasons, never as exceptions."""
+def fit_size(width: int, height: int, max_image_size: int) -> tuple[int, int]:
+    """(w, h) after shrinking so that the longest side is at most ``max_image_size``."""
+    longest = max(width, height)
+    if longest <= max_image_size:
+        return width, height
+    m = max_image_size / longest
+    return max(1, round(width * m)), max(1, round(height * m))
 
-    def __init__(self, items: list[tuple[str, Path]]) -> None:
-        self.items = items
+
+def shrink(image: torch.Tensor, max_image_size: int) -> torch.Tensor:
+    """A (3, H, W) image shrunk so that its longest side is at most ``max_image_size`` (bilinear,
+    ``align_corners=False``, antialiased); returned as is when already small enough.
+
+    uint8 stays uint8 on the CPU (a quarter of the memory of float, and torch's fastest path).
+    PyTorch has no antialiased uint8 kernel elsewhere: there a uint8 image is first converted to
+    float in [0, 1]."""
+    height, width = image.shape[-2:]
+    w, h = fit_size(width, height, max_image_size)
+    if (w, h) == (width, height):
+        return image
+    if image.dtype == torch.uint8 and image.device.type != "cpu":
+        image = image.float() / 255
+    return F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+Decoded = tuple[str, Path, torch.Tensor | None, tuple[int, int] | None, str | None]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes images for a DataLoader: item = (name, path, uint8 tensor (3, h, w) or None,
+    original (width, height) or None, reason or None). With ``max_image_size`` the tensor is
+    already shrunk to it (:func:`shrink`), so that the decoding processes do that work too.
+    Failures come back as reasons, never as exceptions."""
+
+    def __init__(self, items: list[tuple[str, Path]], max_image_size: int | None = None) -> None:
+        self.items, self.max_image_size = items, max_image_size
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[str, Path, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> Decoded:
         name, path = self.items[index]
         try:
             image = load_image(path)
         except BadImage as e:
-            return name, path, None, str(e)
-        return name, path, torch.from_numpy(np.array(image)).permute(2, 0, 1), None
+            return name, path, None, None, str(e)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        if self.max_image_size is not None:
+            tensor = shrink(tensor, self.max_image_size).contiguous()
+        return name, path, tensor, image.size, None
 
 
-def image_loader(items: list[tuple[str, Path]], workers: int = 1) -> torch.utils.data.DataLoader:
-    """Images in ``items`` order, decoded by ``workers`` background processes (0: in this one)."""
-    return torch.utils.data.DataLoader(ImageDataset(items), batch_size=None, shuffle=False, num_workers=workers,
-                                       prefetch_factor=2 if workers else None)
+def image_loader(items: list[tuple[str, Path]], workers: int = 1, max_image_size: int | None = None,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Images in ``items`` order (see :class:`ImageDataset`), decoded (and shrunk to
+    ``max_image_size``) by ``workers`` background processes (0: in this one); ``pin_memory``
+    for fast, asynchronous copies to a GPU."""
+    return torch.utils.data.DataLoader(ImageDataset(items, max_image_size), batch_size=None, shuffle=False,
+                                       num_workers=workers, prefetch_factor=2 if workers else None,
+                                       pin_memory=pin_memory)

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 
+from extract.features import check_room
 from train.checkpoint import atomic_path
 
 PCA_KEYS = ("pca_matrix", "pca_mean", "pca_vars")
@@ -84,7 +85,9 @@ def fit_pca(descriptors: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def save_pca(path: str | Path, params: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """Write the PCA file atomically (temp file in the same folder, then rename)."""
+    """Write the PCA file atomically (temp file in the same folder, then rename); OSError(ENOSPC)
+    before anything is written when the disk lacks room (see extract.features.check_room)."""
+    check_room(path, sum(np.asarray(params[key]).nbytes for key in PCA_KEYS))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in PCA_KEYS:
             f.create_dataset(key, data=params[key])
@@ -115,7 +118,7 @@ def load_pca(path: str | Path, checkpoint_sha256: str | None = None) -> dict[str
     return params
 
 
-def apply_pca(descriptors: torch.Tensor, params: dict[str, Any], dims: int, whiten: bool = True) -> torch.Tensor:
+def apply_pca(descriptors: torch.Tensor, params: dict[str, Any], dims: int, whiten: bool = False) -> torch.Tensor:
     """(N, D) unit descriptors -> (N, dims): subtract the mean, project on the first ``dims``
     components, divide by sqrt(variance) when ``whiten``, L2-normalise."""
     matrix = torch.as_tensor(params["pca_matrix"][:dims], device=descriptors.device)

@@ -3,7 +3,9 @@
 Per image: shrink to ``max_image_size`` if needed; for each pyramid scale one forward pass gives
 the feature map F and the attention a; cells with a >= ``attn_thres`` are kept, all scales are
 concatenated, NMS on the receptive boxes (IoU ``iou_thres``, by attention) prunes them and the
-best ``top_k`` stay. Descriptors: L2-normalise, then the PCA file (extract/pca.py) when used.
+best ``top_k`` stay. Descriptors: L2-normalise, then, with the PCA file (extract/pca.py), subtract
+its mean, project on the first ``pca_dims`` components, divide by sqrt(variance) only when
+``use_whitening`` (off by default, as the official DeLF), L2-normalise again.
 
 Keypoint convention (half-pixel): resizing is bilinear with ``align_corners=False`` (torch's
 half-pixel convention), antialiased when shrinking. An image whose longest side exceeds
@@ -28,7 +30,7 @@ from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.config import ExtractionConfig
-from extract.images import to_rgb
+from extract.images import fit_size, shrink, to_rgb
 from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
 from train.delf import Delf, ReceptiveField
@@ -38,15 +40,6 @@ MIN_IMAGE_SIDE = 32
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
 _CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv1", "bn"), ("0", "1"))
-
-
-def fit_size(width: int, height: int, max_image_size: int) -> tuple[int, int]:
-    """(w, h) after shrinking so that the longest side is at most ``max_image_size``."""
-    longest = max(width, height)
-    if longest <= max_image_size:
-        return width, height
-    m = max_image_size / longest
-    return max(1, round(width * m)), max(1, round(height * m))
 
 
 def too_small(width: int, height: int, max_image_size: int) -> str | None:
@@ -59,15 +52,21 @@ def too_small(width: int, height: int, max_image_size: int) -> str | None:
 
 
 def to_original(boxes: torch.Tensor, ratio: tuple[float, float]) -> torch.Tensor:
-    """[x1, y1, x2, y2] boxes from scaled-image to original-image pixels (half-pixel convention)."""
-    r = torch.tensor([ratio[0], ratio[1], ratio[0], ratio[1]], dtype=boxes.dtype, device=boxes.device)
-    return (boxes + 0.5) / r - 0.5
+    """[x1, y1, x2, y2] boxes from scaled-image to original-image pixels (half-pixel convention).
+    Python-scalar arithmetic only: no host-to-device copy."""
+    out = boxes + 0.5
+    out[:, 0::2] /= ratio[0]
+    out[:, 1::2] /= ratio[1]
+    return out - 0.5
 
 
-def cell_boxes(rf: ReceptiveField, height: int, width: int, ratio: tuple[float, float]) -> torch.Tensor:
+def cell_boxes(rf: ReceptiveField, height: int, width: int, ratio: tuple[float, float],
+               device: str | torch.device = "cpu") -> torch.Tensor:
     """Receptive boxes (h*w, 4) [x1, y1, x2, y2] of an (height, width) feature map, row-major, in
-    original-image pixels, for a network input that was the original resized by ``ratio`` (x, y)."""
-    return to_original(rf.boxes(height, width), ratio)
+    original-image pixels, for a network input that was the original resized by ``ratio`` (x, y).
+    Made on ``device`` (no copy, so no wait for a GPU)."""
+    with torch.device(device):
+        return to_original(rf.boxes(height, width), ratio)
 
 
 def box_centres(boxes: torch.Tensor) -> torch.Tensor:
@@ -75,14 +74,16 @@ def box_centres(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[:, :2] + boxes[:, 2:]) / 2
 
 
-def nms_top_k(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float, top_k: int) -> torch.Tensor:
-    """Indices of the first ``top_k`` boxes kept by greedy NMS, by descending score.
+def nms_top_k(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float, top_k: int,
+              count: int | None = None) -> torch.Tensor:
+    """Indices of the first ``top_k`` boxes kept by greedy NMS, by descending score; only the
+    ``count`` best-scored boxes are candidates (all by default).
 
     Greedy NMS decides each box from the higher-scored boxes only, so NMS over the best m boxes
     gives the same first picks as over all of them: m grows until ``top_k`` are kept, which avoids
     the quadratic cost on tens of thousands of boxes when few are suppressed.
     """
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = torch.sort(scores, descending=True, stable=True).indices[:count]
     m = top_k + top_k // 4
     while True:
         best = order[:m]
@@ -92,17 +93,17 @@ def nms_top_k(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float, top_k
         m *= 4
 
 
-def gather_rows(cells: list[tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor) -> torch.Tensor:
-    """Rows ``order`` of the concatenation of ``rows[keep]`` over the (rows, keep) pairs, as float,
-    without materialising the concatenation (tens of thousands of C-wide rows at large scales)."""
-    counts = torch.tensor([len(keep) for _, keep in cells], device=order.device)
-    ends = counts.cumsum(0)
-    level = torch.searchsorted(ends, order, right=True)
-    out = torch.empty(len(order), cells[0][0].shape[1], device=order.device)
-    for i, (rows, keep) in enumerate(cells):
-        picked = (level == i).nonzero().squeeze(1)
-        if len(picked):
-            out[picked] = rows[keep[order[picked] - (ends[i] - counts[i])]].float()
+def gather_rows(rows: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """Rows ``order`` of ``torch.cat(rows)`` as float, without materialising the concatenation
+    (tens of thousands of C-wide rows at large scales) and without data-dependent shapes (no
+    wait for a GPU): each block is gathered at clamped indices and blended in where it owns them."""
+    out = torch.zeros(len(order), rows[0].shape[1], device=order.device)
+    start = 0
+    for block in rows:
+        local = order - start
+        mine = (local >= 0) & (local < len(block))
+        out = torch.where(mine[:, None], block[local.clamp(0, len(block) - 1)].float(), out)
+        start += len(block)
     return out
 
 
@@ -130,7 +131,8 @@ class DelfExtractor:
 
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
-    effect (``use_pca`` False and ``pca_dims`` 0 without a PCA file): the feature file's attributes.
+    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
+    file's attributes.
     """
 
     def __init__(self, model: Delf, conf: ExtractionConfig | None = None, *, pca: dict[str, Any] | None = None,
@@ -147,7 +149,8 @@ class DelfExtractor:
                            f"{model.feature_dim}-d")
         # the configuration in effect: without a PCA file, no PCA and 0 dimensions
         self.conf = replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca is not None,
-                            pca_dims=conf.pca_dims if pca is not None else 0)
+                            pca_dims=conf.pca_dims if pca is not None else 0,
+                            use_whitening=conf.use_whitening and pca is not None)
         self.device = torch.device(device)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.receptive_field = model.receptive_field()
@@ -178,21 +181,28 @@ class DelfExtractor:
         return self.conf.pca_dims if self.pca is not None else self.model.feature_dim
 
     # --- geometry --------------------------------------------------------------------------
-    def prepare(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def prepare(self, image: Image.Image | torch.Tensor, original_size: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int]]:
         """The image as float (3, h, w) in [0, 1] on the device, shrunk to ``max_image_size``,
-        and its original size (w, h). Differentiable for float input."""
+        and its original size (w, h). Differentiable for float input.
+
+        With ``original_size`` the image was already shrunk from that size by
+        :func:`extract.images.shrink` (as the decoding workers do)."""
         if isinstance(image, Image.Image):
             image = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an RGB image (3, H, W), got shape {tuple(image.shape)}")
         height, width = image.shape[-2:]
-        w, h = fit_size(width, height, self.conf.max_image_size)
-        if (w, h) != (width, height):  # uint8 stays uint8 here: a quarter of the memory of float
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-        image = image.to(self.device)
+        if original_size is None:
+            original_size = (width, height)
+            image = shrink(image, self.conf.max_image_size)
+        elif fit_size(*original_size, self.conf.max_image_size) != (width, height):
+            raise ValueError(f"a {width}x{height} image is not a {original_size[0]}x{original_size[1]} one "
+                             f"shrunk to max_image_size {self.conf.max_image_size}")
+        image = image.to(self.device, non_blocking=True)  # asynchronous from pinned memory
         if image.dtype == torch.uint8:
             image = image.float() / 255
-        return image, (width, height)
+        return image, tuple(original_size)
 
     def scale_image(self, image: torch.Tensor, scale: float, original_size: tuple[int, int]
                     ) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -206,38 +216,51 @@ class DelfExtractor:
 
     # --- extraction ------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:
-        base, size = self.prepare(image)
+    def __call__(self, image: Image.Image | torch.Tensor, original_size: tuple[int, int] | None = None
+                 ) -> dict[str, Any]:
+        """Features of one image; ``original_size`` as in :meth:`prepare`.
+
+        Every pyramid level is queued on the device before the host waits for it, once, to count
+        the cells above ``attn_thres``; what follows (NMS of those cells, the result's copy to the
+        host) finds the device done."""
+        base, size = self.prepare(image, original_size)
         if too_small(*size, self.conf.max_image_size):
             return self._result(size, *self._nothing(), [np.zeros((0, 0), np.float32)] * len(self.scales))
-        boxes, cells, scores, scales, attention = [], [], [], [], []
+        attention, boxes, rows, scales = [], [], [], []
         for scale in self.scales:
             x, ratio = self.scale_image(base, scale, size)
             with autocast(self.device, self.conf.amp):
                 fmap, attn = self.model.extract(x[None].contiguous(memory_format=torch.channels_last))
-            attn = attn[0, 0].float()
-            attention.append(attn.cpu().numpy())
-            keep = (attn.flatten() >= self.conf.attn_thres).nonzero().squeeze(1)
-            boxes.append(cell_boxes(self.receptive_field, *attn.shape, ratio).to(self.device)[keep])
+            attention.append(attn[0, 0].float())
+            boxes.append(cell_boxes(self.receptive_field, *attention[-1].shape, ratio, self.device))
             # (h*w, C) rows of the map: a view for channels_last output; gathered after NMS
-            cells.append((fmap[0].permute(1, 2, 0).reshape(-1, fmap.shape[1]), keep))
-            scores.append(attn.flatten()[keep])
-            scales.append(torch.full_like(scores[-1], scale))
-        boxes_t, scores_t = torch.cat(boxes), torch.cat(scores)
-        order = nms_top_k(boxes_t, scores_t, self.conf.iou_thres, self.conf.top_k)
-        desc = F.normalize(gather_rows(cells, order), dim=1)
+            rows.append(fmap[0].permute(1, 2, 0).reshape(-1, fmap.shape[1]))
+            scales.append(torch.full((len(rows[-1]),), scale, device=self.device))
+        scores = torch.cat([a.flatten() for a in attention])
+        selected = int((scores >= self.conf.attn_thres).sum())  # the host waits for the device here
+        order = nms_top_k(torch.cat(boxes), scores, self.conf.iou_thres, self.conf.top_k, count=selected)
+        desc = F.normalize(gather_rows(rows, order), dim=1)
         if self.pca is not None:
-            desc = apply_pca(desc, self.pca, self.conf.pca_dims)
-        return self._result(size, box_centres(boxes_t[order]), desc, scores_t[order], torch.cat(scales)[order],
-                            attention)
+            desc = apply_pca(desc, self.pca, self.conf.pca_dims, whiten=self.conf.use_whitening)
+        keypoints = box_centres(torch.cat(boxes)[order])
+        # one copy to the host: the selected features, then every attention map
+        packed = torch.cat([keypoints, scores[order, None], torch.cat(scales)[order, None], desc], 1)
+        host = torch.cat([packed.flatten(), scores]).cpu().numpy()
+        packed_np = host[:packed.numel()].reshape(packed.shape)
+        maps, start = [], packed.numel()
+        for a in attention:
+            maps.append(host[start:start + a.numel()].reshape(a.shape))
+            start += a.numel()
+        return self._result(size, packed_np[:, :2], packed_np[:, 4:], packed_np[:, 2], packed_np[:, 3], maps)
 
-    def _nothing(self) -> tuple[torch.Tensor, ...]:
-        return torch.zeros(0, 2), torch.zeros(0, self.descriptor_dim), torch.zeros(0), torch.zeros(0)
+    def _nothing(self) -> tuple[np.ndarray, ...]:
+        return (np.zeros((0, 2), np.float32), np.zeros((0, self.descriptor_dim), np.float32),
+                np.zeros(0, np.float32), np.zeros(0, np.float32))
 
-    def _result(self, size: tuple[int, int], keypoints: torch.Tensor, descriptors: torch.Tensor,
-                scores: torch.Tensor, scales: torch.Tensor, attention: list[np.ndarray]) -> dict[str, Any]:
-        def np32(t: torch.Tensor) -> np.ndarray:
-            return t.detach().float().cpu().numpy()
+    def _result(self, size: tuple[int, int], keypoints: np.ndarray, descriptors: np.ndarray, scores: np.ndarray,
+                scales: np.ndarray, attention: list[np.ndarray]) -> dict[str, Any]:
+        def np32(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(a, dtype=np.float32)
 
         return {"keypoints": np32(keypoints), "descriptors": np32(descriptors), "scores": np32(scores),
                 "scales": np32(scales), "image_size": np.asarray(size, dtype=np.int32), "attention": attention,

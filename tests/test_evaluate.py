@@ -3,6 +3,7 @@ DeLF end to end on a tiny Revisited-Oxford-layout dataset made from real photos.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -18,15 +19,16 @@ import extract.asmk_index as asmk_index
 from extract.asmk_index import AsmkIndex, load_codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.evaluate import evaluate_dataset, main
-from extract.feature_cache import FeatureStore, set_name
+from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
-from extract.revisitop import EvalError, load_dataset
+from extract.revisitop import Dataset, EvalError, load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
+from train.delf import Delf
 from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,3 +458,51 @@ def test_set_name_and_feature_store(tmp_path: Path) -> None:
         assert [d[0, 0] for d in store.descriptors()] == [2.0, 1.0, 1.0]
     with pytest.raises(EvalError, match=r"b.h5: no features for 1 images \(e.g. 'w'\)"):
         FeatureStore([(tmp_path / "a.h5", ["x"]), (tmp_path / "b.h5", ["w"])])
+
+
+def test_feature_cache_crops_exif_rotated_queries_in_stored_pixels(tmp_path: Path, one_thread: None) -> None:
+    """A query stored with EXIF orientation 6: revisitop's bbx is in stored pixels, so the cache
+    holds the features of the stored crop turned upright (what a viewer of the crop sees)."""
+    jpg = tmp_path / "jpg"
+    jpg.mkdir()
+    stored = np.ascontiguousarray(photo("astronaut", 160)[:, :120])  # 120 wide, 160 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(jpg / "q.jpg", exif=exif, quality=95)
+    Image.fromarray(photo("coffee", 96)).save(jpg / "db.jpg", quality=95)
+    bbx = [10, 20, 110, 100]  # x1, y1, x2, y2 in stored pixels: 100 wide, 80 high
+    ds = Dataset("roxford5k", ["db"], ["q"], [{"bbx": bbx, "easy": [0], "hard": [], "junk": []}], jpg)
+    torch.manual_seed(0)
+    ex = DelfExtractor(Delf(3, arch="resnet18", stage="inference"),
+                       ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, use_pca=False))
+    _, query_path = cache_features(ds, ex, tmp_path / "ckpt", None, tmp_path / "cache")
+    got = dict(iter_features(query_path))["q"]
+    with Image.open(jpg / "q.jpg") as img:  # the stored pixels, cropped, then turned clockwise
+        upright = img.convert("RGB").crop(bbx).transpose(Image.Transpose.ROTATE_270)
+    assert got["image_size"].tolist() == [80, 100] == list(upright.size)
+    expected = ex(upright)
+    np.testing.assert_array_equal(got["keypoints"], expected["keypoints"])
+    np.testing.assert_allclose(got["descriptors"], expected["descriptors"], atol=1e-6)
+
+
+def test_feature_cache_held_by_another_evaluation_is_refused(tiny: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """One evaluation at a time writes a feature cache: another one exits at once with one line
+    naming the holder, and the cache folder is not touched."""
+    feats = tmp_path / "features"
+    code = (f"import sys\nfrom train.locking import OutputLock\nlock = OutputLock({str(feats)!r})\n"
+            "print('ready', flush=True)\nsys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert main(["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from", str(tiny["ckpt"]),
+                     "--pca_parameters_path", str(tiny["pca"]), "--device", "cpu", "--features_dir", str(feats),
+                     "--method", "vote"]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {feats}: in use by another process (pid {holder.pid}, since "
+                           f"{err.split('since ')[1].split(')')[0]}); wait for it or choose another --features_dir")
+    assert not feats.exists()

@@ -13,17 +13,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from extract.config import EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import build_parser as evaluate_parser
-from extract.extraction import extract_features, fit_pca_file
+from extract.extraction import default_workers, extract_features, fit_pca_file
 from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
 from extract.features import feature_names, file_attrs, iter_features, read_features
 from extract.matcher import parse_args as matcher_args
 from extract.pca import fit_pca, save_pca
 from tests.utils import make_image_folder, save_keypoint_checkpoint, write_bad_images, write_odd_images
+from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.runtime import PROJECT_ROOT, repo_dir
 
@@ -210,7 +212,8 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
     assert "9 images extracted" in run.stdout
     _assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
     assert file_attrs(tmp_path / "one.h5") == file_attrs(tmp_path / "two.h5")
-    assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5"]  # part files merged and removed
+    # part files merged and removed; the lock's side file stays (process 0 held it for the run)
+    assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5", "two.h5.lock"]
 
 
 def test_library_entry_points_without_argparse(tmp_path: Path, ckpt: Path, images: Path):
@@ -254,3 +257,69 @@ def test_flags_map_onto_configs(parse):
         assert parse(["--mutual", "false"]).mutual is False and parse(["--mutual"]).mutual is True
     if hasattr(args, "knn"):
         assert config_from_args(EvalConfig, args) == EvalConfig()
+
+
+def test_use_whitening_is_stored_and_compared_on_resume(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    """--use_whitening (default false) is a compared attribute; a file written before it existed
+    was whitened: refused with the default, resumed with --use_whitening true."""
+    pca = tmp_path / "pca.h5"
+    save_pca(pca, fit_pca(np.random.default_rng(0).standard_normal((300, 256)).astype(np.float32)),
+             {"checkpoint_sha256": file_sha256(ckpt)})
+    out = tmp_path / "f.h5"
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
+            "--pca_parameters_path", str(pca)] + FAST
+    assert main(base) == 0 and file_attrs(out)["use_whitening"] is False
+    capsys.readouterr()
+    assert main(base + ["--use_whitening", "true"]) == 1
+    assert "use_whitening: False in the file, True now" in capsys.readouterr().err
+
+    with h5py.File(out, "a") as f:  # what the extractor wrote before use_whitening existed
+        del f.attrs["use_whitening"]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "use_whitening: True in the file (not recorded: the value of files written before use_whitening " \
+           "was), False now" in err and "pass the file's values to resume it" in err
+    assert main(base + ["--use_whitening", "true"]) == 0
+    assert "0 images extracted, 4 already there" in capsys.readouterr().out
+
+
+def test_device_type_and_tf32_are_compared_on_resume(tmp_path: Path, ckpt: Path, images: Path, capsys):
+    """A file made on a GPU is not resumed on the CPU (features differ in the last bits); files
+    written before these attributes existed count as what their informational "device" says."""
+    out = tmp_path / "f.h5"
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
+            "--use_pca", "false"] + FAST
+    assert main(base) == 0
+    attrs = file_attrs(out)
+    assert (attrs["device_type"], attrs["tf32"], attrs["device"]) == ("cpu", False, "cpu")
+    with h5py.File(out, "a") as f:  # as a GPU run would have written it
+        f.attrs.update({"device_type": "cuda", "tf32": True, "device": "cuda:0"})
+    capsys.readouterr()
+    assert main(base) == 1
+    assert "device_type: 'cuda' in the file, 'cpu' now; tf32: True in the file, False now" in capsys.readouterr().err
+    with h5py.File(out, "a") as f:  # an older file, written on the CPU
+        del f.attrs["device_type"], f.attrs["tf32"]
+        f.attrs["device"] = "cpu"
+    assert main(base) == 0
+    assert "0 images extracted, 4 already there" in capsys.readouterr().out
+    # --deterministic changes nothing on the CPU (no TF32 there) and is undone after the run
+    det = tmp_path / "det.h5"
+    assert main(base[:5] + [str(det)] + base[6:] + ["--deterministic"]) == 0
+    assert file_attrs(det)["tf32"] is False and not torch.are_deterministic_algorithms_enabled()
+    _assert_same_features(det, out)
+
+
+def test_decoding_workers_give_the_same_file(tmp_path: Path, ckpt: Path, images: Path, monkeypatch):
+    """Two decoding processes (which also shrink the images) write what decoding in-process does."""
+    conf = ExtractionConfig(scale_list=(0.5, 1.0), max_image_size=64, use_pca=False)
+    extract_features(conf, ckpt, images, tmp_path / "zero.h5", workers=0)
+    extract_features(conf, ckpt, images, tmp_path / "two.h5", workers=2)
+    _assert_same_features(tmp_path / "zero.h5", tmp_path / "two.h5")
+    assert read_features(tmp_path / "two.h5", "coffee/000.jpg")["image_size"].tolist() == [96, 96]
+    # defaults: 1 on the CPU; on CUDA the CPUs of this process's share less one, at most 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert default_workers("cpu") == 1 and default_workers("cuda") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers("cuda:1") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers("cuda") == 1

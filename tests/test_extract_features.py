@@ -87,3 +87,17 @@ def test_refuses_foreign_files(tmp_path: Path):
     (tmp_path / "junk.h5").write_text("junk")
     with pytest.raises(FeatureFileError, match="not a readable HDF5 file"):
         FeatureWriter(tmp_path / "junk.h5", ATTRS)
+
+
+def test_legacy_attributes_of_older_files(tmp_path: Path):
+    """An attribute that older files lack is compared as the value such files had."""
+    path = tmp_path / "f.h5"
+    with FeatureWriter(path, {**ATTRS, "use_pca": True}) as w:
+        w.write("x.jpg", feats(3))
+    legacy = {"use_whitening": lambda stored: bool(stored["use_pca"])}
+    with pytest.raises(FeatureFileError, match=r"use_whitening: True in the file \(not recorded.*\), False now"):
+        FeatureWriter(path, {**ATTRS, "use_pca": True, "use_whitening": False}, legacy=legacy)
+    with FeatureWriter(path, {**ATTRS, "use_pca": True, "use_whitening": True}, legacy=legacy) as w:
+        assert w.has("x.jpg")
+    with pytest.raises(FeatureFileError, match=r"use_whitening: None in the file, True now"):
+        FeatureWriter(path, {**ATTRS, "use_pca": True, "use_whitening": True})  # no legacy rule: missing differs

@@ -57,3 +57,19 @@ def test_list_errors(tmp_path: Path):
         list_images(tmp_path / "nowhere")
     with pytest.raises(InputError, match="no images found"):
         list_images(tmp_path)
+
+
+def test_crop_is_in_stored_pixels_before_the_exif_orientation(tmp_path: Path):
+    """revisitop's query boxes are in stored-pixel coordinates: a crop of an image stored with
+    EXIF orientation 6 (turn 90 degrees clockwise for display) is cut from the stored pixels and
+    then turned upright."""
+    stored = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)  # 100 wide, 60 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "q.png", exif=exif)  # PNG: lossless, so pixels compare exactly
+    assert load_image(tmp_path / "q.png").size == (60, 100)
+    x1, y1, x2, y2 = 55, 10, 95, 30
+    got = np.asarray(load_image(tmp_path / "q.png", crop=[x1, y1, x2, y2]))
+    expected = np.rot90(stored[y1:y2, x1:x2], k=-1)  # the stored crop, turned clockwise
+    assert got.shape == (40, 20, 3)
+    np.testing.assert_array_equal(got, expected)

@@ -27,11 +27,12 @@ def test_projection_and_whitening_equal_sklearn():
     params = fit_pca(x)
     assert params["pca_matrix"].shape == (64, 64) and params["pca_mean"].shape == params["pca_vars"].shape == (64,)
     dims = 16
-    ours = apply_pca(torch.from_numpy(x), params, dims).numpy()
-    theirs = PCA(n_components=dims, whiten=True).fit(x.astype(np.float64)).transform(x.astype(np.float64))
-    theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
-    np.testing.assert_allclose(ours, theirs, atol=2e-4)
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    for whiten in (False, True):
+        ours = apply_pca(torch.from_numpy(x), params, dims, whiten=whiten).numpy()
+        theirs = PCA(n_components=dims, whiten=whiten).fit(x.astype(np.float64)).transform(x.astype(np.float64))
+        theirs /= np.linalg.norm(theirs, axis=1, keepdims=True)
+        np.testing.assert_allclose(ours, theirs, atol=2e-4)
+        np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
 
 
 def test_fewer_features_than_dimensions_is_an_error():

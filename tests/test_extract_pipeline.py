@@ -1,17 +1,31 @@
 """DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs."""
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import extract.images as images_module
 from extract.config import ExtractionConfig
+from extract.images import ImageDataset, shrink
 from extract.pca import fit_pca
-from extract.pipeline import DelfExtractor, fit_size, fold_batchnorm, gather_rows, nms_top_k, too_small
+from extract.pipeline import (
+    DelfExtractor,
+    cell_boxes,
+    fit_size,
+    fold_batchnorm,
+    gather_rows,
+    nms_top_k,
+    too_small,
+)
 from tests.utils import photo
-from train.delf import Delf
+from train.delf import Delf, ReceptiveField
 
 SCALES = (0.5, 1.0, 1.4142)
 
@@ -136,10 +150,93 @@ def test_amp_agrees_with_fp32(model: Delf, image: Image.Image):
 
 
 def test_gather_rows_equals_gathering_the_concatenation():
-    rows = [torch.randn(10, 4), torch.randn(7, 4), torch.randn(5, 4)]
-    keeps = [torch.tensor([1, 3, 5]), torch.tensor([], dtype=torch.long), torch.tensor([0, 2, 4, 1])]
-    cells = list(zip(rows, keeps, strict=True))
-    order = torch.tensor([6, 0, 2, 3, 5, 1, 4])
-    expected = torch.cat([r[k] for r, k in cells])[order]
-    assert torch.equal(gather_rows(cells, order), expected)
-    assert gather_rows(cells, order[:0]).shape == (0, 4)
+    rows = [torch.randn(10, 4), torch.randn(1, 4), torch.randn(5, 4).bfloat16()]
+    order = torch.tensor([12, 0, 10, 3, 15, 11, 9])
+    expected = torch.cat([r.float() for r in rows])[order]
+    assert torch.equal(gather_rows(rows, order), expected)
+    assert gather_rows(rows, order[:0]).shape == (0, 4)
+
+
+def test_nms_threshold_arithmetic_at_layer3():
+    """resnet50 layer3 (receptive field 267, stride 16, as the model derives it): the boxes of
+    neighbouring cells of one scale overlap with IoU (266-16)/(266+16) = 0.887 (torchvision
+    measures inclusive boxes as x2 - x1 = 266 wide), diagonal neighbours 0.791, cells two apart
+    0.785; boxes of scales sqrt(2) apart at most 0.5. So 0.92 keeps every cell of a scale, and
+    0.85 removes direct neighbours but keeps cells two apart."""
+    rf = ReceptiveField(267, 16, 133)
+    boxes = cell_boxes(rf, 6, 8, (1.0, 1.0))
+    iou = torchvision.ops.box_iou(boxes, boxes)
+    assert iou[0, 1].item() == pytest.approx(250 / 282) == pytest.approx(0.887, abs=1e-3)  # right neighbour
+    assert iou[0, 8].item() == pytest.approx(250 / 282)  # the neighbour below
+    assert iou[0, 9].item() == pytest.approx(0.791, abs=1e-3) and iou[0, 2].item() == pytest.approx(0.785, abs=1e-3)
+    other_scale = cell_boxes(rf, 4, 6, (2 ** -0.5, 2 ** -0.5))  # the next scale down
+    assert torchvision.ops.box_iou(other_scale, boxes).max().item() <= 0.5 + 1e-6
+
+    scores = torch.linspace(1, 0.5, len(boxes))
+    assert len(nms_top_k(boxes, scores, 0.92, 1000)) == len(boxes), "0.92 removes nothing within a scale"
+    row = boxes[:3]  # cells (0, 0), (0, 1), (0, 2) of one row, best first
+    assert nms_top_k(row, torch.tensor([3.0, 2.0, 1.0]), 0.85, 10).tolist() == [0, 2]
+    assert nms_top_k(row, torch.tensor([3.0, 2.0, 1.0]), 0.92, 10).tolist() == [0, 1, 2]
+    kept = nms_top_k(boxes, scores, 0.85, 1000)
+    assert len(kept) < len(boxes) and not (torchvision.ops.box_iou(boxes[kept], boxes[kept]).fill_diagonal_(0)
+                                           > 0.85).any()
+
+
+def test_whitening_is_off_by_default(model: Delf, image: Image.Image):
+    """Without whitening (the default, as the official DeLF): L2 -> subtract the PCA mean ->
+    project -> L2. With --use_whitening: divided by sqrt(variance) before the final L2."""
+    conf = ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=50, pca_dims=16)
+    raw = DelfExtractor(model, replace(conf, use_pca=False))(image)["descriptors"]
+    sample = np.random.default_rng(0).standard_normal((600, 256)) * 2.0 ** -(np.arange(256) / 8)
+    pca = fit_pca(sample.astype(np.float32))  # variances spread over 2 orders of magnitude
+    projected = (raw - pca["pca_mean"]) @ pca["pca_matrix"][:16].T
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    default = DelfExtractor(model, conf, pca=pca)
+    assert default.conf.use_whitening is False
+    np.testing.assert_allclose(default(image)["descriptors"], unit(projected), atol=1e-5)
+    whitened = DelfExtractor(model, replace(conf, use_whitening=True), pca=pca)(image)["descriptors"]
+    np.testing.assert_allclose(whitened, unit(projected / np.sqrt(pca["pca_vars"][:16])), atol=1e-5)
+    assert np.abs(whitened - unit(projected)).max() > 0.1
+    # without a PCA file there is nothing to whiten: the configuration in effect says so
+    assert DelfExtractor(model, replace(conf, use_whitening=True)).conf.use_whitening is False
+
+
+def test_shrink_converts_uint8_before_antialiasing_off_the_cpu(monkeypatch: pytest.MonkeyPatch):
+    """PyTorch has antialiased uint8 resizing on the CPU only: a uint8 image on another device
+    (here the meta device, standing in for CUDA) is converted to float first; on the CPU uint8
+    stays uint8 and agrees with the float path to rounding."""
+    calls = []
+
+    def checked(x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append((x.dtype, x.device.type))
+        assert not (x.dtype == torch.uint8 and x.device.type != "cpu"), "antialiased uint8 off the CPU"
+        return F.interpolate(x, **kwargs)
+
+    monkeypatch.setattr(images_module, "F", SimpleNamespace(interpolate=checked))
+    off_cpu = shrink(torch.zeros(3, 200, 160, dtype=torch.uint8, device="meta"), 100)
+    assert off_cpu.dtype == torch.float32 and off_cpu.shape == (3, 100, 80)
+    u8 = torch.from_numpy(np.ascontiguousarray(photo("coffee", 300).transpose(2, 0, 1)))  # (3, 200, 300)
+    small = shrink(u8, 120)
+    assert small.dtype == torch.uint8 and small.shape == (3, 80, 120)
+    assert calls == [(torch.float32, "meta"), (torch.uint8, "cpu")]
+    as_float = shrink(u8.float() / 255, 120)
+    assert (small.float() / 255 - as_float).abs().max() <= 1 / 255  # rounding, fixed-point weights
+    assert shrink(u8, 300) is u8  # small enough: untouched
+
+
+def test_images_shrunk_by_the_decoding_workers_give_the_same_features(model: Delf, tmp_path):
+    """What the DataLoader workers hand over (the image shrunk to max_image_size, and its original
+    size) gives exactly the features of the full image given to the extractor."""
+    Image.fromarray(photo("coffee", 300)).save(tmp_path / "big.png")
+    conf = ExtractionConfig(scale_list=(0.5, 1.0), attn_thres=0.0, top_k=100, max_image_size=150)
+    ex = DelfExtractor(model, conf)
+    name, _, small, size, reason = ImageDataset([("big.png", tmp_path / "big.png")], conf.max_image_size)[0]
+    assert (name, tuple(small.shape), size, reason) == ("big.png", (3, 100, 150), (300, 200), None)
+    from_worker, direct = ex(small, original_size=size), ex(Image.open(tmp_path / "big.png"))
+    for key in ("keypoints", "descriptors", "scores", "scales", "image_size"):
+        np.testing.assert_array_equal(from_worker[key], direct[key], err_msg=key)
+    with pytest.raises(ValueError, match="not a 400x200 one shrunk to max_image_size 150"):
+        ex(small, original_size=(400, 200))

@@ -4,14 +4,30 @@ The lock lives in a small side file ``<output>.lock`` beside the output (file or
 records the holder's pid and start time. The kernel releases the lock when its holder exits,
 however it exits (SIGKILL included), so a stale side file never blocks the next run; the file
 itself is left in place (removing it could race with a process that just opened it).
+Forked children (DataLoader workers) close their copy of the lock file at once, so that workers
+orphaned by a killed holder never keep its lock alive.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import IO
+
+_HELD: weakref.WeakSet[OutputLock] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    """After fork, in the child: close the inherited lock files (the parent keeps its locks)."""
+    for lock in list(_HELD):
+        if lock._file is not None:
+            lock._file.close()
+            lock._file = None
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class OutputInUse(RuntimeError):
@@ -48,6 +64,7 @@ class OutputLock:
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._file.flush()
+        _HELD.add(self)
 
     def _holder(self) -> str:
         assert self._file is not None
@@ -55,6 +72,7 @@ class OutputLock:
         return self._file.read().strip() or "pid unknown"
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self._file is not None:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()

@@ -4,9 +4,13 @@ attn_thres 0: every cell is a candidate, the worst case for selection, NMS and P
 1. RSS while extracting 200 images into a feature file (flat: after 20 vs after 200);
 2. pipeline time / bare backbone+attention forward over the same pyramid (goal <= 1.05);
 3. --amp (bf16 autocast on CPU) speed-up over fp32, with agreement (keypoints in common,
-   mean descriptor cosine).
+   mean descriptor cosine);
+4. throughput: images/s of extract_features (JPEG decoding and shrinking in the DataLoader
+   workers, pinned memory, HDF5 writes) on 1024 px photos, 7 scales, PCA to 40-d, on --device
+   (CUDA when present; goal >= 20 img/s on an H100), and of the pipeline alone on decoded images.
 
     .venv/bin/python tests/bench/bench_extract.py [--threads N] [--skip_amp] [--rss_images 200]
+    .venv/bin/python tests/bench/bench_extract.py --only_throughput --device cuda [--images 300]
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from extract.config import DEFAULT_SCALES, ExtractionConfig
+from extract.extraction import default_workers, extract_features
 from extract.features import FeatureWriter
-from extract.pca import fit_pca
+from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
-from tests.utils import PHOTOS, photo
+from tests.utils import PHOTOS, photo, save_keypoint_checkpoint
+from train.checkpoint import file_sha256
 from train.delf import Delf
 from train.runtime import limit_threads, native_bf16
 
@@ -96,9 +102,65 @@ def main() -> None:
     p.add_argument("--skip_amp", action="store_true")
     p.add_argument("--rss_images", type=int, default=200)
     p.add_argument("--rss_size", type=int, default=128, help="longest side of the RSS-run images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="throughput device (default: cuda when present)")
+    p.add_argument("--images", type=int, help="throughput images (default 300 on CUDA, 6 on CPU)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: the extractor's)")
+    p.add_argument("--only_throughput", action="store_true", help="run section 4 only")
     args = p.parse_args()
     with limit_threads(args.threads):
-        run(args)
+        if not args.only_throughput:
+            run(args)
+        throughput(args)
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """Section 4: images/s end to end (extract_features) and of the pipeline alone."""
+    device = torch.device(args.device)
+    n = args.images or (300 if device.type == "cuda" else 6)
+    workers = default_workers(device) if args.workers is None else args.workers
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n4. throughput on {device} ({gpu}): {n} JPEGs of 1024x768, resnet50 layer3, 7 scales, PCA 40, "
+          f"attn_thres 0, top_k 1000, {workers} decoding workers")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        ckpt = save_keypoint_checkpoint(tmp_path / "ckpt.pth.tar", arch="resnet50", ncls=10)
+        pca = tmp_path / "pca.h5"
+        save_pca(pca, fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)),
+                 {"checkpoint_sha256": file_sha256(ckpt)})
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        for i in range(n):  # distinct files (crops of the photos), as a real folder would be
+            img = test_image(1100, 820, PHOTOS[i % len(PHOTOS)]).crop((i % 50, i % 40, i % 50 + 1024, i % 40 + 768))
+            img.save(folder / f"{i:05d}.jpg", quality=90)
+        warm = tmp_path / "warm"
+        warm.mkdir()
+        for f in sorted(folder.iterdir())[:3]:
+            (warm / f.name).symlink_to(f)
+        image = torch.from_numpy(np.array(Image.open(folder / "00000.jpg").convert("RGB"))).permute(2, 0, 1)
+        image = image.pin_memory() if device.type == "cuda" else image
+        for amp in (False, True) if device.type == "cuda" else (False,):
+            conf = ExtractionConfig(attn_thres=0.0, amp=amp)
+            label = "fp16 autocast (--amp)" if amp else "fp32"
+            extract_features(conf, ckpt, warm, tmp_path / f"warm{amp}.h5", pca_path=pca, workers=workers,
+                             device=device)
+            sync(device)
+            start = time.perf_counter()
+            report = extract_features(conf, ckpt, folder, tmp_path / f"f{amp}.h5", pca_path=pca, workers=workers,
+                                      device=device)
+            sync(device)
+            seconds = time.perf_counter() - start
+            print(f"   {label}: extract_features {report.processed} images in {seconds:.1f} s = "
+                  f"{report.processed / seconds:.3g} img/s (goal on an H100: >= 20)")
+            ex = DelfExtractor.from_checkpoint(ckpt, pca, conf, device=device)
+            t = compare({"pipeline": lambda ex=ex: ex(image)}, max(3, min(20, n)))["pipeline"]
+            print(f"   {label}: pipeline alone (decoded image, {len(ex(image)['scores'])} features) "
+                  f"{t * 1000:.0f} ms = {1 / t:.3g} img/s")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace) -> None:
