@@ -50,6 +50,7 @@ from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.locking import OutputInUse, OutputLock
 from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
@@ -98,7 +99,12 @@ def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir
                  sum(len(d) for d in x), codebook_images)
         return np.concatenate(x)
 
-    return codebook(path, descriptors, conf, attrs)
+    try:
+        lock = OutputLock(path, hint="choose another --load_expr (codebooks are stored under repo/<expr>/asmk/)")
+    except OutputInUse as e:
+        raise EvalError(str(e)) from None
+    with lock:  # one process trains and writes a codebook
+        return codebook(path, descriptors, conf, attrs)
 
 
 def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.ndarray]],

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from extract.config import ExtractionConfig
 from extract.extraction import OutputWriteError, extract_features, feature_attrs, feature_writer, write_failure
-from extract.features import FeatureFileError, feature_names, iter_features
+from extract.features import FeatureFileError, feature_names, iter_features, open_features
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
@@ -99,7 +99,9 @@ def cache_image_set(source: str | Path, features_root: str | Path, extraction: E
     try:
         report = extract_features(extraction, checkpoint, source, output, pca_path=pca_path,
                                   overwrite=overwrite, device=device)
-    except (InputError, OutputInUse, OutputWriteError) as e:
+    except OutputInUse as e:  # another evaluation extracts the same image set: nothing else to choose
+        raise EvalError(f"{e.output}: in use by another process ({e.holder}); wait for it") from None
+    except (InputError, OutputWriteError) as e:
         raise EvalError(str(e)) from None
     except FeatureFileError as e:
         raise EvalError(f"{e}\n(here: --overwrite extracts again)") from None
@@ -114,7 +116,7 @@ class FeatureStore:
     ``parts``; files stay open for reading until :meth:`close` (a context manager)."""
 
     def __init__(self, parts: Sequence[tuple[Path, Sequence[str]]]) -> None:
-        self._files = [h5py.File(path, "r") for path, _ in parts]
+        self._files = [open_features(path) for path, _ in parts]
         self._entries = [(k, name) for k, (_, names) in enumerate(parts) for name in names]
         for (path, names), f in zip(parts, self._files, strict=True):
             missing = [n for n in names if not isinstance(f.get(n), h5py.Group)]

@@ -212,7 +212,7 @@ def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
 
 def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:
     """The features of image ``name`` in ``path`` as numpy arrays (+ ``attention`` if stored)."""
-    with _open(path) as f:
+    with open_features(path) as f:
         group = f.get(name)
         if not isinstance(group, h5py.Group) or "keypoints" not in group:
             raise FeatureFileError(f"{path}: no features for image {name!r}")
@@ -221,20 +221,20 @@ def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:
 
 def feature_names(path: str | Path) -> list[str]:
     """Names of all images in ``path``, sorted."""
-    with _open(path) as f:
+    with open_features(path) as f:
         return sorted(name for name, _ in _walk(f))
 
 
 def iter_features(path: str | Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(name, features) of every image in ``path``, sorted by name, with the file opened once."""
-    with _open(path) as f:
+    with open_features(path) as f:
         for name, group in sorted(_walk(f), key=lambda item: item[0]):
             yield name, _read_group(group)
 
 
 def file_attrs(path: str | Path) -> dict[str, Any]:
     """The root attributes of ``path`` as plain Python values."""
-    with _open(path) as f:
+    with open_features(path) as f:
         return {k: _plain(v) for k, v in f.attrs.items()}
 
 
@@ -250,7 +250,8 @@ def _walk(f: h5py.File) -> list[tuple[str, h5py.Group]]:
     return found
 
 
-def _open(path: str | Path) -> h5py.File:
+def open_features(path: str | Path) -> h5py.File:
+    """``path`` opened for reading; a file another process writes is reported as in use."""
     try:
         return h5py.File(path, "r")
     except OSError as e:

@@ -29,6 +29,7 @@ from extract.revisitop import Dataset, EvalError, load_dataset
 from tests.utils import photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.delf import Delf
+from train.locking import OutputLock
 from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +420,15 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
     np.testing.assert_array_equal(load_codebook(stored)[0], centroids)
+
+    # another process building the same codebook, or extracting the same image set: refused at once
+    for held, advice in ((stored, "wait for it or choose another --load_expr"), (cb_feats, "wait for it")):
+        with OutputLock(held):
+            capsys.readouterr()
+            assert main(args) == 1
+        error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and f"{held}: in use by another process (pid {os.getpid()}" in error[0]
+        assert error[0].endswith(advice) or advice + " (" in error[0]
 
     # an identical copy of each query ranks first among the database images
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:

@@ -31,7 +31,12 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 
 class OutputInUse(RuntimeError):
-    """Another live process holds the output; ``str(e)`` is the one-line message."""
+    """Another live process holds ``output``; ``holder`` says which ("pid N, since T") and
+    ``str(e)`` is the one-line message, ending with ``hint``."""
+
+    def __init__(self, output: Path, holder: str, hint: str) -> None:
+        super().__init__(f"{output}: in use by another process ({holder}); wait for it or {hint}")
+        self.output, self.holder = output, holder
 
 
 def lock_file_for(output: str | os.PathLike) -> Path:
@@ -58,8 +63,7 @@ class OutputLock:
             holder = self._holder()
             self._file.close()
             self._file = None
-            raise OutputInUse(f"{self.output}: in use by another process ({holder}); "
-                              f"wait for it or {hint}") from None
+            raise OutputInUse(self.output, holder, hint) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
