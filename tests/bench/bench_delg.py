@@ -1,0 +1,110 @@
+"""DELG benchmark (short runs; CPU model printed):
+
+1. extraction time of the global descriptor over the local pipeline: the same 7-scale pyramid
+   with a DELG model (local + global at scales 0.7071, 1, 1.4142, sharing the pyramid's forward
+   passes) vs without the global head (goal: <= 1.10);
+2. global search: 70 queries against 100 000 random unit 2048-d vectors, exact inner product
+   (faiss), top 100 and the full ranking.
+
+    .venv/bin/python tests/bench/bench_delg.py [--threads N] [--skip_extract] [--db 100000]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.utils import photo  # noqa: E402
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up each, then ``repeats`` rounds that
+    interleave them (so that load from other processes hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_extract(args: argparse.Namespace) -> None:
+    from extract.pipeline import DelfExtractor
+    from train.delg import Delg
+
+    image = Image.fromarray(photo("astronaut")).resize((args.width, args.height), Image.Resampling.BICUBIC)
+    torch.manual_seed(0)
+    for ae in (0, 128):
+        model = Delg(10, arch="resnet50", autoencoder_dim=ae).eval()
+        with_global = DelfExtractor(model)
+        local_only = DelfExtractor(model, global_descriptor=False)
+        t = compare({"local": lambda ex=local_only: ex(image), "local+global": lambda ex=with_global: ex(image)},
+                    args.repeats)
+        print(f"extraction {args.width}x{args.height}, resnet50, 7 scales, autoencoder_dim {ae}: "
+              f"local {t['local']:.3f} s, local+global {t['local+global']:.3f} s, "
+              f"ratio {t['local+global'] / t['local']:.3f} (goal <= 1.10)")
+
+
+def bench_search(args: argparse.Namespace) -> None:
+    from extract.global_search import GlobalIndex
+
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((args.db, args.dim), dtype=np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    queries = db[rng.choice(args.db, args.queries, replace=False)] + 0.05 * rng.standard_normal(
+        (args.queries, args.dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    start = time.perf_counter()
+    index = GlobalIndex(db)
+    build = time.perf_counter() - start
+    t = compare({"top100": lambda: index.search(queries, 100), "full": lambda: index.ranks(queries)}, args.repeats)
+    print(f"global search, {args.db} x {args.dim}-d database ({db.nbytes / 2**20:.0f} MiB), {args.queries} queries: "
+          f"index {build * 1e3:.0f} ms; top-100 {t['top100'] * 1e3:.0f} ms "
+          f"({t['top100'] / args.queries * 1e3:.2f} ms/query); full ranking {t['full'] * 1e3:.0f} ms "
+          f"({t['full'] / args.queries * 1e3:.2f} ms/query)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--db", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--queries", type=int, default=70)
+    p.add_argument("--skip_extract", action="store_true")
+    p.add_argument("--skip_search", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    print(f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}")
+    if not args.skip_extract:
+        bench_extract(args)
+    if not args.skip_search:
+        bench_search(args)
+
+
+if __name__ == "__main__":
+    main()
