@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from train.delf import Delf
-from train.delg import ArcFace, Delg, DelgOutput, GeM, LossWeights, delg_loss, gem
+from train.delg import ArcFace, Delg, DelgOutput, GeM, LossWeights, delg_loss, gem, pool_scales
 
 NCLS = 4
 
@@ -150,3 +150,23 @@ def test_backbone_state_is_loaded() -> None:
     model = Delg(NCLS, arch="resnet18", backbone_state=resnet.state_dict())
     assert torch.equal(model.base[0].weight, resnet.conv1.weight)
     assert torch.equal(model.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight)
+
+
+def test_pool_scales_hand_computed() -> None:
+    a, b = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0]])  # unit: (0.6, 0.8) and (0, 1)
+    expected = torch.tensor([[0.3, 0.9]]) / math.hypot(0.3, 0.9)
+    assert torch.allclose(pool_scales([a, b]), expected, atol=1e-6)
+    assert torch.allclose(pool_scales([b]), torch.tensor([[0.0, 1.0]]))
+
+
+def test_inference_model_without_classifiers() -> None:
+    torch.manual_seed(0)
+    full = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16).eval()
+    light = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16, classifiers=False).eval()
+    state = {k: v for k, v in full.state_dict().items() if not k.startswith(("arcface.", "logits."))}
+    light.load_state_dict(state)  # strict: exactly the non-classifier weights
+    assert not hasattr(light, "arcface") and not hasattr(light, "logits")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for u, v in zip(full.extract_with_global(x), light.extract_with_global(x)):
+            assert torch.equal(u, v)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .layers import ImageNormalize, SpatialAttention2d, WeightedSum2d
 GEM_POWER = 3.0
 GEM_EPS = 1e-6
 GLOBAL_SCALES = (0.7071, 1.0, 1.4142)  # the official extractor's global-descriptor scales
+CLASSIFIERS = ("arcface", "logits")  # training-only modules
 
 
 def gem(x: torch.Tensor, p: float = GEM_POWER, eps: float = GEM_EPS) -> torch.Tensor:
@@ -36,6 +37,13 @@ def gem(x: torch.Tensor, p: float = GEM_POWER, eps: float = GEM_EPS) -> torch.Te
 
     Computed in float32 (x^3 of large activations overflows float16)."""
     return x.float().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def pool_scales(descriptors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Multi-scale global descriptor from per-scale ones (..., D): each L2-normalised, averaged,
+    L2-normalised (the official extractor), in float32."""
+    unit = [F.normalize(d.float(), dim=-1) for d in descriptors]
+    return F.normalize(torch.stack(unit).mean(dim=0), dim=-1)
 
 
 class GeM(nn.Module):
@@ -140,6 +148,8 @@ class Delg(nn.Module):
     ``attn``/``pool``/``logits`` are named as in Delf's keypoint stage).
 
     ``backbone_state``: a torchvision ResNet state_dict (e.g. ImageNet weights) for the backbone.
+    ``classifiers=False`` leaves out ``arcface`` and ``logits`` (81 313 x 2048 and 81 313 x 1024
+    weights for GLDv2's landmarks), which extraction does not need; see :data:`CLASSIFIERS`.
     """
 
     stage = "delg"
@@ -147,7 +157,7 @@ class Delg(nn.Module):
 
     def __init__(self, ncls: int, arch: str = "resnet50", global_dim: int = 2048, autoencoder_dim: int = 128,
                  arcface_margin: float = 0.1, arcface_scale: float | None = None, attn_batchnorm: bool = True,
-                 backbone_state: Mapping[str, torch.Tensor] | None = None) -> None:
+                 backbone_state: Mapping[str, torch.Tensor] | None = None, classifiers: bool = True) -> None:
         super().__init__()
         if global_dim < 1 or autoencoder_dim < 0:
             raise ValueError(f"need global_dim >= 1 and autoencoder_dim >= 0, got {global_dim}, {autoencoder_dim}")
@@ -162,12 +172,14 @@ class Delg(nn.Module):
         self.layer4 = resnet.layer4
         self.gem = GeM()
         self.whiten = nn.Linear(feature_dim(arch, "layer4"), global_dim)
-        self.arcface = ArcFace(global_dim, ncls, margin=arcface_margin, scale=arcface_scale)
+        if classifiers:
+            self.arcface = ArcFace(global_dim, ncls, margin=arcface_margin, scale=arcface_scale)
         if autoencoder_dim:
             self.autoencoder = Autoencoder(channels, autoencoder_dim)
         self.attn = SpatialAttention2d(channels, batchnorm=attn_batchnorm)
         self.pool = WeightedSum2d()
-        self.logits = nn.Sequential(nn.Conv2d(channels, ncls, 1), nn.Flatten())
+        if classifiers:
+            self.logits = nn.Sequential(nn.Conv2d(channels, ncls, 1), nn.Flatten())
 
     # --- structure (the interface the extractor shares with Delf) ---------------------------
     def backbone(self) -> list[nn.Module]:
