@@ -67,13 +67,14 @@ def test_arcface_gradient_is_finite_at_zero_angle() -> None:
 def test_loss_is_the_weighted_sum() -> None:
     labels = torch.tensor([1, 0])
     out = DelgOutput(torch.tensor([[0.0, 2.0], [1.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]]),
-                     torch.tensor(0.25))
-    g = F.cross_entropy(out.global_logits, labels).item()
-    a = math.log(2) / 2 + math.log(1 + math.exp(-3)) / 2
+                     torch.tensor([0.25, 0.5]))
+    g = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1))]  # per-sample ArcFace CE
+    a = [math.log(2), math.log(1 + math.exp(-3))]                  # per-sample attention CE
     total, parts = delg_loss(out, labels, LossWeights(attention=2.0, reconstruction=4.0))
-    assert total.item() == pytest.approx(g + 2 * a + 4 * 0.25, rel=1e-6)
-    assert parts["attention"].item() == pytest.approx(a, rel=1e-6)
-    assert parts["reconstruction"].item() == 0.25
+    assert total.tolist() == pytest.approx([g[0] + 2 * a[0] + 4 * 0.25, g[1] + 2 * a[1] + 4 * 0.5], rel=1e-6)
+    assert parts["global"].tolist() == pytest.approx(g, rel=1e-6)
+    assert parts["attention"].tolist() == pytest.approx(a, rel=1e-6)
+    assert parts["reconstruction"].tolist() == [0.25, 0.5]
     assert LossWeights() == LossWeights(attention=1.0, reconstruction=10.0)
 
 
@@ -93,7 +94,7 @@ def test_shapes_and_unit_global_descriptor(autoencoder_dim: int) -> None:
     assert glob.shape == (2, 32) and glob.dtype == torch.float32
     assert torch.allclose(glob.norm(dim=1), torch.ones(2), atol=1e-5)
     assert out.global_logits.shape == out.attention_logits.shape == (2, NCLS)
-    assert (out.reconstruction.item() > 0) == bool(autoencoder_dim)
+    assert out.reconstruction.shape == (2,) and bool((out.reconstruction > 0).all()) == bool(autoencoder_dim)
     # same receptive field as DeLF's layer3 (the extractor maps keypoints with it)
     assert model.receptive_field() == Delf(NCLS, arch="resnet18", stage="inference").receptive_field()
 
@@ -114,7 +115,7 @@ def _sgd_step(model: Delg, loss_of: str) -> dict[str, torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     labels = torch.tensor([0, 1])
     out = model(torch.rand(2, 3, 64, 64), labels)
-    loss = {"attention": F.cross_entropy(out.attention_logits, labels), "reconstruction": out.reconstruction,
+    loss = {"attention": F.cross_entropy(out.attention_logits, labels), "reconstruction": out.reconstruction.mean(),
             "global": F.cross_entropy(out.global_logits, labels)}[loss_of]
     opt.zero_grad()
     loss.backward()
@@ -142,12 +143,12 @@ def test_without_autoencoder_attention_reads_layer3() -> None:
     assert _changed(model, _sgd_step(model, "attention")) == {"attn", "logits"}
 
 
-def test_backbone_state_is_loaded() -> None:
+def test_pretrained_state_dict_is_loaded() -> None:
     import torchvision
 
     torch.manual_seed(1)
     resnet = torchvision.models.resnet18()
-    model = Delg(NCLS, arch="resnet18", backbone_state=resnet.state_dict())
+    model = Delg(NCLS, arch="resnet18", pretrained=resnet.state_dict())
     assert torch.equal(model.base[0].weight, resnet.conv1.weight)
     assert torch.equal(model.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight)
 

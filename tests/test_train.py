@@ -315,7 +315,7 @@ def test_amp_step_runs_in_bf16_with_fp32_weights() -> None:
         solver = solvers[amp] = Solver(copy.deepcopy(model), Settings(amp=amp, lr=0.1))
         solver.net.train()
         watched = [solver.model.base[0], solver.model.layer4, solver.model.logits[0]]
-        (losses[amp], _), dtypes[amp] = _call_recording_dtypes(watched, solver.train_step, images, labels)
+        (losses[amp], _, _), dtypes[amp] = _call_recording_dtypes(watched, solver.train_step, images, labels)
     assert dtypes[False] == [torch.float32] * 3
     assert dtypes[True] == [torch.bfloat16] * 3
     loss32, loss16 = float(losses[False]), float(losses[True])

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .delf import BASE_ORDER, ReceptiveField, build_resnet, feature_dim, receptive_field
+from .delf import BASE_ORDER, Pretrained, ReceptiveField, build_resnet, feature_dim, receptive_field
 from .layers import ImageNormalize, SpatialAttention2d, WeightedSum2d
 
 GEM_POWER = 3.0
@@ -113,7 +113,8 @@ class Autoencoder(nn.Module):
 
 class DelgOutput(NamedTuple):
     """One training forward pass: ArcFace logits (with margin when labels were given), attention
-    classifier logits, and the reconstruction MSE (a zero tensor without autoencoder)."""
+    classifier logits (B, ncls) each, and each sample's reconstruction MSE (B,) (zeros without
+    autoencoder)."""
 
     global_logits: torch.Tensor
     attention_logits: torch.Tensor
@@ -130,13 +131,14 @@ class LossWeights:
 
 def delg_loss(out: DelgOutput, labels: torch.Tensor, weights: LossWeights = LossWeights()
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ArcFace CE + w_att x attention CE + w_rec x reconstruction MSE, and the three terms
-    (detached) under 'global', 'attention', 'reconstruction'."""
-    global_ce = F.cross_entropy(out.global_logits.float(), labels)
-    attention_ce = F.cross_entropy(out.attention_logits.float(), labels)
-    total = global_ce + weights.attention * attention_ce + weights.reconstruction * out.reconstruction
-    parts = {"global": global_ce, "attention": attention_ce, "reconstruction": out.reconstruction}
-    return total, {k: v.detach().float() for k, v in parts.items()}
+    """Each sample's ArcFace CE + w_att x attention CE + w_rec x reconstruction MSE (B,), float32
+    (its mean is the batch loss), and the three terms (B,) under 'global', 'attention',
+    'reconstruction'."""
+    parts = {"global": F.cross_entropy(out.global_logits.float(), labels, reduction="none"),
+             "attention": F.cross_entropy(out.attention_logits.float(), labels, reduction="none"),
+             "reconstruction": out.reconstruction.float()}
+    total = parts["global"] + weights.attention * parts["attention"] + weights.reconstruction * parts["reconstruction"]
+    return total, parts
 
 
 class Delg(nn.Module):
@@ -147,7 +149,9 @@ class Delg(nn.Module):
     (absent when ``autoencoder_dim`` is 0), ``attn``, ``pool``, ``logits`` (attention classifier;
     ``attn``/``pool``/``logits`` are named as in Delf's keypoint stage).
 
-    ``backbone_state``: a torchvision ResNet state_dict (e.g. ImageNet weights) for the backbone.
+    ``pretrained`` initialises the ResNet ('imagenet', 'none' or a state_dict, as for Delf).
+    ``attention_pool``: the attention classifier sees the mean of a * normalize(F) over the map,
+    as the official model (the keypoint stage's default is the seed's sum).
     ``classifiers=False`` leaves out ``arcface`` and ``logits`` (81 313 x 2048 and 81 313 x 1024
     weights for GLDv2's landmarks), which extraction does not need; see :data:`CLASSIFIERS`.
     """
@@ -157,15 +161,13 @@ class Delg(nn.Module):
 
     def __init__(self, ncls: int, arch: str = "resnet50", global_dim: int = 2048, autoencoder_dim: int = 128,
                  arcface_margin: float = 0.1, arcface_scale: float | None = None, attn_batchnorm: bool = True,
-                 backbone_state: Mapping[str, torch.Tensor] | None = None, classifiers: bool = True) -> None:
+                 attention_pool: str = "mean", pretrained: Pretrained = "none", classifiers: bool = True) -> None:
         super().__init__()
         if global_dim < 1 or autoencoder_dim < 0:
             raise ValueError(f"need global_dim >= 1 and autoencoder_dim >= 0, got {global_dim}, {autoencoder_dim}")
-        self.arch, self.ncls = arch, ncls
+        self.arch, self.ncls, self.attention_pool = arch, ncls, attention_pool
         self.global_dim, self.autoencoder_dim = global_dim, autoencoder_dim
-        resnet = build_resnet(arch)
-        if backbone_state is not None:
-            resnet.load_state_dict(backbone_state)
+        resnet = build_resnet(arch, pretrained)
         channels = feature_dim(arch, "layer3")
         self.normalize = ImageNormalize()
         self.base = nn.Sequential(*(getattr(resnet, name) for name in BASE_ORDER))
@@ -177,7 +179,7 @@ class Delg(nn.Module):
         if autoencoder_dim:
             self.autoencoder = Autoencoder(channels, autoencoder_dim)
         self.attn = SpatialAttention2d(channels, batchnorm=attn_batchnorm)
-        self.pool = WeightedSum2d()
+        self.pool = WeightedSum2d(attention_pool)
         if classifiers:
             self.logits = nn.Sequential(nn.Conv2d(channels, ncls, 1), nn.Flatten())
 
@@ -235,7 +237,7 @@ class Delg(nn.Module):
         _, attention, rec = self.local_head(local)
         attention_logits = self.logits(self.pool(local, attention))
         if rec is None:
-            reconstruction = local.new_zeros((), dtype=torch.float32)
+            reconstruction = local.new_zeros(len(local), dtype=torch.float32)
         else:
-            reconstruction = F.mse_loss(rec.float(), local.float())
+            reconstruction = F.mse_loss(rec.float(), local.float(), reduction="none").mean(dim=(1, 2, 3))
         return DelgOutput(global_logits, attention_logits, reconstruction)
