@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from train.config import parse_args
 from train.delg import Delg
 from train.main import main
 from train.objective import DelgObjective
-from train.runtime import repo_dir
+from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--delg_sample_size", "72", "--delg_crop_size", "64",
@@ -144,3 +147,21 @@ def test_gldv2_errors_are_one_line(gld: Path, expr: str, tmp_path: Path, capsys:
         main(["--stage", "delg", "--expr", expr, "--delg_train_path", str(gld / "train"), "--train_csv", str(bad),
               *TINY])
     assert f"{bad}: header 'image,label' is neither" in str(exit_.value.code)
+
+
+def test_delg_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
+    out = main(delg_argv(expr, image_data, "--amp"))
+    for r in rows(out / "log" / "train.log"):
+        assert math.isfinite(float(r["loss"]))
+    assert load_file(out / "ckpt" / "last.pth.tar")["config"]["amp"] is True
+
+
+@pytest.mark.slow
+def test_delg_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train/main.py", *delg_argv(expr, image_data)], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
+    assert ckpt["config"]["world_size"] == 2 and ckpt["stage"] == "delg"
+    assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
