@@ -90,6 +90,8 @@ def write_odd_images(folder: Path) -> dict[str, tuple[int, int]]:
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
     return {"gray.png": (96, 96), "sixteen.png": (96, 96), "rgba.png": (96, 96), "palette.gif": (96, 96),
             "cmyk.jpg": (96, 96), "rotated.jpg": (64, 96), "animated.gif": (64, 64)}
+
+
 def make_gldv2(root: Path, classes: int = 3, per_class: int = 5, size: int = 80, seed: int = 0) -> Path:
     """A tiny Google Landmarks v2 tree: images at ``root/train/a/b/c/abc….jpg`` (landmark
     10 * (k + 1) = random crops of photo k), ``root/train.csv`` (id,url,landmark_id) and
