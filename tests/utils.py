@@ -14,6 +14,7 @@ from PIL import Image
 from extract.demo_data import LANDMARKS, landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict
 from train.delf import Delf
+from train.delg import Delg
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each.
 PHOTOS = LANDMARKS
@@ -112,3 +113,12 @@ def make_gldv2(root: Path, classes: int = 3, per_class: int = 5, size: int = 80,
     (root / "train.csv").write_text("id,url,landmark_id\n" + "\n".join(rows) + "\n")
     (root / "train_clean.csv").write_text("landmark_id,images\n" + "\n".join(clean) + "\n")
     return root
+
+
+def save_delg_checkpoint(path: Path, arch: str = "resnet18", global_dim: int = 32, autoencoder_dim: int = 16,
+                         ncls: int = 3, seed: int = 0) -> Path:
+    """A randomly initialised delg-stage model in this project's checkpoint format."""
+    torch.manual_seed(seed)
+    model = Delg(ncls, arch=arch, global_dim=global_dim, autoencoder_dim=autoencoder_dim)
+    atomic_save(checkpoint_dict(model), path)
+    return path
