@@ -1,8 +1,9 @@
 """DELG benchmark (short runs; CPU model printed):
 
-1. extraction time of the global descriptor over the local pipeline: the same 7-scale pyramid
+1. extraction cost of the global descriptor over the local pipeline: the same 7-scale pyramid
    with a DELG model (local + global at scales 0.7071, 1, 1.4142, sharing the pyramid's forward
-   passes) vs without the global head (goal: <= 1.10);
+   passes) vs without the global head (goal: <= 1.10), in FLOPs (exact) and time (``--repeats``
+   interleaved runs; 0 skips the timing);
 2. global search: 70 queries against 100 000 random unit 2048-d vectors, exact inner product
    (faiss), top 100 and the full ranking (what the evaluation scores).
 
@@ -47,6 +48,16 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def flops(ex: Callable[[Image.Image], object], image: Image.Image) -> int:
+    """Floating-point operations of one extraction (convolutions and matrix products; what the
+    machine's load cannot blur)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        ex(image)
+    return counter.get_total_flops()
+
+
 def bench_extract(args: argparse.Namespace) -> None:
     from extract.pipeline import DelfExtractor
     from train.delg import Delg
@@ -57,11 +68,14 @@ def bench_extract(args: argparse.Namespace) -> None:
         model = Delg(10, arch="resnet50", autoencoder_dim=ae).eval()
         with_global = DelfExtractor(model)
         local_only = DelfExtractor(model, global_descriptor=False)
-        t = compare({"local": lambda ex=local_only: ex(image), "local+global": lambda ex=with_global: ex(image)},
-                    args.repeats)
+        f_local, f_global = flops(local_only, image), flops(with_global, image)
         print(f"extraction {args.width}x{args.height}, resnet50, 7 scales, autoencoder_dim {ae}: "
-              f"local {t['local']:.3f} s, local+global {t['local+global']:.3f} s, "
-              f"ratio {t['local+global'] / t['local']:.3f} (goal <= 1.10)")
+              f"{f_local / 1e9:.1f} vs {f_global / 1e9:.1f} GFLOP, ratio {f_global / f_local:.3f} (goal <= 1.10)")
+        if args.repeats:
+            t = compare({"local": lambda ex=local_only: ex(image), "local+global": lambda ex=with_global: ex(image)},
+                        args.repeats)
+            print(f"  time: local {t['local']:.3f} s, local+global {t['local+global']:.3f} s, "
+                  f"ratio {t['local+global'] / t['local']:.3f}")
 
 
 def bench_search(args: argparse.Namespace) -> None:
