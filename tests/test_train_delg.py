@@ -19,7 +19,7 @@ from train.delg import Delg
 from train.main import main
 from train.objective import DelgObjective
 from train.runtime import PROJECT_ROOT, repo_dir
-from train.solver import Settings, Solver
+from train.solver import EpochMeter, Settings, Solver
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--delg_sample_size", "72", "--delg_crop_size", "64",
         "--global_dim", "32", "--autoencoder_dim", "16", "--train_batch_size", "4", "--val_batch_size", "4",
@@ -165,3 +165,17 @@ def test_delg_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: st
     ckpt = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["world_size"] == 2 and ckpt["stage"] == "delg"
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
+
+
+def test_epoch_meter_counts_parts_of_real_samples_only() -> None:
+    """Per-sample losses and parts: a padded tail (limit) is left out exactly."""
+    meter = EpochMeter(torch.device("cpu"), limit=3, parts=("a", "b"))
+    logits = torch.eye(2)
+    meter.update(torch.tensor([1.0, 3.0]), logits, torch.tensor([0, 1]),
+                 {"a": torch.tensor([0.5, 1.5]), "b": torch.tensor([2.0, 4.0])})
+    meter.update(torch.tensor([5.0, 100.0]), logits, torch.tensor([1, 1]),
+                 {"a": torch.tensor([2.5, 100.0]), "b": torch.tensor([6.0, 100.0])})  # 2nd sample: padding
+    avg = meter.averages()
+    assert avg["samples"] == 3
+    assert (avg["loss"], avg["loss_a"], avg["loss_b"]) == pytest.approx((3.0, 1.5, 4.0))
+    assert avg["top1"] == pytest.approx(100 * 2 / 3)
