@@ -30,9 +30,3 @@ def global_scores(db: np.ndarray, queries: np.ndarray) -> np.ndarray:
         return np.zeros((len(queries), len(db)), np.float32)
     return np.asarray(faiss.pairwise_distances(queries, db, metric=faiss.METRIC_INNER_PRODUCT), np.float32)
 
-
-def global_ranks(db: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks (N, Q): for each query the whole database, 0-based, most similar first (revisitop's
-    convention; ties by index), and the similarities (Q, N) of :func:`global_scores`."""
-    scores = global_scores(db, queries)
-    return np.ascontiguousarray(np.argsort(-scores, axis=1, kind="stable").T), scores

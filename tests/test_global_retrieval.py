@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract.global_retrieval import global_matrix, global_ranks, global_scores
+from extract.global_retrieval import global_matrix, global_scores
+from extract.retrieval import rank
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -17,7 +18,8 @@ def test_ranking_equals_brute_force_with_ties_by_index() -> None:
     db[9] = db[4]  # a tie: index 4 first
     queries = unit(rng.normal(size=(5, 16)))
     queries[0] = db[4]
-    ranks, scores = global_ranks(db, queries)
+    scores = global_scores(db, queries)
+    ranks = np.stack([rank(s) for s in scores], axis=1)  # as evaluate.py ranks them
     np.testing.assert_allclose(scores, queries @ db.T, atol=1e-6)
     np.testing.assert_array_equal(ranks, np.argsort(-(queries @ db.T), axis=1, kind="stable").T)
     assert ranks.shape == (60, 5) and list(ranks[:2, 0]) == [4, 9]

@@ -81,7 +81,8 @@ def bench_extract(args: argparse.Namespace) -> None:
 def bench_search(args: argparse.Namespace) -> None:
     import faiss
 
-    from extract.global_retrieval import global_ranks
+    from extract.global_retrieval import global_scores
+    from extract.retrieval import rank
 
     rng = np.random.default_rng(0)
     db = rng.standard_normal((args.db, args.dim), dtype=np.float32)
@@ -90,7 +91,8 @@ def bench_search(args: argparse.Namespace) -> None:
         (args.queries, args.dim), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     top100 = lambda: faiss.knn(queries, db, 100, metric=faiss.METRIC_INNER_PRODUCT)  # noqa: E731
-    t = compare({"top100": top100, "full": lambda: global_ranks(db, queries)}, args.repeats)
+    full = lambda: np.stack([rank(s) for s in global_scores(db, queries)], axis=1)  # noqa: E731 (as evaluate.py)
+    t = compare({"top100": top100, "full": full}, args.repeats)
     print(f"global search, {args.db} x {args.dim}-d database ({db.nbytes / 2**20:.0f} MiB float32), "
           f"{args.queries} queries, exact inner product (faiss): top-100 {t['top100'] * 1e3:.0f} ms "
           f"({t['top100'] / args.queries * 1e3:.2f} ms/query); full ranking {t['full'] * 1e3:.0f} ms "
