@@ -7,7 +7,7 @@
   detached): optional autoencoder (conv1x1 C3 -> ``autoencoder_dim`` encoder, conv1x1 back to C3
   + ReLU decoder, trained by the reconstruction MSE), the attention head on the decoder's output
   (on the features themselves without autoencoder), and an attention classifier on the
-  attention-weighted sum of the L2-normalised layer3 features. The local descriptor is the
+  attention-weighted mean of the L2-normalised layer3 features. The local descriptor is the
   autoencoder's code (no PCA needed), else the layer3 feature.
 
 As in the official TensorFlow model, the three losses are summed with weights
