@@ -68,7 +68,7 @@ class MatchConfig:
 
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
-METHODS = ("asmk", "vote")
+METHODS = ("asmk", "vote", "global", "global+sp")
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ class AsmkConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Retrieval on Revisited Oxford / Paris: initial ranking (ASMK* or k-NN votes), then RANSAC
-    re-ranking of the shortlist."""
+    """Retrieval on Revisited Oxford / Paris: initial ranking (ASMK*, k-NN votes or DELG global
+    descriptors), then RANSAC re-ranking of the shortlist (not for ``global``)."""
 
     method: str = field(default="asmk", metadata={
-        "help": "initial ranking: asmk (ASMK*, needs --codebook_images) or vote (k-NN descriptor votes)",
+        "help": "initial ranking: asmk (ASMK*, needs --codebook_images), vote (k-NN descriptor votes), "
+                "global (DELG global descriptors, no re-ranking) or global+sp (global, then re-ranking)",
         "choices": METHODS})
     codebook_size: int = field(default=AsmkConfig.codebook_size,
                                metadata={"help": "asmk: visual words of the codebook"})
@@ -116,3 +117,8 @@ class EvalConfig:
     nprobe: int = field(default=IndexConfig.nprobe,
                         metadata={"help": "vote: IVF cells scanned per query descriptor"})
     rerank: int = field(default=100, metadata={"help": "images re-ranked by RANSAC (0: none)"})
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the initial ranking's top is re-ranked (``--method global`` never is)."""
+        return self.rerank > 0 and self.method != "global"

@@ -14,6 +14,12 @@ k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by 
     python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
         --codebook_images R/rparis6k/jpg --output res.json
 
+With a DELG checkpoint, --method global ranks by the global descriptors' inner products and
+--method global+sp re-ranks the top of that ranking with the local features:
+
+    python extract/evaluate.py --dataset roxford5k --data_root R --load_from DELG.pth.tar \
+        --use_pca false --method global+sp --output res.json
+
 R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop distributes them
 (extract/revisitop.py). From Python: :func:`evaluate_dataset`, :func:`score_ranking`.
 """
@@ -41,7 +47,8 @@ from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
-from extract.features import FeatureFileError, file_attrs, iter_features
+from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs, iter_features
+from extract.global_retrieval import global_matrix, global_scores
 from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
 from extract.paths import dataset_features_dir
@@ -57,7 +64,8 @@ log = logging.getLogger("delf")
 Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@10"}, percent
 
 
-METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes"}  # as the papers' tables name them
+# as the papers' tables name them ("+SP" is added to the re-ranked row)
+METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", "global+sp": "DELG global"}
 
 
 @dataclass
@@ -123,6 +131,12 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
         log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
                  asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
         scores = asmk.scores([q["descriptors"] for q in queries])
+    elif conf.method in ("global", "global+sp"):
+        db_global = global_matrix(list(store.global_descriptors()))
+        scores = global_scores(db_global, global_matrix([q.get(GLOBAL_KEY) for q in queries], "query"))
+        nbytes = db_global.nbytes
+        log.info("global descriptors of %d images (%d-d) ranked in %.1f s", len(db_global), db_global.shape[1],
+                 time.perf_counter() - t)
     else:
         index = DescriptorIndex(list(store.descriptors()), nlist=conf.nlist)
         db = Database([store.features(i)["keypoints"] for i in range(len(store))], index)
@@ -132,7 +146,7 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
         scores = db.initial_scores([q["descriptors"] for q in queries], conf.knn, conf.nprobe)
     initial = np.stack([rank(s) for s in scores], axis=1)
     final = {p: initial.copy() for p in PROTOCOLS}
-    if conf.rerank > 0:
+    if conf.reranks:
         gnds = {p: protocol_gnd(ds.gnd, p) for p in PROTOCOLS}
         for qi in tqdm(range(len(queries)), desc="re-ranking", unit="query", dynamic_ncols=True):
             inliers = Verifier(queries[qi], store.features, matching)
@@ -246,7 +260,7 @@ def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
           f"{result.index_bytes / max(result.database_size, 1) / 1e3:.1f} kB per database image")
     rows = {name: result.initial}
     print(f"{where}: {name} (initial ranking)\n{format_table(result.initial)}")
-    if conf.rerank > 0:
+    if conf.reranks:
         rows[f"{name}+SP"] = result.final
         print(f"{where}: {name}+SP (spatial verification of the top {conf.rerank})\n"
               f"{format_table(result.final)}")

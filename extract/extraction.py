@@ -69,13 +69,16 @@ def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str
 
 def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None, input_path: str | Path,
                   save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
-    """Root attributes of a feature file: the extraction config in effect, the model, the sha256
-    sums of the checkpoint and PCA file, the device type and TF32 state (features of a CPU and a
-    GPU differ in the last bits, enough to change a selection at the threshold: a file holds
-    one kind), and (informational) where the run took them from."""
+    """Root attributes of a feature file: the extraction config in effect, the model (with a DELG
+    model, ``global_dim`` and ``global_scales`` too), the sha256 sums of the checkpoint and PCA
+    file, the device type and TF32 state (features of a CPU and a GPU differ in the last bits,
+    enough to change a selection at the threshold: a file holds one kind), and (informational)
+    where the run took them from."""
     pca_file = Path(pca_file) if ex.conf.use_pca and pca_file is not None else None
     rf = ex.receptive_field
-    return {
+    # DELG only, so that DeLF files keep their attributes
+    delg = {"global_dim": ex.global_dim, "global_scales": list(ex.global_scales)} if ex.global_scales else {}
+    return {**delg,
         **asdict(ex.conf), "descriptor_dim": ex.descriptor_dim, "save_attention": save_attention,
         "arch": ex.model.arch, "target_layer": ex.model.target_layer,
         "receptive_field": [rf.size, rf.stride, rf.padding],

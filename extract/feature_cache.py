@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from extract.config import ExtractionConfig
 from extract.extraction import OutputWriteError, extract_features, feature_attrs, feature_writer, write_failure
-from extract.features import FeatureFileError, feature_names, iter_features, open_features
+from extract.features import GLOBAL_KEY, FeatureFileError, feature_names, iter_features, open_features
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
@@ -132,6 +132,12 @@ class FeatureStore:
         k, name = self._entries[i]
         group = self._files[k][name]
         return {key: group[key][()] for key in ("keypoints", "descriptors")}
+
+    def global_descriptors(self) -> Iterator[np.ndarray | None]:
+        """The global descriptor of image 0, 1, ... (None where the file has none: DeLF features)."""
+        for k, name in self._entries:
+            group = self._files[k][name]
+            yield group[GLOBAL_KEY][()] if GLOBAL_KEY in group else None
 
     def descriptors(self) -> Iterator[np.ndarray]:
         """The descriptors of image 0, 1, ... read one image at a time."""

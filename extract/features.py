@@ -2,7 +2,8 @@
 
 Layout: group ``<name>`` ('/' in a name makes nested groups) with datasets ``keypoints`` (N, 2)
 float32 x, y; ``descriptors`` (N, D) float32; ``scores`` (N,) float32; ``scales`` (N,) float32;
-``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0. Root attributes:
+``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0; with a DELG
+model, ``global_descriptor`` (D,) float32, unit length (zero for an image too small). Root attributes:
 ``format`` and the extraction parameters (extract/extraction.py, ``feature_attrs``: the
 ExtractionConfig fields, the model, the checkpoint's and PCA file's sha256). Keypoints are in
 pixels of the original image (half-pixel mapping, see extract/pipeline.py).
@@ -30,6 +31,7 @@ import numpy as np
 FEATURE_KEYS = ("keypoints", "descriptors", "scores", "scales", "image_size")
 DTYPES = {"keypoints": np.float32, "descriptors": np.float32, "scores": np.float32, "scales": np.float32,
           "image_size": np.int32}
+GLOBAL_KEY = "global_descriptor"  # DELG only
 INCOMPLETE = "__incomplete__"
 FORMAT = "delf-pytorch features 1"
 # Free space kept beyond twice the data of a write: HDF5 cannot recover from a full disk in the
@@ -134,6 +136,8 @@ class FeatureWriter:
         """
         self._check_in_place()
         arrays = {key: np.asarray(feats[key], dtype=DTYPES[key]) for key in FEATURE_KEYS}
+        if GLOBAL_KEY in feats:
+            arrays[GLOBAL_KEY] = np.asarray(feats[GLOBAL_KEY], dtype=np.float32)
         if save_attention:
             arrays["attention"] = _attention_at_scale_1(feats).astype(np.float16)
         check_room(self.path, sum(a.nbytes for a in arrays.values()))
@@ -207,7 +211,7 @@ def _plain(value: Any) -> Any:
 
 
 def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
-    return {key: group[key][()] for key in (*FEATURE_KEYS, "attention") if key in group}
+    return {key: group[key][()] for key in (*FEATURE_KEYS, "attention", GLOBAL_KEY) if key in group}
 
 
 def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:

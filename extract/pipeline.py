@@ -34,9 +34,11 @@ from extract.images import fit_size, shrink, to_rgb
 from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
 from train.delf import Delf, ReceptiveField
+from train.delg import GLOBAL_SCALES, Delg, pool_scales
 from train.runtime import autocast
 
 MIN_IMAGE_SIDE = 32
+SCALE_TOLERANCE = 1e-3  # a pyramid scale within this of a global scale shares its forward pass
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
 _CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv1", "bn"), ("0", "1"))
@@ -129,14 +131,23 @@ class DelfExtractor:
     [w, h], ``attention`` (one (h_s, w_s) map per scale, in ``scales`` order) and
     ``attention_scales``.
 
+    With a DELG model (:class:`~train.delg.Delg`), unless ``global_descriptor`` is False, also
+    ``global_descriptor`` (D,) float32, unit length: the GeM descriptors at
+    :data:`~train.delg.GLOBAL_SCALES` (0.7071, 1, 1.4142), each L2-normalised, averaged and
+    L2-normalised, as the official extractor. A global scale that is also a pyramid scale reuses
+    that level's forward pass (layer4 and the global head run on its layer3 features); the others
+    take a pass of their own. Images too small for features get a zero vector. The local
+    descriptors of a DELG model with an autoencoder are its code (PCA is then not needed).
+
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
     effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
     file's attributes.
     """
 
-    def __init__(self, model: Delf, conf: ExtractionConfig | None = None, *, pca: dict[str, Any] | None = None,
-                 device: str | torch.device = "cpu", checkpoint_sha256: str = "") -> None:
+    def __init__(self, model: Delf | Delg, conf: ExtractionConfig | None = None, *,
+                 pca: dict[str, Any] | None = None, device: str | torch.device = "cpu", checkpoint_sha256: str = "",
+                 global_descriptor: bool = True) -> None:
         conf = conf or ExtractionConfig()
         if not conf.scale_list or min(conf.scale_list) <= 0:
             raise ValueError(f"scales must be positive, got {list(conf.scale_list)}")
@@ -157,6 +168,15 @@ class DelfExtractor:
         # on the device once, not per image
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
         self.checkpoint_sha256 = checkpoint_sha256
+        self.global_scales = GLOBAL_SCALES if global_descriptor and isinstance(model, Delg) else ()
+
+    @property
+    def global_dim(self) -> int:
+        """Dimension of the global descriptor; 0 when none is extracted."""
+        return self.model.global_dim if self.global_scales else 0
+
+    def _global_at(self, scale: float) -> bool:
+        return any(abs(scale - g) < SCALE_TOLERANCE for g in self.global_scales)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, pca_path: str | Path | None = None,
@@ -225,12 +245,20 @@ class DelfExtractor:
         host) finds the device done."""
         base, size = self.prepare(image, original_size)
         if too_small(*size, self.conf.max_image_size):
-            return self._result(size, *self._nothing(), [np.zeros((0, 0), np.float32)] * len(self.scales))
-        attention, boxes, rows, scales = [], [], [], []
+            result = self._result(size, *self._nothing(), [np.zeros((0, 0), np.float32)] * len(self.scales))
+            if self.global_scales:
+                result["global_descriptor"] = np.zeros(self.global_dim, np.float32)
+            return result
+        attention, boxes, rows, scales, global_descs = [], [], [], [], []
         for scale in self.scales:
             x, ratio = self.scale_image(base, scale, size)
+            x = x[None].contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.conf.amp):
-                fmap, attn = self.model.extract(x[None].contiguous(memory_format=torch.channels_last))
+                if self._global_at(scale):
+                    fmap, attn, g = self.model.extract_with_global(x)
+                    global_descs.append(g[0])
+                else:
+                    fmap, attn = self.model.extract(x)
             attention.append(attn[0, 0].float())
             boxes.append(cell_boxes(self.receptive_field, *attention[-1].shape, ratio, self.device))
             # (h*w, C) rows of the map: a view for channels_last output; gathered after NMS
@@ -251,7 +279,19 @@ class DelfExtractor:
         for a in attention:
             maps.append(host[start:start + a.numel()].reshape(a.shape))
             start += a.numel()
-        return self._result(size, packed_np[:, :2], packed_np[:, 4:], packed_np[:, 2], packed_np[:, 3], maps)
+        result = self._result(size, packed_np[:, :2], packed_np[:, 4:], packed_np[:, 2], packed_np[:, 3], maps)
+        if self.global_scales:
+            global_descs += [self._global_only(base, g) for g in self.global_scales
+                             if not any(abs(g - s) < SCALE_TOLERANCE for s in self.scales)]
+            result["global_descriptor"] = pool_scales(global_descs).cpu().numpy()
+        return result
+
+    def _global_only(self, base: torch.Tensor, scale: float) -> torch.Tensor:
+        """The global descriptor (D,) at a scale that is not a pyramid level: a pass of its own."""
+        x, _ = self.scale_image(base, scale, (base.shape[-1], base.shape[-2]))
+        with autocast(self.device, self.conf.amp):
+            return self.model.global_descriptor(self.model.features(x[None].contiguous(
+                memory_format=torch.channels_last)))[0]
 
     def _nothing(self) -> tuple[np.ndarray, ...]:
         return (np.zeros((0, 2), np.float32), np.zeros((0, self.descriptor_dim), np.float32),

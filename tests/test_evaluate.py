@@ -26,7 +26,7 @@ from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
 from extract.revisitop import Dataset, EvalError, load_dataset
-from tests.utils import photo, save_keypoint_checkpoint
+from tests.utils import photo, save_delg_checkpoint, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.delf import Delf
 from train.locking import OutputLock
@@ -516,3 +516,51 @@ def test_feature_cache_held_by_another_evaluation_is_refused(tiny: dict[str, Pat
     assert err.strip() == (f"error: {feats}: in use by another process (pid {holder.pid}, since "
                            f"{err.split('since ')[1].split(')')[0]}); wait for it or choose another --features_dir")
     assert not feats.exists()
+@pytest.mark.slow
+def test_delg_global_and_global_sp_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str,
+                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A DELG checkpoint (random init, no autoencoder: 256-d layer3 local features): --method
+    global ranks by the global descriptors; global+sp re-ranks that ranking's top with RANSAC on
+    the same cached features; DeLF features give a clear error."""
+    tmp = tiny["tmp"] / expr
+    ckpt = save_delg_checkpoint(tmp / "delg.pth.tar", autoencoder_dim=0)
+    feats, out = tmp / "features", tmp / "res.json"
+    args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from", str(ckpt), "--use_pca", "false",
+            "--attn_thres", "0", "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
+    assert main(args + ["--method", "global", "--output", str(out)]) == 0
+    glob = json.loads(out.read_text())
+    assert set(glob) == {"easy", "medium", "hard", "initial"}
+    assert glob["initial"] == {p: glob[p] for p in PROTOCOLS}  # --method global re-ranks nothing
+    assert all(0 <= v <= 100 for p in PROTOCOLS for v in glob[p].values())
+    printed = capsys.readouterr().out
+    assert "DELG global (initial ranking)" in printed and "+SP" not in printed
+    for _, f in iter_features(feats / "db.h5"):
+        assert f["global_descriptor"].shape == (32,)
+        assert np.linalg.norm(f["global_descriptor"]) == pytest.approx(1.0, abs=1e-5)
+
+    # the global scores are the descriptors' inner products
+    with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
+        cfg = pickle.load(f)
+    db = dict(iter_features(feats / "db.h5"))
+    queries = dict(iter_features(feats / "query.h5"))
+    sims = np.stack([queries[q]["global_descriptor"] for q in cfg["qimlist"]]) @ np.stack(
+        [db[n]["global_descriptor"] for n in cfg["imlist"]]).T
+    expected = evaluate(np.argsort(-sims, axis=1, kind="stable").T, cfg["gnd"])
+    assert glob["medium"]["mAP"] == pytest.approx(expected["medium"]["mAP"], abs=1e-3)
+
+    # global+sp from the cache: the same initial ranking, then RANSAC on the top 100
+    monkeypatch.setattr(DelfExtractor, "__call__", lambda *_: pytest.fail("features should come from the cache"))
+    assert main(args + ["--method", "global+sp", "--output", str(out)]) == 0
+    sp = json.loads(out.read_text())
+    assert sp["initial"] == glob["initial"]
+    # random weights: the global ranking is weak, RANSAC on the local features lifts it
+    assert sp["medium"]["mAP"] > glob["medium"]["mAP"] + 5 and sp["hard"]["mAP"] > glob["hard"]["mAP"] + 5
+    assert "DELG global+SP (spatial verification of the top 100)" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    # features of a DeLF checkpoint have no global descriptor
+    delf = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from", str(tiny["ckpt"]),
+            "--use_pca", "false", "--attn_thres", "0", "--scale_list", *SCALES, "--device", "cpu",
+            "--features_dir", str(tmp / "delf"), "--method", "global"]
+    assert main(delf) == 1
+    assert "features have no global_descriptor: extract them with a DELG" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
 from train.main import main
+from train.objective import StepOutput
 from train.run import _check_resumable, build_model, train
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
@@ -315,7 +316,7 @@ def test_amp_step_runs_in_bf16_with_fp32_weights() -> None:
         solver = solvers[amp] = Solver(copy.deepcopy(model), Settings(amp=amp, lr=0.1))
         solver.net.train()
         watched = [solver.model.base[0], solver.model.layer4, solver.model.logits[0]]
-        (losses[amp], _), dtypes[amp] = _call_recording_dtypes(watched, solver.train_step, images, labels)
+        (losses[amp], *_), dtypes[amp] = _call_recording_dtypes(watched, solver.train_step, images, labels)
     assert dtypes[False] == [torch.float32] * 3
     assert dtypes[True] == [torch.bfloat16] * 3
     loss32, loss16 = float(losses[False]), float(losses[True])
@@ -419,10 +420,10 @@ def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         step = solver.train_step
 
-        def recording(images: torch.Tensor, labels: torch.Tensor, step=step, seen=seen) -> tuple:
-            loss, outputs = step(images, labels)
-            seen.append((outputs, labels))
-            return loss, outputs
+        def recording(images: torch.Tensor, labels: torch.Tensor, step=step, seen=seen) -> StepOutput:
+            out = step(images, labels)
+            seen.append((out.logits, labels))
+            return out
 
         solver.train_step = recording
         metrics = solver.train_epoch(loader, 0, 1)

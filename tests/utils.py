@@ -1,6 +1,8 @@
 """Test data made on the spot: real CC0 photos bundled with scikit-image, tiny checkpoints."""
 from __future__ import annotations
 
+import hashlib
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -12,6 +14,7 @@ from PIL import Image
 from extract.demo_data import LANDMARKS, landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict
 from train.delf import Delf
+from train.delg import Delg
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each.
 PHOTOS = LANDMARKS
@@ -88,3 +91,34 @@ def write_odd_images(folder: Path) -> dict[str, tuple[int, int]]:
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
     return {"gray.png": (96, 96), "sixteen.png": (96, 96), "rgba.png": (96, 96), "palette.gif": (96, 96),
             "cmyk.jpg": (96, 96), "rotated.jpg": (64, 96), "animated.gif": (64, 64)}
+
+
+def make_gldv2(root: Path, classes: int = 3, per_class: int = 5, size: int = 80, seed: int = 0) -> Path:
+    """A tiny Google Landmarks v2 tree: images at ``root/train/a/b/c/abc….jpg`` (landmark
+    10 * (k + 1) = random crops of photo k), ``root/train.csv`` (id,url,landmark_id) and
+    ``root/train_clean.csv`` (landmark_id,images). Returns ``root``."""
+    folder = make_image_folder(root / "_folder", classes=classes, per_class=per_class, size=size, seed=seed)
+    rows, clean = [], []
+    for k, name in enumerate(PHOTOS[:classes]):
+        ids = []
+        for i, src in enumerate(sorted((folder / name).iterdir())):
+            image_id = hashlib.sha1(f"{name}-{i}".encode()).hexdigest()[:16]
+            dst = root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            src.rename(dst)
+            rows.append(f"{image_id},http://example.com/{image_id}.jpg,{10 * (k + 1)}")
+            ids.append(image_id)
+        clean.append(f"{10 * (k + 1)},{' '.join(ids)}")
+    shutil.rmtree(folder)
+    (root / "train.csv").write_text("id,url,landmark_id\n" + "\n".join(rows) + "\n")
+    (root / "train_clean.csv").write_text("landmark_id,images\n" + "\n".join(clean) + "\n")
+    return root
+
+
+def save_delg_checkpoint(path: Path, arch: str = "resnet18", global_dim: int = 32, autoencoder_dim: int = 16,
+                         ncls: int = 3, seed: int = 0) -> Path:
+    """A randomly initialised delg-stage model in this project's checkpoint format."""
+    torch.manual_seed(seed)
+    model = Delg(ncls, arch=arch, global_dim=global_dim, autoencoder_dim=autoencoder_dim)
+    atomic_save(checkpoint_dict(model), path)
+    return path

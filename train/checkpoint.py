@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from .delf import Delf, feature_dim
+from .delg import CLASSIFIERS, Delg
 
 SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")
 _SEED_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
@@ -61,7 +62,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             raise
 
 
-def checkpoint_dict(model: Delf, **extra: Any) -> dict[str, Any]:
+def checkpoint_dict(model: Delf | Delg, **extra: Any) -> dict[str, Any]:
     """This project's checkpoint format for ``model``; ``extra`` adds epoch, optimizer, ...."""
     ckpt = {"state_dict": model.state_dict(), "arch": model.arch, "target_layer": model.target_layer,
             "ncls": model.ncls, "stage": model.stage, "attention_pool": model.attention_pool, "epoch": 0,
@@ -124,13 +125,19 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
     """arch, target_layer, ncls, stage, attn_batchnorm and attention_pool of a checkpoint of either
-    format ("sum" where the file does not say: the seed's and this project's older files)."""
+    format ("sum" where the file does not say: the seed's and this project's older files); for a
+    delg-stage one also global_dim and autoencoder_dim (read from the weights' shapes)."""
     state = model_state(ckpt)
     has_attn = any(k.startswith("attn.") for k in state)
     info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state),
             "attention_pool": ckpt.get("attention_pool", "sum")}
     if not is_seed_format(ckpt):
-        return {**info, **{k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")}}
+        info.update({k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")})
+        if info["stage"] == "delg":
+            encoder = state.get("autoencoder.encoder.weight")
+            info.update(global_dim=state["whiten.weight"].shape[0],
+                        autoencoder_dim=0 if encoder is None else encoder.shape[0])
+        return info
     blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("base.6."))
     arch = _SEED_ARCHS.get(("base.6.0.conv3.weight" in state, blocks))
     if arch is None:
@@ -142,10 +149,18 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
             "stage": "keypoint" if has_attn else "finetune"}
 
 
-def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf, dict[str, Any]]:
-    """A keypoint-stage checkpoint as a model in ``stage`` ('inference' or 'keypoint'), on CPU."""
+def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf | Delg, dict[str, Any]]:
+    """A keypoint-stage checkpoint as a model in ``stage`` ('inference' or 'keypoint'), on CPU; a
+    delg-stage checkpoint as a :class:`Delg` without its classifiers (for extraction)."""
     ckpt = load_file(path)
     info = describe(ckpt)
+    if info["stage"] == "delg":
+        model = Delg(info["ncls"], arch=info["arch"], global_dim=info["global_dim"],
+                     autoencoder_dim=info["autoencoder_dim"], attn_batchnorm=info["attn_batchnorm"],
+                     attention_pool=info["attention_pool"], classifiers=False)
+        classifiers = tuple(f"{m}." for m in CLASSIFIERS)
+        _load(model, {k: v for k, v in model_state(ckpt).items() if not k.startswith(classifiers)}, path)
+        return model, ckpt
     if info["stage"] == "finetune":
         raise CheckpointError(
             f"{path}: a finetune-stage checkpoint has no attention network; "

@@ -19,7 +19,7 @@ from .delf import ARCHS, TARGET_LAYERS
 from .layers import ATTENTION_POOLS
 from .runtime import repo_dir
 
-STAGES = ("finetune", "keypoint")
+STAGES = ("finetune", "keypoint", "delg")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 
 
@@ -48,6 +48,13 @@ def _non_negative_float(value: str | float) -> float:
     x = float(value)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return x
+
+
+def _fraction(value: str | float) -> float:
+    x = float(value)
+    if not 0 <= x < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {value}")
     return x
 
 
@@ -93,10 +100,22 @@ class TrainConfig:
     finetune_val_path: str | None = _opt(None, "ImageFolder with the finetune stage's val images", "data")
     keypoint_train_path: str | None = _opt(None, "ImageFolder with the keypoint stage's train images", "data")
     keypoint_val_path: str | None = _opt(None, "ImageFolder with the keypoint stage's val images", "data")
+    delg_train_path: str | None = _opt(None, "ImageFolder with the delg stage's train images (with --train_csv: "
+                                       "the GLDv2 image root)", "data")
+    delg_val_path: str | None = _opt(None, "ImageFolder with the delg stage's val images", "data")
     finetune_sample_size: int = _opt(256, "finetune resize", "data", type=_positive_int)
     finetune_crop_size: int = _opt(224, "finetune crop", "data", type=_positive_int)
     keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=_positive_int)
     keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=_positive_int)
+    delg_sample_size: int = _opt(576, "delg resize", "data", type=_positive_int)
+    delg_crop_size: int = _opt(512, "delg crop", "data", type=_positive_int)
+    train_csv: str | None = _opt(None, "Google Landmarks v2 train.csv (id,url,landmark_id) or train_clean.csv "
+                                 "(landmark_id,images), any stage: --<stage>_train_path is then the image root "
+                                 "(<root>/a/b/c/abc....jpg) and the val images are split off the CSV", "data")
+    min_images_per_class: int = _opt(2, "--train_csv: landmarks with fewer usable images are left out", "data",
+                                     type=_positive_int)
+    val_fraction: float = _opt(0.2, "--train_csv: fraction of each landmark's images held out for validation "
+                               "(deterministic: by sha1 of the image id)", "data", type=_fraction)
     workers: int | None = _opt(None, f"data-loading processes per training process; when omitted: the CPUs "
                                f"shared among this node's training processes, at most {MAX_WORKERS} (the seed's "
                                "value)", "data", type=_non_negative_int)
@@ -105,14 +124,21 @@ class TrainConfig:
     # model
     arch: str = _opt("resnet50", "ResNet backbone", "model", choices=ARCHS)
     target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
-    pretrained: str = _opt("imagenet", "finetune stage backbone init: imagenet | none | PATH to a torchvision "
-                           "state_dict", "model")
+    pretrained: str = _opt("imagenet", "finetune and delg stages backbone init: imagenet | none | PATH to a "
+                           "torchvision state_dict", "model")
     attention_pool: str = _opt("sum", "keypoint stage: pool the attention-weighted features by their sum (the "
                                "paper's Eq. 1, the seed) or mean (the official TF2 trainer); the sum grows "
                                "with the feature map, whose area gamma rescaling varies up to 8x", "model",
                                choices=ATTENTION_POOLS)
     use_random_gamma_rescale: bool = _opt(True, "keypoint stage: resize each training batch by a random factor "
                                           "in [0.3535, 1]", "model", aliases=("--use_random_gamma_scaling",))
+    global_dim: int = _opt(2048, "delg stage: global descriptor dimension (whitening layer output)", "model",
+                           type=_positive_int)
+    autoencoder_dim: int = _opt(128, "delg stage: local descriptor dimension (autoencoder code; 0: no autoencoder, "
+                                "the layer3 features)", "model", type=_non_negative_int)
+    arcface_margin: float = _opt(0.1, "delg stage: ArcFace angular margin", "model", type=_non_negative_float)
+    arcface_scale: float | None = _opt(None, "delg stage: ArcFace logit scale; when omitted: sqrt(global_dim)",
+                                       "model", type=_positive_float)
     # optimisation
     optim: str = _opt("sgd", "optimiser", "optimisation", type=_lower, choices=OPTIMIZERS)
     lr: float = _opt(0.008, "initial learning rate", "optimisation", type=_positive_float)
@@ -122,6 +148,13 @@ class TrainConfig:
     lr_stepsize: int = _opt(10, "decay every N epochs", "optimisation", type=_positive_int)
     finetune_epoch: int = _opt(30, "finetune stage epochs", "optimisation", type=_non_negative_int)
     keypoint_epoch: int = _opt(30, "keypoint stage epochs", "optimisation", type=_non_negative_int)
+    delg_epoch: int = _opt(30, "delg stage epochs", "optimisation", type=_non_negative_int)
+    attention_loss_weight: float = _opt(1.0, "delg stage: weight of the attention classifier's loss", "optimisation",
+                                        type=_non_negative_float)
+    reconstruction_loss_weight: float = _opt(10.0, "delg stage: weight of the autoencoder's reconstruction loss",
+                                             "optimisation", type=_non_negative_float)
+    clip_grad_norm: float = _opt(10.0, "delg stage: clip the gradients' global L2 norm to this (0: off)",
+                                 "optimisation", type=_non_negative_float)
     train_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
     val_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
     # device
@@ -149,7 +182,7 @@ class TrainConfig:
 
     @property
     def data_paths(self) -> tuple[str | None, str | None]:
-        """(train, val) folders of the chosen stage."""
+        """(train, val) folders of the chosen stage (with --train_csv: the image root, None)."""
         return getattr(self, f"{self.stage}_train_path"), getattr(self, f"{self.stage}_val_path")
 
     def output_dir(self) -> Path:
@@ -174,9 +207,16 @@ class TrainConfig:
         expr = PurePath(self.expr)
         if not self.expr or expr.is_absolute() or ".." in expr.parts:
             return f"--expr {self.expr!r}: give a plain name; outputs go to {repo_dir()}/<expr>/"
-        for split, path in zip(("train", "val"), self.data_paths, strict=True):
-            if path is None:
-                return f"--{self.stage}_{split}_path is required for --stage {self.stage}"
+        train_path, val_path = self.data_paths
+        if train_path is None:
+            return f"--{self.stage}_train_path is required for --stage {self.stage}"
+        if self.train_csv is None and val_path is None:
+            return f"--{self.stage}_val_path is required for --stage {self.stage} (or --train_csv)"
+        if self.train_csv is not None and val_path is not None:
+            return (f"--{self.stage}_val_path and --train_csv: with a CSV the val images are split off it "
+                    "(--val_fraction); leave out one of them")
+        if self.stage == "delg" and self.target_layer != "layer3":
+            return "--stage delg: the local branch is on layer3 (--target_layer layer3)"
         if self.sample_size < self.crop_size:
             return (f"--{self.stage}_sample_size {self.sample_size} is smaller than "
                     f"--{self.stage}_crop_size {self.crop_size}")
@@ -201,7 +241,8 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser: one flag per :class:`TrainConfig` field, grouped."""
     p = argparse.ArgumentParser(
-        prog="main.py", description="Train DeLF in two stages: finetune, then keypoint (attention).",
+        prog="main.py", description="Train DeLF in two stages (finetune, then keypoint: attention), or DELG in "
+                                    "one (--stage delg: global descriptor + attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(p, TrainConfig)
     return p

@@ -18,9 +18,12 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, describe, file_sha256, load_backbone, load_file, pretrained_state
 from .config import TrainConfig
-from .dataloader import check_ncls, default_workers, image_folders, loaders
+from .dataloader import ImageFolder, check_ncls, default_workers, image_folders, loaders, train_transform, val_transform
 from .delf import Delf, Pretrained, PretrainedUnavailable
+from .delg import Delg, LossWeights
+from .gldv2 import Gldv2Images, read_gldv2
 from .locking import OutputInUse, OutputLock
+from .objective import Classification, DelgObjective, Objective
 from .runtime import Runtime, deterministic_mode, seed_everything, setup_runtime, teardown_runtime
 from .solver import Settings, Solver
 
@@ -78,14 +81,14 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> None:
     seed = _seed(cfg, resume, rt)
     seed_everything(seed)
 
-    train_set, val_set = image_folders(*cfg.data_paths, cfg.sample_size, cfg.crop_size)
+    train_set, val_set = datasets(cfg)
     ncls = check_ncls(cfg.ncls, train_set)
     if resume is not None:
         _check_resumable(resume, cfg, ncls, last)
     model = _rank0_first(rt, lambda: build_model(cfg, ncls, resuming=resume is not None))
     config = cfg.as_dict(ncls=ncls, manualSeed=seed, world_size=rt.world_size,
                          classes=list(train_set.classes), **_provenance(cfg, resume))
-    solver = Solver(model, Settings.from_config(cfg, seed), rt, out_dir, config)
+    solver = Solver(model, Settings.from_config(cfg, seed), rt, out_dir, config, objective(cfg))
     if resume is not None:
         solver.load_state(resume, last)
     workers = cfg.workers if cfg.workers is not None else default_workers(rt.local_world_size)
@@ -159,15 +162,36 @@ def _remove_run(out_dir: Path) -> None:
     log.info("--overwrite: removed the previous run's checkpoints and logs in %s", out_dir)
 
 
-def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf:
-    """The stage's model: ImageNet (or ``--pretrained PATH``) init for a new finetune run; for a
-    new keypoint run, the frozen backbone of ``--load_from``. A resumed run gets its weights later."""
+def datasets(cfg: TrainConfig) -> tuple[ImageFolder, ImageFolder]:
+    """The stage's (train, val) datasets: two ImageFolders, or with ``--train_csv`` the GLDv2
+    images under the stage's train path, split into train and val."""
+    if cfg.train_csv is None:
+        return image_folders(*cfg.data_paths, cfg.sample_size, cfg.crop_size)
+    index = read_gldv2(cfg.train_csv, cfg.data_paths[0], cfg.min_images_per_class, cfg.val_fraction)
+    return (Gldv2Images(index, "train", train_transform(cfg.sample_size, cfg.crop_size)),
+            Gldv2Images(index, "val", val_transform(cfg.sample_size, cfg.crop_size)))
+
+
+def objective(cfg: TrainConfig) -> Objective:
+    """What the stage optimises: the DELG loss, or cross-entropy on the model's logits."""
+    if cfg.stage == "delg":
+        return DelgObjective(LossWeights(cfg.attention_loss_weight, cfg.reconstruction_loss_weight))
+    return Classification()
+
+
+def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf | Delg:
+    """The stage's model: ImageNet (or ``--pretrained PATH``) init for a new finetune or delg run;
+    for a new keypoint run, the frozen backbone of ``--load_from``. A resumed run gets its
+    weights later."""
     pretrained: Pretrained = "none"
-    if cfg.stage == "finetune" and not resuming:
+    if cfg.stage in ("finetune", "delg") and not resuming:
         pretrained = cfg.pretrained
         if pretrained not in ("imagenet", "none"):
             pretrained = pretrained_state(cfg.pretrained)
     try:
+        if cfg.stage == "delg":
+            return Delg(ncls, arch=cfg.arch, global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim,
+                        arcface_margin=cfg.arcface_margin, arcface_scale=cfg.arcface_scale, pretrained=pretrained)
         model = Delf(ncls, arch=cfg.arch, stage=cfg.stage, target_layer=cfg.target_layer, pretrained=pretrained,
                      use_random_gamma_rescale=cfg.use_random_gamma_rescale, attention_pool=cfg.attention_pool)
     except PretrainedUnavailable as e:
@@ -191,6 +215,8 @@ def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, ncls: int, path: Pa
     wanted = {"stage": cfg.stage, "arch": cfg.arch, "target_layer": cfg.target_layer, "ncls": ncls}
     if cfg.stage == "keypoint":
         wanted["attention_pool"] = cfg.attention_pool
+    if cfg.stage == "delg":
+        wanted.update(global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim)
     diff = [f"{k} {info[k]} (now {v})" for k, v in wanted.items() if info[k] != v]
     if diff:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has {', '.join(diff)}")

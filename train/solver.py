@@ -25,6 +25,8 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
 from .config import TrainConfig
 from .delf import Delf
+from .delg import Delg
+from .objective import Classification, Objective, StepOutput
 from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")
@@ -85,12 +87,16 @@ class Settings:
     lr_stepsize: int = TrainConfig.lr_stepsize
     lr_gamma: float = TrainConfig.lr_gamma
     amp: bool = TrainConfig.amp
+    clip_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this; 0: off
     seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, seed: int) -> Settings:
-        """The optimisation options of ``cfg``, with the run's ``seed``."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
+        """The optimisation options of ``cfg``, with the run's ``seed`` (gradient clipping in the
+        delg stage only)."""
+        clip = cfg.clip_grad_norm if cfg.stage == "delg" else 0.0
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in ("seed", "clip_grad_norm")},
+                   clip_grad_norm=clip, seed=seed)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], s: Settings) -> torch.optim.Optimizer:
@@ -115,28 +121,34 @@ def correct_topk(outputs: torch.Tensor, labels: torch.Tensor, topk: Iterable[int
 
 
 class EpochMeter:
-    """Sums of loss and top-k hits over an epoch, kept on the device, and the sample count (a
-    Python int). With ``limit``, only the first ``limit`` samples count: a DistributedSampler
-    pads the last batches with repeats so that every process gets as many batches, and those
-    repeats are trained on but must not count twice in the metrics (see :func:`real_samples`)."""
+    """Sums of loss, top-k hits and the loss's ``parts`` over an epoch, kept on the device, and
+    the sample count (a Python int). With ``limit``, only the first ``limit`` samples count: a
+    DistributedSampler pads the last batches with repeats so that every process gets as many
+    batches, and those repeats are trained on but must not count twice in the metrics (see
+    :func:`real_samples`)."""
 
-    def __init__(self, device: torch.device, limit: int | None = None) -> None:
-        self.device, self.limit = device, limit
-        self.sums = torch.zeros(1 + len(TOPK), dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, limit: int | None = None, parts: tuple[str, ...] = ()) -> None:
+        self.device, self.limit, self.parts = device, limit, parts
+        self.sums = torch.zeros(1 + len(TOPK) + len(parts), dtype=torch.float64, device=device)
         self.count = 0
 
-    def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: ``loss`` is its mean loss (B,) -> (), ``outputs`` (B, ncls) logits."""
+    def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor,
+               parts: dict[str, torch.Tensor] | None = None) -> None:
+        """Add a batch: ``loss`` is its mean loss () or the per-sample losses (B,), ``outputs``
+        (B, ncls) logits, ``parts`` the per-sample (B,) values of each of ``self.parts``."""
         n = labels.shape[0]
+        loss = loss.detach().double()
         if self.limit is not None and self.count + n > self.limit:
             n = max(self.limit - self.count, 0)
             if n == 0:
                 return
             outputs, labels = outputs[:n], labels[:n]
-            loss_sum = F.cross_entropy(outputs.float(), labels, reduction="sum")
-        else:
-            loss_sum = loss.detach().double() * n
-        self.sums += torch.cat([loss_sum.double().view(1), correct_topk(outputs, labels).double()])
+            if loss.ndim == 0:  # a mean: recompute the cross-entropy of the samples that count
+                loss = F.cross_entropy(outputs.float(), labels, reduction="none").double()
+        loss_sum = loss[:n].sum() if loss.ndim else loss * n
+        part_sums = [parts[p].detach().double()[:n].sum() for p in self.parts] if parts else []
+        self.sums += torch.cat([loss_sum.view(1), correct_topk(outputs, labels).double(),
+                                torch.stack(part_sums) if part_sums else self.sums.new_zeros(0)])
         self.count += n
 
     def all_reduce(self) -> None:
@@ -148,11 +160,13 @@ class EpochMeter:
             self.sums, self.count = totals[:-1], int(totals[-1].item())
 
     def averages(self) -> dict[str, float]:
-        """loss (mean), top1/top3/top5 (percent) and the number of samples counted."""
-        loss_sum, *hits = self.sums.tolist()
+        """loss (mean), top1/top3/top5 (percent), loss_<part> (mean) for each part and the number of
+        samples counted."""
+        loss_sum, *rest = self.sums.tolist()
+        hits, parts = rest[:len(TOPK)], rest[len(TOPK):]
         n = max(self.count, 1)
         return {"loss": loss_sum / n, **{f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True)},
-                "samples": self.count}
+                **{f"loss_{p}": v / n for p, v in zip(self.parts, parts, strict=True)}, "samples": self.count}
 
 
 def real_samples(sampler: data.Sampler | None) -> int | None:
@@ -166,24 +180,27 @@ def real_samples(sampler: data.Sampler | None) -> int | None:
 
 
 class RunLog:
-    """config.json, CSV train.log / val.log (epoch, lr, loss, top1, top3, top5) and
-    tensorboardX events in ``log_dir``. On resume, rows after ``start_epoch`` are dropped."""
+    """config.json, CSV train.log / val.log (``columns``: epoch, lr, loss, top1, top3, top5 and
+    any loss parts) and tensorboardX events in ``log_dir``. On resume, rows after
+    ``start_epoch`` are dropped."""
 
-    def __init__(self, log_dir: Path, config: dict[str, Any], start_epoch: int = 0) -> None:
+    def __init__(self, log_dir: Path, config: dict[str, Any], start_epoch: int = 0,
+                 columns: tuple[str, ...] = LOG_COLUMNS) -> None:
         from tensorboardX import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.columns = columns
         self.csv = {split: log_dir / f"{split}.log" for split in ("train", "val")}
         for path in self.csv.values():
-            _restart_csv(path, start_epoch)
+            _restart_csv(path, start_epoch, columns)
         self.writer = SummaryWriter(logdir=str(log_dir), purge_step=start_epoch + 1 if start_epoch else None)
 
     def write(self, split: str, epoch: int, lr: float, metrics: dict[str, float]) -> None:
         row = {"epoch": epoch, "lr": lr, **metrics}
         with self.csv[split].open("a", newline="") as f:
-            csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
-        for name in LOG_COLUMNS[1:]:
+            csv.writer(f).writerow([row[c] for c in self.columns])
+        for name in self.columns[1:]:
             self.writer.add_scalar(f"{split}/{name}", row[name], epoch)
         self.writer.flush()
 
@@ -191,14 +208,14 @@ class RunLog:
         self.writer.close()
 
 
-def _restart_csv(path: Path, start_epoch: int) -> None:
+def _restart_csv(path: Path, start_epoch: int, columns: tuple[str, ...] = LOG_COLUMNS) -> None:
     """A CSV log holding the header and the rows of epochs <= ``start_epoch``."""
     rows: list[list[str]] = []
     if start_epoch and path.is_file():
         with path.open(newline="") as f:
             rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_epoch]
     with path.open("w", newline="") as f:
-        csv.writer(f).writerows([list(LOG_COLUMNS), *rows])
+        csv.writer(f).writerows([list(columns), *rows])
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -208,15 +225,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 class Solver:
-    """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage).
+    """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage, a :class:`Delg`) on
+    ``objective`` (default: cross-entropy on the model's logits).
 
     Only parameters that require gradients reach the optimiser: in the keypoint stage, the
     attention network and the classifier. ``out_dir`` (``repo_dir()/<expr>/<stage>``) receives
     ``ckpt/`` and ``log/``; None writes nothing.
     """
 
-    def __init__(self, model: Delf, settings: Settings, runtime: Runtime | None = None,
-                 out_dir: Path | None = None, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: Delf | Delg, settings: Settings, runtime: Runtime | None = None,
+                 out_dir: Path | None = None, config: dict[str, Any] | None = None,
+                 objective: Objective | None = None) -> None:
         self.rt = runtime or Runtime(torch.device("cpu"))
         self.settings, self.out_dir, self.config = settings, out_dir, config or {}
         self.device = self.rt.device
@@ -227,7 +246,7 @@ class Solver:
         if self.rt.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.criterion = nn.CrossEntropyLoss()
+        self.objective: Objective = objective or Classification()
         self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), settings)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, settings.lr_stepsize, settings.lr_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
@@ -254,21 +273,25 @@ class Solver:
         return not (training and gamma)
 
     # --- one step ------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and optimiser step on one batch; returns (loss, logits), detached,
-        without waiting for the device. A non-finite loss is not checked here (that would sync
-        every step): with a GradScaler (fp16) the step is skipped and the scale lowered; without,
-        :meth:`train_epoch` stops the run at its next check, before any checkpoint is written."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """Forward, backward (gradients clipped to ``settings.clip_grad_norm`` when > 0) and
+        optimiser step on one batch; returns the objective's (loss, logits, losses, parts),
+        detached, without waiting for the device. A non-finite loss is not checked here (that
+        would sync every step): with a GradScaler (fp16) the step is skipped and the scale
+        lowered; without, :meth:`train_epoch` stops the run at its next check, before any
+        checkpoint is written."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp):
-            outputs = self.net(images)
-            loss = self.criterion(outputs, labels)
+            out = self.objective(self.net, images, labels, training=True)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out.loss).backward()
+        if self.settings.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), outputs.detach()
+        return out.detach()
 
     def check_losses(self, watch: LossWatch, epoch: int, end_of_epoch: bool) -> None:
         """Raise :class:`TrainingDiverged` when the run diverged: any non-finite loss without a
@@ -295,15 +318,16 @@ class Solver:
         divergence check) and at the end."""
         self.net.train()
         torch.backends.cudnn.benchmark = self.autotune(training=True)
-        meter = EpochMeter(self.device, limit=real_samples(getattr(loader, "sampler", None)))
+        meter = EpochMeter(self.device, limit=real_samples(getattr(loader, "sampler", None)),
+                           parts=self.objective.parts)
         watch = LossWatch(self.device)
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
             labels = labels.to(self.device, non_blocking=True)
-            loss, outputs = self.train_step(images, labels)
-            meter.update(loss, outputs, labels)
-            watch.update(loss, step)
+            out = self.train_step(images, labels)
+            meter.update(out.losses, out.logits, labels, out.parts)
+            watch.update(out.loss, step)
             if (step + 1) % CHECK_EVERY == 0:
                 self.check_losses(watch, epoch, end_of_epoch=False)
                 if self.rt.is_main:
@@ -318,16 +342,15 @@ class Solver:
         """Loss and accuracy on ``loader`` (each process its own shard, then summed)."""
         self.model.eval()
         torch.backends.cudnn.benchmark = self.autotune(training=False)
-        meter = EpochMeter(self.device)
+        meter = EpochMeter(self.device, parts=self.objective.parts)
         bar = tqdm(loader, desc=f"val {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)
         for images, labels in bar:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             with autocast(self.device, self.amp):
-                outputs = self.model(images)
-                loss = self.criterion(outputs, labels)
-            meter.update(loss, outputs, labels)
+                out = self.objective(self.model, images, labels, training=False)
+            meter.update(out.losses, out.logits, labels, out.parts)
         meter.all_reduce()
         return meter.averages()
 
@@ -337,7 +360,8 @@ class Solver:
         run_log = None
         if self.out_dir is not None and self.rt.is_main:
             try:
-                run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch)
+                columns = LOG_COLUMNS + tuple(f"loss_{p}" for p in self.objective.parts)
+                run_log = RunLog(self.out_dir / "log", self.config, self.start_epoch, columns)
             except OSError as e:
                 raise OutputWriteError(self._write_failure(self.out_dir / "log", e)) from None
         try:
@@ -368,9 +392,10 @@ class Solver:
                     run_log.write("val", epoch + 1, lr, val)
                 except OSError as e:
                     raise OutputWriteError(self._write_failure(run_log.csv["train"].parent, e)) from None
+            parts = "".join(f"  {p} {train[f'loss_{p}']:.4f}/{val[f'loss_{p}']:.4f}" for p in self.objective.parts)
             log.info("epoch %d/%d  lr %.3g  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 %.2f"
-                     "%s  (%.1f s)", epoch + 1, epochs, lr, train["loss"], train["top1"], val["loss"],
-                     val["top1"], val["top5"], "  *best*" if is_best else "", time.perf_counter() - start)
+                     "%s%s  (%.1f s)", epoch + 1, epochs, lr, train["loss"], train["top1"], val["loss"],
+                     val["top1"], val["top5"], parts, "  *best*" if is_best else "", time.perf_counter() - start)
 
     # --- checkpoints ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,93 @@
+"""Extraction with a DELG checkpoint: the global descriptor (multi-scale GeM, unit length, sharing
+the pyramid's forward passes), the autoencoder's code as local descriptor, the feature file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from extract.config import ExtractionConfig
+from extract.extractor import main
+from extract.features import file_attrs, iter_features
+from extract.pipeline import DelfExtractor
+from tests.utils import make_image_folder, photo, save_delg_checkpoint
+from train.checkpoint import load_model
+from train.delg import GLOBAL_SCALES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NO_PCA = ExtractionConfig(use_pca=False, scale_list=(0.5, 0.7071, 1.0, 1.4142))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_delg_checkpoint(tmp_path_factory.mktemp("delg") / "delg.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray(photo("astronaut", 120))
+
+
+def reference_global(ckpt: Path, image: Image.Image) -> np.ndarray:
+    """The multi-scale global descriptor computed by hand with the unfolded model."""
+    model, _ = load_model(ckpt)
+    model.eval()
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    descs = []
+    with torch.no_grad():
+        for s in GLOBAL_SCALES:
+            h, w = round(x.shape[2] * s), round(x.shape[3] * s)
+            xs = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=s < 1)
+            descs.append(F.normalize(model.global_descriptor(model.features(xs)), dim=1)[0])
+    mean = torch.stack(descs).mean(0)
+    return (mean / mean.norm()).numpy()
+
+
+@pytest.mark.parametrize("scales", [(0.5, 0.7071, 1.0, 1.4142), (0.5, 1.0), (0.25,)])
+def test_global_descriptor_matches_hand_computation(ckpt: Path, image: Image.Image, scales: tuple) -> None:
+    ex = DelfExtractor.from_checkpoint(ckpt, conf=ExtractionConfig(use_pca=False, scale_list=scales))
+    passes = []
+    ex.model.base.register_forward_hook(lambda *_: passes.append(1))
+    feats = ex(image)
+    g = feats["global_descriptor"]
+    assert g.shape == (32,) and g.dtype == np.float32
+    assert np.linalg.norm(g) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(g, reference_global(ckpt, image), atol=2e-4)  # BN folded: float rounding
+    # one pass per pyramid scale, plus one per global scale the pyramid lacks
+    shared = sum(any(abs(s - t) < 1e-3 for t in scales) for s in GLOBAL_SCALES)
+    assert len(passes) == len(scales) + len(GLOBAL_SCALES) - shared
+    # local descriptors: the autoencoder's 16-d code, unit length
+    assert feats["descriptors"].shape[1] == 16 == ex.descriptor_dim
+    np.testing.assert_allclose(np.linalg.norm(feats["descriptors"], axis=1), 1.0, atol=1e-5)
+
+
+def test_global_descriptor_can_be_left_out_and_tiny_images(ckpt: Path, image: Image.Image) -> None:
+    model, _ = load_model(ckpt)
+    assert "global_descriptor" not in DelfExtractor(model, NO_PCA, global_descriptor=False)(image)
+    tiny = DelfExtractor(model, NO_PCA)(Image.fromarray(photo("astronaut", 20)))
+    assert tiny["global_descriptor"].shape == (32,) and not tiny["global_descriptor"].any()
+    assert tiny["descriptors"].shape == (0, 16)
+
+
+def test_extractor_cli_writes_unit_global_descriptors(ckpt: Path, tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "imgs", classes=2, per_class=2, size=96)
+    out = tmp_path / "f.h5"
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
+                 "--use_pca", "false", "--scale_list", "0.7071", "1.0", "--workers", "0"]) == 0
+    feats = dict(iter_features(out))
+    assert len(feats) == 4
+    for f in feats.values():
+        g = f["global_descriptor"]
+        assert g.dtype == np.float32 and g.shape == (32,)
+        assert np.linalg.norm(g) == pytest.approx(1.0, abs=1e-5)
+        assert f["descriptors"].shape[1] == 16
+    attrs = file_attrs(out)
+    assert attrs["global_dim"] == 32 and attrs["global_scales"] == pytest.approx(list(GLOBAL_SCALES))
+    assert attrs["descriptor_dim"] == 16
+    # the same landmark's crops are closer than another landmark's
+    g = {name: f["global_descriptor"] for name, f in feats.items()}
+    assert g["astronaut/000.jpg"] @ g["astronaut/001.jpg"] > g["astronaut/000.jpg"] @ g["coffee/000.jpg"]

@@ -1,0 +1,181 @@
+"""The delg stage through the trainer's CLI: losses, checkpoints, logs, resume, gradient clipping,
+Google Landmarks v2 CSVs for any stage, options and their errors."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import make_gldv2
+from train.checkpoint import describe, load_file, load_model
+from train.config import parse_args
+from train.delg import Delg
+from train.main import main
+from train.objective import DelgObjective
+from train.runtime import PROJECT_ROOT, repo_dir
+from train.solver import EpochMeter, Settings, Solver
+
+TINY = ["--arch", "resnet18", "--pretrained", "none", "--delg_sample_size", "72", "--delg_crop_size", "64",
+        "--global_dim", "32", "--autoencoder_dim", "16", "--train_batch_size", "4", "--val_batch_size", "4",
+        "--workers", "0", "--manualSeed", "7", "--lr", "0.01"]
+
+
+def delg_argv(expr: str, data: tuple[Path, Path], *extra: str) -> list[str]:
+    return ["--stage", "delg", "--expr", expr, "--delg_train_path", str(data[0]), "--delg_val_path", str(data[1]),
+            "--delg_epoch", "1", *TINY, *extra]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def gld(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_gldv2(tmp_path_factory.mktemp("gldv2"), classes=3, per_class=5, size=72)
+
+
+def test_delg_flags_and_defaults() -> None:
+    cfg = parse_args(["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v"])
+    assert (cfg.global_dim, cfg.autoencoder_dim, cfg.arcface_margin, cfg.arcface_scale) == (2048, 128, 0.1, None)
+    assert (cfg.attention_loss_weight, cfg.reconstruction_loss_weight, cfg.clip_grad_norm) == (1.0, 10.0, 10.0)
+    assert (cfg.momentum, cfg.optim, cfg.pretrained, cfg.delg_epoch) == (0.9, "sgd", "imagenet", 30)
+    assert Settings.from_config(cfg, 0).clip_grad_norm == 10.0
+    finetune = parse_args(["--finetune_train_path", "t", "--finetune_val_path", "v"])
+    assert Settings.from_config(finetune, 0).clip_grad_norm == 0.0  # other stages: unchanged
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "delg", "--delg_val_path", "v"], "--delg_train_path is required"),
+    (["--stage", "delg", "--delg_train_path", "t"], "--delg_val_path is required for --stage delg (or --train_csv)"),
+    (["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v", "--target_layer", "layer4"],
+     "the local branch is on layer3"),
+    (["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v", "--train_csv", "c"],
+     "with a CSV the val images are split off it"),
+    (["--stage", "delg", "--delg_train_path", "t", "--train_csv", "c", "--val_fraction", "0.5"],
+     "expected a number in [0, 0.5)"),
+])
+def test_delg_option_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_delg_stage_trains_and_checkpoints(image_data: tuple[Path, Path], expr: str) -> None:
+    out = main(delg_argv(expr, image_data, "--delg_epoch", "2"))
+    assert out == repo_dir() / expr / "delg"
+    ckpt = load_file(out / "ckpt" / "last.pth.tar")
+    assert (ckpt["stage"], ckpt["epoch"], ckpt["arch"]) == ("delg", 2, "resnet18")
+    assert (out / "ckpt" / "bestshot.pth.tar").is_file()
+    assert describe(ckpt) == {"attn_batchnorm": True, "arch": "resnet18", "target_layer": "layer3", "ncls": 3,
+                              "stage": "delg", "global_dim": 32, "autoencoder_dim": 16, "attention_pool": "mean"}
+    train_log = rows(out / "log" / "train.log")
+    assert [r["epoch"] for r in train_log] == ["1", "2"]
+    for r in train_log + rows(out / "log" / "val.log"):
+        parts = [float(r[f"loss_{p}"]) for p in ("global", "attention", "reconstruction")]
+        assert all(math.isfinite(v) and v >= 0 for v in parts)
+        # the logged loss is the weighted sum of the logged parts
+        assert float(r["loss"]) == pytest.approx(parts[0] + 1.0 * parts[1] + 10.0 * parts[2], rel=1e-4)
+    # the extraction side: a classifier-free Delg with the trained weights
+    model, _ = load_model(out / "ckpt" / "bestshot.pth.tar")
+    assert isinstance(model, Delg) and not hasattr(model, "arcface")
+    assert (model.global_dim, model.feature_dim) == (32, 16)
+
+
+def test_delg_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: str) -> None:
+    main(delg_argv(expr + "-a", image_data, "--delg_epoch", "2", "--lr_stepsize", "1"))
+    main(delg_argv(expr, image_data, "--delg_epoch", "1", "--lr_stepsize", "1"))
+    main(delg_argv(expr, image_data, "--delg_epoch", "2", "--lr_stepsize", "1", "--resume"))
+    straight = load_file(repo_dir() / (expr + "-a") / "delg" / "ckpt" / "last.pth.tar")
+    resumed = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for i, state in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    assert rows(repo_dir() / expr / "delg" / "log" / "val.log") == rows(
+        repo_dir() / (expr + "-a") / "delg" / "log" / "val.log")
+    # another architecture of the head cannot resume that run
+    with pytest.raises(SystemExit, match="global_dim 32 \\(now 64\\)"):
+        main(delg_argv(expr, image_data, "--delg_epoch", "3", "--resume", "--global_dim", "64"))
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    """With clip c and plain SGD (lr 1, no momentum or decay), the step's global norm is <= c;
+    without clipping it is the (larger) gradient norm."""
+    def step_norm(clip: float) -> float:
+        torch.manual_seed(0)
+        model = Delg(3, arch="resnet18", global_dim=16, autoencoder_dim=8)
+        before = [p.detach().double() for p in model.parameters()]
+        solver = Solver(model, Settings(lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad_norm=clip),
+                        objective=DelgObjective())
+        solver.train_step(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0]))
+        steps = [(p.detach().double() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+        return torch.cat(steps).norm().item()  # in float64: float32 differences of ~1e-4 lose digits
+
+    unclipped = step_norm(0.0)
+    assert unclipped > 0.5
+    assert step_norm(0.5) == pytest.approx(0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "delg"])
+def test_gldv2_csv_for_any_stage(gld: Path, expr: str, stage: str) -> None:
+    common = ["--stage", stage, "--expr", expr, f"--{stage}_train_path", str(gld / "train"),
+              "--train_csv", str(gld / "train.csv"), f"--{stage}_epoch", "1", "--arch", "resnet18",
+              "--pretrained", "none", f"--{stage}_sample_size", "72", f"--{stage}_crop_size", "64",
+              "--train_batch_size", "4", "--val_batch_size", "4", "--workers", "0", "--manualSeed", "7"]
+    if stage == "delg":
+        common += ["--global_dim", "32", "--autoencoder_dim", "0"]
+    out = main(common)
+    ckpt = load_file(out / "ckpt" / "last.pth.tar")
+    assert ckpt["ncls"] == 3 and ckpt["config"]["classes"] == ["10", "20", "30"]
+    assert ckpt["config"]["train_csv"] == str(gld / "train.csv")
+
+
+def test_gldv2_errors_are_one_line(gld: Path, expr: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--stage", "delg", "--expr", expr, "--delg_train_path", str(gld / "train"), "--train_csv", str(bad),
+              *TINY])
+    assert f"{bad}: header 'image,label' is neither" in str(exit_.value.code)
+
+
+def test_delg_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
+    out = main(delg_argv(expr, image_data, "--amp"))
+    for r in rows(out / "log" / "train.log"):
+        assert math.isfinite(float(r["loss"]))
+    assert load_file(out / "ckpt" / "last.pth.tar")["config"]["amp"] is True
+
+
+@pytest.mark.slow
+def test_delg_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train/main.py", *delg_argv(expr, image_data)], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
+    assert ckpt["config"]["world_size"] == 2 and ckpt["stage"] == "delg"
+    assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
+
+
+def test_epoch_meter_counts_parts_of_real_samples_only() -> None:
+    """Per-sample losses and parts: a padded tail (limit) is left out exactly."""
+    meter = EpochMeter(torch.device("cpu"), limit=3, parts=("a", "b"))
+    logits = torch.eye(2)
+    meter.update(torch.tensor([1.0, 3.0]), logits, torch.tensor([0, 1]),
+                 {"a": torch.tensor([0.5, 1.5]), "b": torch.tensor([2.0, 4.0])})
+    meter.update(torch.tensor([5.0, 100.0]), logits, torch.tensor([1, 1]),
+                 {"a": torch.tensor([2.5, 100.0]), "b": torch.tensor([6.0, 100.0])})  # 2nd sample: padding
+    avg = meter.averages()
+    assert avg["samples"] == 3
+    assert (avg["loss"], avg["loss_a"], avg["loss_b"]) == pytest.approx((3.0, 1.5, 4.0))
+    assert avg["top1"] == pytest.approx(100 * 2 / 3)
