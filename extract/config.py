@@ -69,6 +69,8 @@ class MatchConfig:
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 METHODS = ("asmk", "vote", "global", "global+sp")
+ASSIGNMENTS = ("auto", "hnsw", "exact")
+HNSW_MIN_WORDS = 8192  # assignment auto: HNSW from this many visual words (exact below, and on a GPU)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ class AsmkConfig:
     similarity_threshold: float = 0.0
     db_assignments: int = 1        # visual words per database descriptor
     query_assignments: int = 5     # visual words per query descriptor
+    # word assignment: exact (flat faiss index) or approximate (HNSW graph over the centroids,
+    # built in memory on one thread: deterministic); auto: HNSW from HNSW_MIN_WORDS words on the
+    # CPU. Recall and speed of efSearch 64: tests/bench/bench_retrieval.py
+    assignment: str = "auto"
+    hnsw_neighbors: int = 32       # HNSW: graph links per word (faiss's M)
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 64       # HNSW: candidate list per query descriptor (at least m)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,11 @@ class EvalConfig:
         "choices": METHODS})
     codebook_size: int = field(default=AsmkConfig.codebook_size,
                                metadata={"help": "asmk: visual words of the codebook"})
+    assignment: str = field(default=AsmkConfig.assignment, metadata={
+        "help": f"asmk: nearest-word search: exact, hnsw (approximate, much faster on large codebooks) or "
+                f"auto (hnsw from {HNSW_MIN_WORDS} words, exact below and on a GPU)", "choices": ASSIGNMENTS})
+    hnsw_ef_search: int = field(default=AsmkConfig.hnsw_ef_search, metadata={
+        "help": "asmk: HNSW candidates per descriptor (higher: closer to exact, slower)"})
     knn: int = field(default=10, metadata={"help": "vote: neighbours of each query descriptor that vote"})
     nlist: int = field(default=0, metadata={"help": "vote: IVF cells (0: exact search up to 262144 "
                                                     "descriptors, else ~1 per 1000)"})
