@@ -31,7 +31,7 @@ import numpy as np
 from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
-from extract.config import ASSIGNMENTS, HNSW_MIN_WORDS, AsmkConfig
+from extract.config import ASSIGNMENTS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
 from extract.index import as_rows, faiss_threads, kmeans, use_gpu
 from train.checkpoint import atomic_path
 
@@ -119,10 +119,12 @@ class VisualWords:
     """A codebook's centroids and nearest-word assignment (L2). Exact: asmk's Codebook (a flat
     faiss index over the centroids, on the GPU when faiss-gpu sees one). HNSW: a faiss
     IndexHNSWFlat graph over the centroids, built here in memory (never stored) on one thread, so
-    that the same centroids give the same graph and the same words; approximate, and about 4x
-    faster than exact at 65 536 words with 97-98 % of the exact words found at efSearch 64
-    (tests/bench/bench_retrieval.py). ``config.assignment`` auto: HNSW from HNSW_MIN_WORDS words
-    on the CPU, exact below (cheap there) and on a GPU (a flat GPU search is fast)."""
+    that the same centroids give the same graph and the same words; approximate. On the bench's
+    synthetic 65 536 words (tests/bench/bench_retrieval.py) at efSearch 64: ~3x faster than exact
+    at 40-D with 98 % of the nearest words equal; at 128-D no faster and 83 % equal.
+    ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
+    HNSW_MAX_DIM dimensions on the CPU, else exact (cheap for small codebooks; a flat GPU search
+    is fast)."""
 
     def __init__(self, centroids: np.ndarray, config: AsmkConfig | None = None) -> None:
         config = config or AsmkConfig()
@@ -133,7 +135,8 @@ class VisualWords:
                              f"{', '.join(ASSIGNMENTS)}")
         self.kind = config.assignment
         if self.kind == "auto":
-            self.kind = "hnsw" if self.size >= HNSW_MIN_WORDS and not use_gpu() else "exact"
+            large = self.size >= HNSW_MIN_WORDS and self.dim <= HNSW_MAX_DIM
+            self.kind = "hnsw" if large and not use_gpu() else "exact"
         self.ef_search = config.hnsw_ef_search
         if self.kind == "hnsw":
             self._hnsw = faiss.IndexHNSWFlat(self.dim, config.hnsw_neighbors)

@@ -70,7 +70,11 @@ class MatchConfig:
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 METHODS = ("asmk", "vote", "global", "global+sp")
 ASSIGNMENTS = ("auto", "hnsw", "exact")
-HNSW_MIN_WORDS = 8192  # assignment auto: HNSW from this many visual words (exact below, and on a GPU)
+# assignment auto: HNSW from HNSW_MIN_WORDS words for descriptors of at most HNSW_MAX_DIM dimensions
+# on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW ~3x faster than exact
+# at 40-D with 98 % of the nearest words equal; at 128-D no faster, 83 % equal)
+HNSW_MIN_WORDS = 8192
+HNSW_MAX_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,7 @@ class AsmkConfig:
     db_assignments: int = 1        # visual words per database descriptor
     query_assignments: int = 5     # visual words per query descriptor
     # word assignment: exact (flat faiss index) or approximate (HNSW graph over the centroids,
-    # built in memory on one thread: deterministic); auto: HNSW from HNSW_MIN_WORDS words on the
-    # CPU. Recall and speed of efSearch 64: tests/bench/bench_retrieval.py
+    # built in memory on one thread: deterministic); auto: see HNSW_MIN_WORDS
     assignment: str = "auto"
     hnsw_neighbors: int = 32       # HNSW: graph links per word (faiss's M)
     hnsw_ef_construction: int = 64
@@ -121,8 +124,9 @@ class EvalConfig:
     codebook_size: int = field(default=AsmkConfig.codebook_size,
                                metadata={"help": "asmk: visual words of the codebook"})
     assignment: str = field(default=AsmkConfig.assignment, metadata={
-        "help": f"asmk: nearest-word search: exact, hnsw (approximate, much faster on large codebooks) or "
-                f"auto (hnsw from {HNSW_MIN_WORDS} words, exact below and on a GPU)", "choices": ASSIGNMENTS})
+        "help": f"asmk: nearest-word search: exact, hnsw (approximate, faster on large low-dimensional "
+                f"codebooks) or auto (hnsw from {HNSW_MIN_WORDS} words of at most {HNSW_MAX_DIM}-D on a CPU, "
+                f"else exact)", "choices": ASSIGNMENTS})
     hnsw_ef_search: int = field(default=AsmkConfig.hnsw_ef_search, metadata={
         "help": "asmk: HNSW candidates per descriptor (higher: closer to exact, slower)"})
     knn: int = field(default=10, metadata={"help": "vote: neighbours of each query descriptor that vote"})

@@ -190,10 +190,12 @@ def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> N
         np.testing.assert_array_equal(VisualWords(centroids, AsmkConfig(assignment="hnsw")).assign(q, 5),
                                       words)
     assert hnsw.assign(q[:0], 5).shape == (0, 5) and hnsw.assign(q[:3], 9000).shape == (3, 2048)
-    # auto: HNSW from HNSW_MIN_WORDS words (exact below)
+    # auto: HNSW from HNSW_MIN_WORDS words of at most HNSW_MAX_DIM dimensions (exact otherwise)
     assert VisualWords(centroids).kind == "exact"
     monkeypatch.setattr(asmk_index, "HNSW_MIN_WORDS", 2048)
     assert VisualWords(centroids).kind == "hnsw"
+    monkeypatch.setattr(asmk_index, "HNSW_MAX_DIM", 31)
+    assert VisualWords(centroids).kind == "exact"
     assert AsmkIndex(centroids, [x[:100]], AsmkConfig(assignment="exact")).words.kind == "exact"
     with pytest.raises(ValueError, match="word assignment 'fast': expected one of auto, hnsw, exact"):
         VisualWords(centroids, AsmkConfig(assignment="fast"))
