@@ -120,8 +120,8 @@ class VisualWords:
     faiss index over the centroids, on the GPU when faiss-gpu sees one). HNSW: a faiss
     IndexHNSWFlat graph over the centroids, built here in memory (never stored) on one thread, so
     that the same centroids give the same graph and the same words; approximate. On the bench's
-    synthetic 65 536 words (tests/bench/bench_retrieval.py) at efSearch 64: ~3x faster than exact
-    at 40-D with 98 % of the nearest words equal; at 128-D no faster and 83 % equal.
+    synthetic 65 536 words (tests/bench/bench_retrieval.py) at efSearch 64: 2-3x faster than exact
+    at 40-D with 98 % of the nearest words equal; at 128-D slower and 63-83 % equal.
     ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
     HNSW_MAX_DIM dimensions on the CPU, else exact (cheap for small codebooks; a flat GPU search
     is fast)."""

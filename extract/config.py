@@ -71,8 +71,8 @@ INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 METHODS = ("asmk", "vote", "global", "global+sp")
 ASSIGNMENTS = ("auto", "hnsw", "exact")
 # assignment auto: HNSW from HNSW_MIN_WORDS words for descriptors of at most HNSW_MAX_DIM dimensions
-# on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW ~3x faster than exact
-# at 40-D with 98 % of the nearest words equal; at 128-D no faster, 83 % equal)
+# on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW 2-3x faster than exact
+# at 40-D with 98 % of the nearest words equal; at 128-D slower, 63-83 % equal)
 HNSW_MIN_WORDS = 8192
 HNSW_MAX_DIM = 64
 
