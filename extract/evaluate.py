@@ -89,6 +89,13 @@ def require_codebook_images(conf: EvalConfig, codebook_images: str | Path | None
                         "vice versa), or use --method vote")
 
 
+def asmk_config(conf: EvalConfig, codebook_size: int | None = None) -> AsmkConfig:
+    """The ASMK* parameters that ``conf``'s flags set (``codebook_size`` when given, e.g. a stored
+    codebook's); the others at their reference values."""
+    return AsmkConfig(codebook_size=codebook_size or conf.codebook_size, assignment=conf.assignment,
+                      hnsw_ef_search=conf.hnsw_ef_search)
+
+
 def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir: Path, conf: AsmkConfig,
                   extraction: ExtractionConfig, checkpoint: str | Path, pca_path: str | Path | None,
                   overwrite: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
@@ -126,7 +133,7 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
     if conf.method == "asmk":
         if centroids is None:
             raise ValueError("ASMK* ranking needs the codebook's centroids")
-        asmk = AsmkIndex(centroids, store.descriptors(), AsmkConfig(codebook_size=len(centroids)))
+        asmk = AsmkIndex(centroids, store.descriptors(), asmk_config(conf, len(centroids)))
         nbytes = asmk.nbytes
         log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
                  asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
@@ -185,7 +192,7 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
             assert codebook_images is not None
             centroids = asmk_codebook(codebook_images, features_dir.parent,
                                       Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk",
-                                      AsmkConfig(codebook_size=conf.codebook_size), extraction, checkpoint, pca_path,
+                                      asmk_config(conf), extraction, checkpoint, pca_path,
                                       overwrite, device)
         queries = read_all(query_path, ds.qimlist)
         with FeatureStore(parts) as store:

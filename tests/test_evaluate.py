@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 import extract.asmk_index as asmk_index
+import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
-from extract.evaluate import evaluate_dataset, main
+from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.metrics import PROTOCOLS, evaluate
@@ -28,6 +29,7 @@ from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank,
 from extract.revisitop import Dataset, EvalError, load_dataset
 from tests.utils import photo, save_delg_checkpoint, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
+from train.cli import config_from_args
 from train.delf import Delf
 from train.locking import OutputLock
 from train.runtime import limit_threads, repo_dir
@@ -380,6 +382,19 @@ def image_set(root: Path, names: tuple[str, ...], views: int, seed: int, size: i
     return root
 
 
+def test_asmk_flags_round_trip(capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser()
+    base = ["--dataset", "roxford5k", "--data_root", "R"]
+    assert asmk_config(config_from_args(EvalConfig, parser.parse_args(base))) == AsmkConfig()
+    args = parser.parse_args(base + ["--assignment", "hnsw", "--hnsw_ef_search", "128", "--codebook_size", "1024"])
+    conf = config_from_args(EvalConfig, args)
+    assert asmk_config(conf) == AsmkConfig(codebook_size=1024, assignment="hnsw", hnsw_ef_search=128)
+    assert asmk_config(conf, 32) == AsmkConfig(codebook_size=32, assignment="hnsw", hnsw_ef_search=128)
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--assignment", "fast"])
+    assert "--assignment: invalid choice: 'fast'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture) -> None:
@@ -429,6 +444,19 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(error) == 1 and f"{held}: in use by another process (pid {os.getpid()}" in error[0]
         assert error[0].endswith(advice) or advice + " (" in error[0]
+
+    # --assignment hnsw reaches the index; on 32 words the graph finds the exact words
+    kinds: list[str] = []
+
+    def spy(*a: object, **k: object) -> AsmkIndex:
+        index = AsmkIndex(*a, **k)
+        kinds.append(index.words.kind)
+        return index
+
+    monkeypatch.setattr(evaluate_module, "AsmkIndex", spy)
+    assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
+    assert kinds == ["hnsw"] and json.loads(out.read_text()) == res
+    monkeypatch.undo()
 
     # an identical copy of each query ranks first among the database images
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:

@@ -169,6 +169,38 @@ def test_asmk_copies_rank_first_and_edge_cases() -> None:
         AsmkIndex(centroids, [x[:5], x[:5, :8]])
 
 
+def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    x = clustered(rng, 20000, 32, 400, 0.3)
+    centroids = x[rng.choice(len(x), 2048, replace=False)]
+    q = unit(x[rng.choice(len(x), 1000, replace=False)] + 0.05 * rng.normal(size=(1000, 32)))
+    exact = VisualWords(centroids, AsmkConfig(assignment="exact"))
+    hnsw = VisualWords(centroids, AsmkConfig(assignment="hnsw"))
+    assert (exact.kind, hnsw.kind) == ("exact", "hnsw")
+    ref = exact.assign(q, 5)
+    np.testing.assert_array_equal(ref, np.argsort(((q[:, None] - centroids[None]) ** 2).sum(-1),
+                                                  axis=1, kind="stable")[:, :5])
+    words = hnsw.assign(q, 5)
+    assert words.shape == (1000, 5) and words.dtype == np.int64
+    assert np.mean(words[:, 0] == ref[:, 0]) >= 0.95
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(words, ref, strict=True)]) >= 0.9
+    np.testing.assert_array_equal(hnsw.assign(q, 1), words[:, :1])   # nearest first
+    # built on one thread from the centroids alone: the same graph, the same words
+    with faiss_threads(2):
+        np.testing.assert_array_equal(VisualWords(centroids, AsmkConfig(assignment="hnsw")).assign(q, 5),
+                                      words)
+    assert hnsw.assign(q[:0], 5).shape == (0, 5) and hnsw.assign(q[:3], 9000).shape == (3, 2048)
+    # auto: HNSW from HNSW_MIN_WORDS words of at most HNSW_MAX_DIM dimensions (exact otherwise)
+    assert VisualWords(centroids).kind == "exact"
+    monkeypatch.setattr(asmk_index, "HNSW_MIN_WORDS", 2048)
+    assert VisualWords(centroids).kind == "hnsw"
+    monkeypatch.setattr(asmk_index, "HNSW_MAX_DIM", 31)
+    assert VisualWords(centroids).kind == "exact"
+    assert AsmkIndex(centroids, [x[:100]], AsmkConfig(assignment="exact")).words.kind == "exact"
+    with pytest.raises(ValueError, match="word assignment 'fast': expected one of auto, hnsw, exact"):
+        VisualWords(centroids, AsmkConfig(assignment="fast"))
+
+
 # --- codebook store ----------------------------------------------------------------------------
 def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,9 @@ descriptors) on synthetic clustered descriptors.
 - codebook: k-means (faiss) of 1M 128-D descriptors into 65,536 and 8,192 words, measured on
   a sample and for a few iterations, extrapolated linearly (points x words x iterations).
 - asmk: ASMK* index build, initial ranking of 70 queries (word assignment, aggregation and
-  inverted-file scan apart), index memory per image, extrapolation to ROxf+1M.
+  inverted-file scan apart) with exact and with HNSW word assignment, database assignment time,
+  HNSW's words against the exact ones (m = 1 and 5) and its rankings against exact assignment's
+  (top-1, top-10 overlap), index memory per image, extrapolation to ROxf+1M.
 
 faiss's OpenMP threads follow --threads; the BLAS behind exact search and word assignment
 follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as set when the script starts.
@@ -37,6 +39,7 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -144,7 +147,7 @@ class GeneratedWords(VisualWords):
     per image is measured apart)."""
 
     def __init__(self, centroids: np.ndarray, words: list[np.ndarray]) -> None:
-        super().__init__(centroids)
+        super().__init__(centroids, AsmkConfig(assignment="exact"))
         self._pending = iter(words)
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
@@ -171,17 +174,21 @@ def bench_asmk(args: argparse.Namespace) -> None:
         centroids = clustered(cfg.codebook_size, dim, seed=4)
         db_words = [rng.integers(0, cfg.codebook_size, PER_IMAGE) for _ in range(args.images)]
         db = [noisy(centroids[w], 0.5, rng) for w in db_words]
-        words = VisualWords(centroids)
         print(f"\n[asmk] {args.images} images x {PER_IMAGE} x {dim}-d, {cfg.codebook_size} words, "
               f"faiss threads {args.threads}")
         with faiss_threads(args.threads):
+            words = {"exact": VisualWords(centroids, AsmkConfig(assignment="exact"))}
+            words["hnsw"], t, c = timed(VisualWords, centroids, replace(cfg, assignment="hnsw"))
+            print(f"HNSW graph (M {cfg.hnsw_neighbors}, efConstruction {cfg.hnsw_ef_construction}, one "
+                  f"thread): built in {t:.1f} s (CPU {c:.1f} s); efSearch {cfg.hnsw_ef_search}")
             sample = db[:args.assign_images]
-            _, t, c = timed(assign_all, words, sample, cfg.db_assignments)
-            print(f"database image, exact word assignment: {t / len(sample) * 1e3:.0f} ms (CPU "
-                  f"{c / len(sample) * 1e3:.0f} ms) per image -> {c / len(sample) * args.images / 60:.1f} "
-                  f"CPU min for {args.images}, {c / len(sample) * ROXF_1M / 3600:.0f} CPU h for ROxf+1M")
+            db_assigned = {}
+            for kind, w in words.items():
+                db_assigned[kind], t, c = timed(assign_all, w, sample, cfg.db_assignments)
+                print(f"database image, {kind} word assignment: {t / len(sample) * 1e3:.0f} ms (CPU "
+                      f"{c / len(sample) * 1e3:.0f} ms) per image -> {c / len(sample) * args.images / 60:.1f} "
+                      f"CPU min for {args.images}, {c / len(sample) * ROXF_1M / 3600:.0f} CPU h for ROxf+1M")
             index, t, _ = timed(AsmkIndex, GeneratedWords(centroids, db_words), db, cfg)
-            index.words = words
             per_image = index.nbytes / args.images
             print(f"index build (words given): {t:.1f} s; {index.num_entries / args.images:.0f} "
                   f"words per image, {per_image / 1e3:.1f} kB per image (goal <= 2 kB: "
@@ -191,20 +198,53 @@ def bench_asmk(args: argparse.Namespace) -> None:
             queries = [np.concatenate([noisy(db[i][:PER_IMAGE // 2], 0.3, rng),
                                        clustered(PER_IMAGE // 2, dim, seed=5 + j)])
                        for j, i in enumerate(targets)]
-            assigned, t_assign, c_assign = timed(assign_all, words, queries, cfg.query_assignments)
-            aggregated, t_agg, c_agg = timed(aggregate_all, queries, assigned, centroids)
-            scores, t_scan, c_scan = timed(search_all, index, aggregated)
-        top1 = np.mean([rank(s)[0] == i for s, i in zip(scores, targets, strict=True)])
-        n = len(queries)
-        per_query, cpu = (t_assign + t_agg + t_scan) / n, (c_assign + c_agg + c_scan) / n
-        print(f"query: {per_query * 1e3:.0f} ms (CPU {cpu * 1e3:.0f} ms) = word assignment "
-              f"x{cfg.query_assignments} {t_assign / n * 1e3:.0f} ms (CPU {c_assign / n * 1e3:.0f}) + "
-              f"aggregation {t_agg / n * 1e3:.1f} ms (CPU {c_agg / n * 1e3:.1f}) + inverted-file scan "
-              f"{t_scan / n * 1e3:.1f} ms (CPU {c_scan / n * 1e3:.1f}); top-1 {top1:.0%}; goal <= 50 ms: "
-              f"{'met' if per_query <= 0.05 else 'NOT met'}")
-        grow = ROXF_1M / args.images
-        print(f"ROxf+1M: index {per_image * ROXF_1M / 2**30:.1f} GiB; query ~"
-              f"{(c_assign + c_agg + c_scan * grow) / n:.1f} s CPU (the scan grows with the database)")
+            ranks, assigned, all_scores = {}, {}, {}
+            for kind, w in words.items():
+                index.words = w
+                assigned[kind], t_assign, c_assign = timed(assign_all, w, queries, cfg.query_assignments)
+                aggregated, t_agg, c_agg = timed(aggregate_all, queries, assigned[kind], centroids)
+                scores, t_scan, c_scan = timed(search_all, index, aggregated)
+                all_scores[kind], ranks[kind] = scores, np.stack([rank(s) for s in scores])
+                top1 = np.mean(ranks[kind][:, 0] == targets)
+                n = len(queries)
+                per_query, cpu = (t_assign + t_agg + t_scan) / n, (c_assign + c_agg + c_scan) / n
+                print(f"query, {kind} assignment: {per_query * 1e3:.0f} ms (CPU {cpu * 1e3:.0f} ms) = word "
+                      f"assignment x{cfg.query_assignments} {t_assign / n * 1e3:.0f} ms (CPU "
+                      f"{c_assign / n * 1e3:.0f}) + aggregation {t_agg / n * 1e3:.1f} ms (CPU "
+                      f"{c_agg / n * 1e3:.1f}) + inverted-file scan {t_scan / n * 1e3:.1f} ms (CPU "
+                      f"{c_scan / n * 1e3:.1f}); top-1 {top1:.0%}; goal <= 50 ms: "
+                      f"{'met' if per_query <= 0.05 else 'NOT met'}")
+                grow = ROXF_1M / args.images
+                print(f"  ROxf+1M: query ~{(c_assign + c_agg + c_scan * grow) / n:.1f} s CPU (the scan "
+                      f"grows with the database)")
+        print(f"ROxf+1M: index {per_image * ROXF_1M / 2**30:.1f} GiB")
+        db_ref, db_hnsw = np.concatenate(db_assigned["exact"]), np.concatenate(db_assigned["hnsw"])
+        q_ref, q_hnsw = np.concatenate(assigned["exact"]), np.concatenate(assigned["hnsw"])
+        print(f"HNSW vs exact words: database (m 1) {np.mean(db_hnsw[:, 0] == db_ref[:, 0]):.3f} equal; "
+              f"queries: nearest word {np.mean(q_hnsw[:, 0] == q_ref[:, 0]):.3f} equal, "
+              f"{np.mean([len(set(a) & set(b)) for a, b in zip(q_hnsw, q_ref, strict=True)]) / 5:.3f} "
+              f"of the exact 5 found")
+        overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                           for a, b in zip(ranks["hnsw"], ranks["exact"], strict=True)])
+        corr = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(all_scores["hnsw"], all_scores["exact"],
+                                                                  strict=True)])
+        rows = np.arange(len(targets))
+        target = np.mean(all_scores["hnsw"][rows, targets] / all_scores["exact"][rows, targets])
+        print(f"ASMK* rankings, HNSW vs exact query assignment: top-1 equal "
+              f"{np.mean(ranks['hnsw'][:, 0] == ranks['exact'][:, 0]):.0%}, top-10 overlap {overlap:.3f} "
+              f"(below the target image the synthetic ranking is chance word collisions), score "
+              f"correlation {corr:.3f}, target's score {target:.3f} of exact's")
+        with faiss_threads(args.threads):
+            for ef in args.ef_search:
+                w = words["hnsw"]
+                w.ef_search = ef
+                got, t, c = timed(assign_all, w, queries, cfg.query_assignments)
+                got = np.concatenate(got)
+                print(f"efSearch {ef:4d}: query word assignment x{cfg.query_assignments} "
+                      f"{t / len(queries) * 1e3:.0f} ms (CPU {c / len(queries) * 1e3:.0f} ms), nearest word "
+                      f"{np.mean(got[:, 0] == q_ref[:, 0]):.3f} equal, "
+                      f"{np.mean([len(set(a) & set(b)) for a, b in zip(got, q_ref, strict=True)]) / 5:.3f} "
+                      f"of the exact 5 found")
 
 
 def main() -> None:
@@ -217,6 +257,8 @@ def main() -> None:
     p.add_argument("--query_descriptors", type=int, default=4000)
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--codebook_size", type=int, default=AsmkConfig.codebook_size)
+    p.add_argument("--ef_search", type=int, nargs="*", default=[16, 32, 64, 128],
+                   help="asmk: HNSW efSearch values whose query assignment is timed")
     p.add_argument("--queries", type=int, default=70)
     p.add_argument("--assign_images", type=int, default=50, help="database images timed for word assignment")
     p.add_argument("--kmeans_iters", type=int, default=AsmkConfig.kmeans_iters)
