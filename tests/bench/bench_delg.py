@@ -24,14 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.machine import machine_report
 from tests.utils import photo  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -115,7 +109,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    print(f"{cpu_model()}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"{machine_report()}; {args.threads} thread(s)")
     if not args.skip_extract:
         bench_extract(args)
     if not args.skip_search:

@@ -34,6 +34,7 @@ from extract.extraction import default_workers, extract_features
 from extract.features import FeatureWriter
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
+from tests.bench.machine import machine_report
 from tests.utils import PHOTOS, photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.delf import Delf
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace) -> None:
     model = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()
     pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
     ex = DelfExtractor(model, ExtractionConfig(attn_thres=0.0), pca=pca)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+    print(machine_report())
+    print(f"{args.threads} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native_bf16()}; resnet50 layer3, scales {list(DEFAULT_SCALES)}, attn_thres 0, top_k 1000")
 
     print(f"\n1. RSS over {args.rss_images} images (longest side {args.rss_size} px) written to a feature file")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import os
 import time
 from typing import Callable
 
@@ -23,6 +22,7 @@ from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
 from extract.matching import match_descriptors, match_features, verify
+from tests.bench.machine import machine_report
 
 N, DIM, N_TRUE, N_FALSE = 1000, 40, 300, 100
 
@@ -85,13 +85,12 @@ def main() -> None:
     theirs = ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=20,
                     max_trials=1000, rng=0)[1].sum()
 
-    print(f"{N} x {N} features, {DIM}-d: {len(matches)} putative matches "
-          f"({N_TRUE} true, {N_FALSE} false), load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores")
+    print(machine_report())
+    print(f"{N} x {N} features, {DIM}-d: {len(matches)} putative matches ({N_TRUE} true, {N_FALSE} false)")
     print(f"matching   ours (BLAS 1-NN)          {t_match * 1e3:8.2f} ms")
     print(f"matching   scipy cKDTree (official)  {t_kdtree * 1e3:8.2f} ms   "
           f"x{t_kdtree / t_match:.0f} slower")
-    print(f"RANSAC     OpenCV estimateAffine2D   {t_cv * 1e3:8.2f} ms   {ours} inliers")
+    print(f"RANSAC     OpenCV USAC (verify)      {t_cv * 1e3:8.2f} ms   {ours} inliers")
     print(f"RANSAC     skimage ransac (official) {t_sk * 1e3:8.2f} ms   {theirs} inliers   "
           f"x{t_sk / t_cv:.0f} slower")
     cpu = cpu_timed(lambda: match_features(f1, f2), 200)

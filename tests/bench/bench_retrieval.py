@@ -36,8 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import replace
 
@@ -48,25 +46,10 @@ from extract.asmk_index import AsmkIndex, VisualWords, aggregate
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, faiss_threads, kmeans
 from extract.retrieval import rank
+from tests.bench.machine import machine_report
 
 PER_IMAGE = 1000
 ROXF_1M = 4993 + 1_000_000
-
-
-def cpu_report() -> str:
-    """CPU model, cores, bf16/AMX flags, load."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    special = sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f"))
-    return (f"CPU {model}, {os.cpu_count()} cores, flags {', '.join(special) or 'none'}, "
-            f"load average {os.getloadavg()[0]:.1f}; faiss {faiss.__version__}")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -264,7 +247,7 @@ def main() -> None:
     p.add_argument("--kmeans_iters", type=int, default=AsmkConfig.kmeans_iters)
     p.add_argument("--sample_iters", type=int, default=1)
     args = p.parse_args()
-    print(cpu_report())
+    print(f"{machine_report()}; faiss {faiss.__version__}")
     for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk)):
         if args.part in ("all", part):
             f(args)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from tests.bench.machine import machine_report
 from train.delf import Delf
 from train.runtime import autocast, native_bf16
 from train.solver import EpochMeter, LossWatch, Settings, Solver
@@ -88,8 +89,8 @@ def main() -> None:
     native = native_bf16()
     amp_size = args.amp_size or (args.size if native else 96)
     amp_batch = args.amp_batch or (args.batch if native else 2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU {torch.backends.cpu.get_cpu_capability()}, "
+    print(machine_report())
+    print(f"{torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native}; resnet50, {NCLS} classes, SGD momentum; median of {args.reps}")
     for amp in (False, True):
         for stage in ("finetune", "keypoint"):
