@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from tests.utils import make_image_folder
+from tests.utils import make_image_folder, save_keypoint_checkpoint
 from train.delf import Delf
 from train.runtime import PROJECT_ROOT, REPO_DIR_ENV, limit_threads
 
@@ -31,6 +31,18 @@ def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("images")
     return (make_image_folder(root / "train", classes=3, per_class=4, size=80, seed=0),
             make_image_folder(root / "val", classes=3, per_class=2, size=80, seed=1))
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init resnet18 keypoint-stage checkpoint (3 classes), this project's format."""
+    return save_keypoint_checkpoint(tmp_path_factory.mktemp("ckpt") / "fix.pth.tar")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 2 classes x 2 JPEGs of 96 px (folder name ``imgs``)."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=2, size=96)
 
 
 @pytest.fixture

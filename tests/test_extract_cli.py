@@ -24,7 +24,7 @@ from extract.extractor import main
 from extract.features import feature_names, file_attrs, iter_features, read_features
 from extract.matcher import parse_args as matcher_args
 from extract.pca import fit_pca, save_pca
-from tests.utils import make_image_folder, save_keypoint_checkpoint, write_bad_images, write_odd_images
+from tests.utils import make_image_folder, write_bad_images, write_odd_images
 from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.runtime import PROJECT_ROOT, repo_dir
@@ -34,16 +34,6 @@ FAST = ["--scale_list", "0.5", "1.0", "--workers", "0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_keypoint_checkpoint(tmp_path_factory.mktemp("ckpt") / "fix.pth.tar")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=2, size=96)
 
 
 def env() -> dict[str, str]:

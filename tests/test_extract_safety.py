@@ -21,7 +21,7 @@ from extract.config import ExtractionConfig
 from extract.extraction import extract_features
 from extract.extractor import main
 from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features, read_features
-from tests.utils import make_image_folder, save_keypoint_checkpoint
+from tests.utils import make_image_folder
 from train.locking import OutputInUse, OutputLock
 from train.runtime import PROJECT_ROOT
 
@@ -30,16 +30,6 @@ FAST = ["--scale_list", "0.5", "1.0", "--workers", "0", "--use_pca", "false"]
 CONF = ExtractionConfig(scale_list=(0.5, 1.0), use_pca=False)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_keypoint_checkpoint(tmp_path_factory.mktemp("ckpt") / "fix.pth.tar")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs", classes=2, per_class=2, size=96)
 
 
 @pytest.fixture(scope="module")

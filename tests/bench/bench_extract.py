@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from extract.extraction import default_workers, extract_features
 from extract.features import FeatureWriter
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
-from tests.bench.machine import machine_report
+from tests.bench.common import compare, machine_report
 from tests.utils import PHOTOS, photo, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.delf import Delf
@@ -45,20 +44,6 @@ def once(fn: Callable[[], dict]) -> tuple[float, dict]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
-
-
-def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function: one warm-up each, then ``repeats`` rounds that
-    interleave them (so that load from other processes hits all alike)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def test_image(width: int, height: int, name: str = "astronaut") -> Image.Image:

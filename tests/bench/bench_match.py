@@ -22,7 +22,7 @@ from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
 from extract.matching import match_descriptors, match_features, verify
-from tests.bench.machine import machine_report
+from tests.bench.common import machine_report
 
 N, DIM, N_TRUE, N_FALSE = 1000, 40, 300, 100
 

@@ -46,7 +46,7 @@ from extract.asmk_index import AsmkIndex, VisualWords, aggregate
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, faiss_threads, kmeans
 from extract.retrieval import rank
-from tests.bench.machine import machine_report
+from tests.bench.common import machine_report
 
 PER_IMAGE = 1000
 ROXF_1M = 4993 + 1_000_000

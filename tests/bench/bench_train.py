@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from tests.bench.machine import machine_report
+from tests.bench.common import machine_report
 from train.delf import Delf
 from train.runtime import autocast, native_bf16
 from train.solver import EpochMeter, LossWatch, Settings, Solver
