@@ -1,6 +1,7 @@
 """Test data made on the spot: real CC0 photos bundled with scikit-image, tiny checkpoints."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import shutil
 import struct
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from extract.demo_data import LANDMARKS, landmark_photo
-from train.checkpoint import atomic_save, checkpoint_dict
+from train.checkpoint import atomic_save, checkpoint_dict, load_file
 from train.delf import Delf
 from train.delg import Delg
 
@@ -122,3 +123,16 @@ def save_delg_checkpoint(path: Path, arch: str = "resnet18", global_dim: int = 3
     model = Delg(ncls, arch=arch, global_dim=global_dim, autoencoder_dim=autoencoder_dim)
     atomic_save(checkpoint_dict(model), path)
     return path
+
+
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    """Two runs' stage folders (repo/<expr>/<stage>) end identically: the last checkpoints' epoch,
+    LR schedule, best accuracy, weights and momentum buffers, and the val.log rows."""
+    a, b = (load_file(d / "ckpt" / "last.pth.tar") for d in (straight, resumed))
+    assert (b["epoch"], b["lr_scheduler"], b["best_acc"]) == (a["epoch"], a["lr_scheduler"], a["best_acc"])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), key
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(b["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    with (straight / "log" / "val.log").open(newline="") as f, (resumed / "log" / "val.log").open(newline="") as g:
+        assert list(csv.reader(f)) == list(csv.reader(g))
