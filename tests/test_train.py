@@ -23,7 +23,7 @@ import torchvision
 import torchvision.transforms as transforms
 from PIL import Image
 
-from tests.utils import assert_same_run, save_keypoint_checkpoint
+from tests.utils import assert_resume_is_exact, save_keypoint_checkpoint
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
@@ -80,6 +80,14 @@ def test_boolean_flags(text: str, value: bool) -> None:
     (["--finetune_train_path", "t", "--finetune_val_path", "v", "--finetune_sample_size", "100"], "smaller than"),
     (["--finetune_train_path", "t", "--finetune_val_path", "v", "--optim", "lbfgs"], "invalid choice"),
     (["--finetune_train_path", "t", "--finetune_val_path", "v", "--expr", "../x"], "plain name"),
+    (["--stage", "delg", "--delg_val_path", "v"], "--delg_train_path is required"),
+    (["--stage", "delg", "--delg_train_path", "t"], "--delg_val_path is required for --stage delg (or --train_csv)"),
+    (["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v", "--target_layer", "layer4"],
+     "the local branch is on layer3"),
+    (["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v", "--train_csv", "c"],
+     "with a CSV the val images are split off it"),
+    (["--stage", "delg", "--delg_train_path", "t", "--train_csv", "c", "--val_fraction", "0.5"],
+     "expected a number in [0, 0.5)"),
 ])
 def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -195,11 +203,7 @@ def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], e
 
 
 def test_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: str) -> None:
-    main(finetune_argv(expr + "-a", image_data, "--finetune_epoch", "2", "--lr_stepsize", "1"))
-    main(finetune_argv(expr, image_data, "--finetune_epoch", "1", "--lr_stepsize", "1"))
-    main(finetune_argv(expr, image_data, "--finetune_epoch", "2", "--lr_stepsize", "1", "--resume"))
-    assert load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")["epoch"] == 2
-    assert_same_run(repo_dir() / (expr + "-a") / "finetune", repo_dir() / expr / "finetune")
+    assert_resume_is_exact(lambda name, *flags: main(finetune_argv(name, image_data, *flags)), expr, "finetune")
 
 
 def test_library_call_trains_without_argparse(image_data: tuple[Path, Path], expr: str) -> None:

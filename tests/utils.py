@@ -7,6 +7,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from extract.demo_data import LANDMARKS, landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict, load_file
 from train.delf import Delf
 from train.delg import Delg
+from train.runtime import repo_dir
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each.
 PHOTOS = LANDMARKS
@@ -125,10 +127,17 @@ def save_delg_checkpoint(path: Path, arch: str = "resnet18", global_dim: int = 3
     return path
 
 
-def assert_same_run(straight: Path, resumed: Path) -> None:
-    """Two runs' stage folders (repo/<expr>/<stage>) end identically: the last checkpoints' epoch,
-    LR schedule, best accuracy, weights and momentum buffers, and the val.log rows."""
+def assert_resume_is_exact(train: Callable[..., object], expr: str, stage: str) -> None:
+    """``train(expr, *flags)`` (the stage's training command) for 2 epochs straight, and for 1 epoch
+    then ``--resume`` to 2: the two stage folders (repo/<expr>/<stage>) end identically — the last
+    checkpoints' epoch, LR schedule, best accuracy, weights and momentum buffers, and val.log."""
+    epochs = f"--{stage}_epoch"
+    train(expr + "-a", epochs, "2", "--lr_stepsize", "1")
+    train(expr, epochs, "1", "--lr_stepsize", "1")
+    train(expr, epochs, "2", "--lr_stepsize", "1", "--resume")
+    straight, resumed = repo_dir() / (expr + "-a") / stage, repo_dir() / expr / stage
     a, b = (load_file(d / "ckpt" / "last.pth.tar") for d in (straight, resumed))
+    assert b["epoch"] == 2
     assert (b["epoch"], b["lr_scheduler"], b["best_acc"]) == (a["epoch"], a["lr_scheduler"], a["best_acc"])
     for key, value in a["state_dict"].items():
         assert torch.equal(b["state_dict"][key], value), key
