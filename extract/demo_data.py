@@ -72,9 +72,6 @@ class DemoDataset:
     def query(self) -> Path:
         return self.root / "query"
 
-    def query_image(self, cls: str, i: int) -> Path:
-        return self.query / cls / f"{i:03d}.jpg"
-
 
 def build_dataset(root: Path, classes: int = 6, train_per_class: int = 40, val_per_class: int = 8,
                   query_per_class: int = 2, size: int = 128, query_size: int = 320,

@@ -26,7 +26,7 @@ def test_dataset_layout_and_determinism(tmp_path: Path) -> None:
         files = sorted((a.root / split).rglob("*.jpg"))
         assert len(files) == 2 * count
         assert all(Image.open(f).size == (side, side) for f in files)
-    pa, pb = a.query_image("coffee", 1), b.query_image("coffee", 1)
+    pa, pb = a.query / "coffee" / "001.jpg", b.query / "coffee" / "001.jpg"
     assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb)))
 
 
