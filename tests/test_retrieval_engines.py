@@ -13,7 +13,8 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 import extract.asmk_index as asmk_index
-from extract.asmk_index import AsmkIndex, CodebookError, VisualWords, aggregate, codebook, load_codebook, save_codebook
+from extract.asmk_index import (AsmkIndex, CodebookError, VisualWords, aggregate, code_columns, codebook, load_codebook,
+                                save_codebook)
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
 
@@ -107,6 +108,44 @@ def test_aggregate_by_hand() -> None:
     # two assignments per descriptor: descriptor 2 also in word 0, descriptor 0 also in word 1
     codes, words = aggregate(x, np.array([[0, 1], [0, 0], [1, 0]])[:, :2], centroids)
     assert list(words) == [0, 1]
+
+
+def test_code_columns_keep_bits_and_bytes() -> None:
+    rng = np.random.default_rng(8)
+    a, b = rng.integers(0, 256, (2, 50, 15), dtype=np.uint8)
+    ca, cb = code_columns(a), code_columns(b)
+    assert [c.dtype for c in ca] == [np.uint64, np.uint32, np.uint16, np.uint8]   # 15 = 8 + 4 + 2 + 1
+    assert sum(c.nbytes for c in ca) == a.nbytes
+    hamming = sum(np.bitwise_count(x ^ y).astype(int) for x, y in zip(ca, cb, strict=True))
+    np.testing.assert_array_equal(hamming, np.unpackbits(a ^ b, axis=1).sum(1))
+    assert [c.dtype for c in code_columns(a[:, :5])] == [np.uint32, np.uint8]
+
+
+@pytest.mark.parametrize("dim", [40, 64, 120])
+def test_asmk_scores_equal_brute_force(dim: int) -> None:
+    """Every (query, image) score from the aggregated codes by hand: per shared word the Hamming
+    similarity s = 1 - 2 h / D of the unpacked bits, s^alpha where s >= the threshold, summed and
+    divided by sqrt(query words * image words)."""
+    rng = np.random.default_rng(dim)
+    x = clustered(rng, 20 * 60, dim, 150, 0.3)
+    centroids = x[rng.choice(len(x), 96, replace=False)]
+    cfg = AsmkConfig(codebook_size=96, alpha=3.0, similarity_threshold=0.1, query_assignments=3)
+    db = list(np.split(x, 20))
+    index = AsmkIndex(centroids, db, cfg)
+    words = VisualWords(centroids, cfg)
+    reps = [aggregate(d, words.assign(d, 1), centroids) for d in db]
+    for q in (db[4][:30], unit(rng.normal(size=(40, dim)))):
+        qc, qw = aggregate(q, words.assign(q, 3), centroids)
+        expected = np.zeros(len(db))
+        for i, (c, w) in enumerate(reps):
+            for j, word in enumerate(qw):
+                k = np.flatnonzero(w == word)
+                if len(k):
+                    s = 1 - 2 * np.unpackbits(qc[j] ^ c[k[0]])[:dim].sum() / dim
+                    expected[i] += s ** 3 if s >= 0.1 else 0.0
+            expected[i] /= np.sqrt(len(qw) * len(w))
+        np.testing.assert_allclose(index.query(q), expected, rtol=1e-12, atol=1e-15)
+        assert expected.any()
 
 
 def reference_scores(centroids: np.ndarray, db: list[np.ndarray], queries: list[np.ndarray],
