@@ -13,8 +13,16 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 import extract.asmk_index as asmk_index
-from extract.asmk_index import (AsmkIndex, CodebookError, VisualWords, aggregate, code_columns, codebook, load_codebook,
-                                save_codebook)
+from extract.asmk_index import (
+    AsmkIndex,
+    CodebookError,
+    VisualWords,
+    aggregate,
+    code_columns,
+    codebook,
+    load_codebook,
+    save_codebook,
+)
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
 
