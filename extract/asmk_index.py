@@ -23,7 +23,7 @@ never used.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import faiss
 import h5py
@@ -267,9 +267,8 @@ class AsmkIndex:
         scores = np.bincount(self.images[entry], self.kernel[hamming], minlength=self.num_images)
         return scores / self.norm / np.sqrt(len(words))
 
-    def scores(self, queries: Sequence[np.ndarray]) -> np.ndarray:
-        """ASMK* similarities (num queries, num database images) float64."""
-        out = np.zeros((len(queries), self.num_images))
-        for i, q in enumerate(queries):
-            out[i] = self.query(q)
-        return out
+    def scores(self, queries: Iterable[np.ndarray]) -> np.ndarray:
+        """ASMK* similarities (num queries, num database images) float64 of queries' (n, D)
+        descriptors (any iterable: read one at a time)."""
+        rows = [self.query(q) for q in queries]
+        return np.stack(rows) if rows else np.zeros((0, self.num_images))

@@ -133,11 +133,13 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
     if conf.method == "asmk":
         if centroids is None:
             raise ValueError("ASMK* ranking needs the codebook's centroids")
-        asmk = AsmkIndex(centroids, store.descriptors(), asmk_config(conf, len(centroids)))
+        database = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
+        asmk = AsmkIndex(centroids, database, asmk_config(conf, len(centroids)))
         nbytes = asmk.nbytes
         log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
                  asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
-        scores = asmk.scores([q["descriptors"] for q in queries])
+        scores = asmk.scores(q["descriptors"] for q in tqdm(queries, desc="ASMK* queries", unit="query",
+                                                            dynamic_ncols=True))
     elif conf.method in ("global", "global+sp"):
         db_global = global_matrix(list(store.global_descriptors()))
         scores = global_scores(db_global, global_matrix([q.get(GLOBAL_KEY) for q in queries], "query"))

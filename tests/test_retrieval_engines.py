@@ -210,6 +210,8 @@ def test_asmk_copies_rank_first_and_edge_cases() -> None:
     streamed = AsmkIndex(centroids, iter(db), AsmkConfig(codebook_size=64))   # images read one by one
     assert streamed.num_images == 13
     np.testing.assert_array_equal(streamed.scores([db[3]]), scores[:1])
+    np.testing.assert_array_equal(index.scores(d for d in (db[3], db[9])), scores[:2])   # queries read one by one
+    assert index.scores([]).shape == (0, 13)
     with pytest.raises(ValueError, match="query: descriptors are 8-d, the codebook's 40-d"):
         index.query(x[:5, :8])
     with pytest.raises(ValueError, match="database image 1: descriptors are 8-d"):
