@@ -37,17 +37,22 @@ def val_transform(sample_size: int, crop_size: int) -> T.Compose:
     return T.Compose([T.Resize(sample_size), T.CenterCrop(crop_size), T.ToTensor()])
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as displayed: its EXIF orientation applied (a camera's portrait photo is stored
+    sideways with an Orientation tag); a broken EXIF block keeps the stored orientation.
+    Training and extraction both use it, so they see images the same way up."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: keep the stored orientation
+        return img
+
+
 def _load_rgb(path: str) -> Image.Image:
-    """The image as displayed, in RGB: EXIF orientation applied, as extraction does (a camera's
-    portrait photo is stored sideways with an Orientation tag)."""
+    """The image as displayed (:func:`upright`), in RGB."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # a broken EXIF block: keep the stored orientation, as extraction does
-            pass
-        return img.convert("RGB")
+        return upright(img).convert("RGB")
 
 
 class ImageFolder(datasets.ImageFolder):
