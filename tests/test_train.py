@@ -431,8 +431,9 @@ def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
 
     meter = EpochMeter(torch.device("cpu"), limit=5)
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
-    meter.update(torch.tensor(9.0), logits, torch.tensor([0, 1, 2]))  # loss is the batch mean: 9 * 3
-    meter.update(torch.tensor(0.0), logits, torch.tensor([2, 1, 0]))  # only 2 count: recomputed
+    meter.update(torch.full((3,), 9.0), logits, torch.tensor([0, 1, 2]))  # 9 * 3
+    labels = torch.tensor([2, 1, 0])
+    meter.update(torch.nn.functional.cross_entropy(logits, labels, reduction="none"), logits, labels)  # only 2 count
     first_two = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([2, 1]), reduction="sum").item()
     avg = meter.averages()
     assert avg["samples"] == 5 and avg["loss"] == pytest.approx((27 + first_two) / 5)

@@ -336,7 +336,7 @@ def test_cuda_every_collective_runs_over_nccl(tmp_path: Path, expr: str) -> None
         watch.update(torch.tensor(float("nan"), device=dev), 4)
         assert watch.read(distributed=True) == (1, 4, True)
         meter = EpochMeter(dev)
-        meter.update(torch.tensor(1.0, device=dev), torch.eye(3, device=dev), torch.arange(3, device=dev))
+        meter.update(torch.ones(3, device=dev), torch.eye(3, device=dev), torch.arange(3, device=dev))
         meter.all_reduce()
         assert meter.averages()["samples"] == 3 and meter.averages()["top1"] == 100.0
         assert _rank0_first(rt, lambda: "built") == "built"

@@ -18,7 +18,6 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.data as data
 from tqdm import tqdm
 
@@ -134,18 +133,15 @@ class EpochMeter:
 
     def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor,
                parts: dict[str, torch.Tensor] | None = None) -> None:
-        """Add a batch: ``loss`` is its mean loss () or the per-sample losses (B,), ``outputs``
-        (B, ncls) logits, ``parts`` the per-sample (B,) values of each of ``self.parts``."""
+        """Add a batch: ``loss`` the per-sample losses (B,), ``outputs`` (B, ncls) logits,
+        ``parts`` the per-sample (B,) values of each of ``self.parts``."""
         n = labels.shape[0]
-        loss = loss.detach().double()
         if self.limit is not None and self.count + n > self.limit:
             n = max(self.limit - self.count, 0)
             if n == 0:
                 return
             outputs, labels = outputs[:n], labels[:n]
-            if loss.ndim == 0:  # a mean: recompute the cross-entropy of the samples that count
-                loss = F.cross_entropy(outputs.float(), labels, reduction="none").double()
-        loss_sum = loss[:n].sum() if loss.ndim else loss * n
+        loss_sum = loss.detach().double()[:n].sum()
         part_sums = [parts[p].detach().double()[:n].sum() for p in self.parts] if parts else []
         self.sums += torch.cat([loss_sum.view(1), correct_topk(outputs, labels).double(),
                                 torch.stack(part_sums) if part_sums else self.sums.new_zeros(0)])
