@@ -15,8 +15,11 @@ import torchvision.datasets as datasets
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 
+from .runtime import epoch_seed
+
 MAX_RETRIES = 100
 MAX_WORKERS = 20  # the seed's --workers
+SAMPLE_STRIDE = 2_000_003  # epoch_seed stride of the per-sample augmentation seeds (> any dataset length)
 SampleKey = tuple[int, int, int]
 """(run seed, epoch, dataset index): what :class:`EpochSampler` hands the dataset."""
 log = logging.getLogger("delf")
@@ -78,7 +81,7 @@ class ImageFolder(datasets.ImageFolder):
             return self._get(key)
         seed, epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(seed, epoch, index))
+            torch.manual_seed(epoch_seed(seed, epoch, index, stride=SAMPLE_STRIDE))
             return self._get(index)
 
     def _get(self, index: int) -> tuple[torch.Tensor, int]:
@@ -92,11 +95,6 @@ class ImageFolder(datasets.ImageFolder):
                 self.corrupt.add(i)
                 log.warning("skipping corrupt image %s (%s)", self.samples[i][0], type(e).__name__)
         raise DataError(f"{self.root}: no readable image among {MAX_RETRIES} files from index {index}")
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch."""
-    return ((seed * 1_000_003 + epoch) * 2_000_003 + index) % 2**63
 
 
 class EpochSampler(data.DistributedSampler):

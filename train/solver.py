@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .delf import Delf
 from .delg import Delg
 from .objective import Classification, Objective, StepOutput
-from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
+from .runtime import Runtime, autocast, epoch_seed, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")
 
@@ -35,6 +35,7 @@ LOG_COLUMNS = ("epoch", "lr", "loss", "top1", "top3", "top5")
 CHECK_EVERY = 50  # training steps between host syncs (progress bar, non-finite-loss check)
 MAX_SKIPPED = 20  # fp16 with GradScaler: this many non-finite losses in a row mean divergence
 MIN_SCALE = 1.0  # fp16 with GradScaler: a loss scale below this means divergence
+RANK_STRIDE = 1009  # epoch_seed stride of the per-process epoch seeds (> any process count)
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,12 +215,6 @@ def _restart_csv(path: Path, start_epoch: int, columns: tuple[str, ...] = LOG_CO
         csv.writer(f).writerows([list(columns), *rows])
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one epoch on one process: augmentation and gamma rescaling depend only on
-    (seed, epoch, rank), so a resumed run draws the same numbers as an uninterrupted one."""
-    return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
-
-
 class Solver:
     """Trains ``model`` (a :class:`Delf` in the finetune or keypoint stage, a :class:`Delg`) on
     ``objective`` (default: cross-entropy on the model's logits).
@@ -370,7 +365,8 @@ class Solver:
     def _run_epoch(self, train_loader: data.DataLoader, val_loader: data.DataLoader, epoch: int,
                    epochs: int, run_log: RunLog | None) -> None:
         start = time.perf_counter()
-        seed_everything(epoch_seed(self.settings.seed, epoch, self.rt.rank))
+        # augmentation and gamma rescaling depend only on (seed, epoch, rank)
+        seed_everything(epoch_seed(self.settings.seed, epoch, self.rt.rank, stride=RANK_STRIDE))
         if isinstance(train_loader.sampler, data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
