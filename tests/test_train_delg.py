@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import assert_resume_is_exact, make_gldv2, run_trainer
+from tests.utils import assert_resume_is_exact, run_trainer
 from train.checkpoint import describe, load_file, load_model
 from train.config import parse_args
 from train.delg import Delg
@@ -31,11 +31,6 @@ def delg_argv(expr: str, data: tuple[Path, Path], *extra: str) -> list[str]:
 def rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def gld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_gldv2(tmp_path_factory.mktemp("gldv2"), classes=3, per_class=5, size=72)
 
 
 def test_delg_flags_and_defaults() -> None:
