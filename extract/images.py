@@ -9,7 +9,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from train.dataloader import upright
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".jpe", ".jfif"})
@@ -78,7 +80,7 @@ def load_image(path: str | Path, crop: Sequence[float] | None = None) -> Image.I
                 img.load()
                 if crop is not None:
                     img = img.crop(tuple(float(v) for v in crop))  # keeps the EXIF block
-                return to_rgb(_upright(img))
+                return to_rgb(upright(img))
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
@@ -87,13 +89,6 @@ def load_image(path: str | Path, crop: Sequence[float] | None = None) -> Image.I
         raise BadImage("not an image (format not recognised)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data, odd modes
         raise BadImage(f"unreadable image data ({type(e).__name__}: {e})") from None
-
-
-def _upright(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block: keep the stored orientation
-        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from tests.utils import make_image_folder, save_keypoint_checkpoint
+from tests.utils import make_gldv2, make_image_folder, save_keypoint_checkpoint
 from train.delf import Delf
 from train.runtime import PROJECT_ROOT, REPO_DIR_ENV, limit_threads
 
@@ -31,6 +31,13 @@ def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("images")
     return (make_image_folder(root / "train", classes=3, per_class=4, size=80, seed=0),
             make_image_folder(root / "val", classes=3, per_class=2, size=80, seed=1))
+
+
+@pytest.fixture(scope="session")
+def gld(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Google Landmarks v2 tree (see :func:`make_gldv2`): 3 landmarks (10, 20, 30) x 5 JPEGs
+    of 72 px, train.csv and train_clean.csv."""
+    return make_gldv2(tmp_path_factory.mktemp("gldv2"), classes=3, per_class=5, size=72)
 
 
 @pytest.fixture(scope="session")

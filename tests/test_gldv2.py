@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import make_gldv2
 from train.dataloader import DataError, train_transform
 from train.gldv2 import Gldv2Images, image_path, read_gldv2
-
-
-@pytest.fixture(scope="module")
-def gld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 landmarks (10, 20, 30) x 5 images of 64 px."""
-    return make_gldv2(tmp_path_factory.mktemp("gldv2"), classes=3, per_class=5, size=64)
 
 
 def test_image_path_layout() -> None:

@@ -23,7 +23,7 @@ import torchvision
 import torchvision.transforms as transforms
 from PIL import Image
 
-from tests.utils import assert_resume_is_exact, save_keypoint_checkpoint
+from tests.utils import assert_resume_is_exact, run_trainer, save_keypoint_checkpoint
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
@@ -156,13 +156,6 @@ def test_keypoint_step_keeps_backbone_frozen(layer: str) -> None:
 
 
 # --- end to end ------------------------------------------------------------------------------
-def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def _check_outputs(stage_dir: Path, epochs: int) -> None:
     for name in ("ckpt/bestshot.pth.tar", "ckpt/last.pth.tar", "log/config.json"):
         assert (stage_dir / name).is_file(), name
@@ -180,17 +173,17 @@ def _check_outputs(stage_dir: Path, epochs: int) -> None:
 @pytest.mark.slow
 def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], expr: str) -> None:
     train_dir, val_dir = image_data
-    _run([PYTHON, "main.py", "--stage", "finetune", "--optim", "sgd", "--gpu_id", "6", "--expr", expr,
-          "--ncls", "3", "--finetune_train_path", str(train_dir), "--finetune_val_path", str(val_dir),
-          *TINY, "--finetune_epoch", "2"], cwd=PROJECT_ROOT / "train")
+    run_trainer(["--stage", "finetune", "--optim", "sgd", "--gpu_id", "6", "--expr", expr,
+                 "--ncls", "3", "--finetune_train_path", str(train_dir), "--finetune_val_path", str(val_dir),
+                 *TINY, "--finetune_epoch", "2"], cwd=PROJECT_ROOT / "train")
     finetune = repo_dir() / expr / "finetune"
     _check_outputs(finetune, epochs=2)
 
-    result = _run([PYTHON, "main.py", "--stage", "keypoint", "--gpu_id", "6", "--ncls", "3", "--optim", "sgd",
-                   "--use_random_gamma_scaling", "true", "--expr", expr,
-                   "--load_from", str(finetune / "ckpt" / "bestshot.pth.tar"),
-                   "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
-                   *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
+    result = run_trainer(["--stage", "keypoint", "--gpu_id", "6", "--ncls", "3", "--optim", "sgd",
+                          "--use_random_gamma_scaling", "true", "--expr", expr,
+                          "--load_from", str(finetune / "ckpt" / "bestshot.pth.tar"),
+                          "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
+                          *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
     assert "running on CPU" in result.stderr
     keypoint = repo_dir() / expr / "keypoint"
     _check_outputs(keypoint, epochs=1)
@@ -341,17 +334,14 @@ def test_amp_flag_trains_in_bf16(image_data: tuple[Path, Path], expr: str) -> No
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
-    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT)
+    result = run_trainer(finetune_argv(expr, image_data), nproc=2)
     stage_dir = repo_dir() / expr / "finetune"
     _check_outputs(stage_dir, epochs=1)
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
 
-    again = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "train/main.py", *finetune_argv(expr, image_data)], cwd=PROJECT_ROOT, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = run_trainer(finetune_argv(expr, image_data), nproc=2, check=False)
     assert again.returncode != 0  # every process stops: rank 0 refuses, the others follow
     assert again.stderr.count("holds a run (epoch 1") == 1 and "rank 1: not starting, rank 0 refused" in again.stderr
 
@@ -431,8 +421,9 @@ def test_padded_samples_count_once(image_data: tuple[Path, Path]) -> None:
 
     meter = EpochMeter(torch.device("cpu"), limit=5)
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
-    meter.update(torch.tensor(9.0), logits, torch.tensor([0, 1, 2]))  # loss is the batch mean: 9 * 3
-    meter.update(torch.tensor(0.0), logits, torch.tensor([2, 1, 0]))  # only 2 count: recomputed
+    meter.update(torch.full((3,), 9.0), logits, torch.tensor([0, 1, 2]))  # 9 * 3
+    labels = torch.tensor([2, 1, 0])
+    meter.update(torch.nn.functional.cross_entropy(logits, labels, reduction="none"), logits, labels)  # only 2 count
     first_two = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([2, 1]), reduction="sum").item()
     avg = meter.averages()
     assert avg["samples"] == 5 and avg["loss"] == pytest.approx((27 + first_two) / 5)

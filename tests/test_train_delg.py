@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.utils import assert_resume_is_exact, make_gldv2
+from tests.utils import assert_resume_is_exact, run_trainer
 from train.checkpoint import describe, load_file, load_model
 from train.config import parse_args
 from train.delg import Delg
 from train.main import main
 from train.objective import DelgObjective
-from train.runtime import PROJECT_ROOT, repo_dir
+from train.runtime import repo_dir
 from train.solver import EpochMeter, Settings, Solver
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--delg_sample_size", "72", "--delg_crop_size", "64",
@@ -34,11 +31,6 @@ def delg_argv(expr: str, data: tuple[Path, Path], *extra: str) -> list[str]:
 def rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def gld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_gldv2(tmp_path_factory.mktemp("gldv2"), classes=3, per_class=5, size=72)
 
 
 def test_delg_flags_and_defaults() -> None:
@@ -129,10 +121,7 @@ def test_delg_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
 
 @pytest.mark.slow
 def test_delg_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train/main.py", *delg_argv(expr, image_data)], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_trainer(delg_argv(expr, image_data), nproc=2)
     ckpt = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["world_size"] == 2 and ckpt["stage"] == "delg"
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +13,13 @@ import torch.distributed as dist
 
 import train.runtime as runtime
 import train.solver as solver_module
+from tests.utils import run_trainer
 from train.checkpoint import load_file
 from train.config import TrainConfig, parse_args
 from train.dataloader import default_workers, image_folders, loaders
 from train.delf import Delf
 from train.run import _claim_output, _rank0_first, _seed
-from train.runtime import PROJECT_ROOT, Runtime, deterministic_mode, repo_dir, setup_runtime
+from train.runtime import Runtime, deterministic_mode, repo_dir, setup_runtime
 from train.solver import EpochMeter, LossWatch, Settings, Solver, TrainingDiverged
 
 META = torch.device("meta")
@@ -265,14 +264,6 @@ def test_deterministic_flag_trains_under_deterministic_algorithms(image_data: tu
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                             "train/main.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_cuda_seed_readme_commands_under_torchrun_with_amp(image_data: tuple[Path, Path], expr: str) -> None:
@@ -282,12 +273,13 @@ def test_cuda_seed_readme_commands_under_torchrun_with_amp(image_data: tuple[Pat
             "64", "--keypoint_sample_size", "160", "--keypoint_crop_size", "128", "--train_batch_size", "4",
             "--val_batch_size", "4", "--amp"]
     train_dir, val_dir = (str(p) for p in image_data)
-    _torchrun(["--stage", "finetune", "--optim", "sgd", "--expr", expr, "--ncls", "3",
-               "--finetune_train_path", train_dir, "--finetune_val_path", val_dir, "--finetune_epoch", "2", *tiny])
+    run_trainer(["--stage", "finetune", "--optim", "sgd", "--expr", expr, "--ncls", "3",
+                 "--finetune_train_path", train_dir, "--finetune_val_path", val_dir, "--finetune_epoch", "2", *tiny],
+                nproc=1, timeout=900)
     finetune = repo_dir() / expr / "finetune" / "ckpt"
-    _torchrun(["--stage", "keypoint", "--ncls", "3", "--optim", "sgd", "--use_random_gamma_scaling", "true",
-               "--expr", expr, "--load_from", str(finetune / "bestshot.pth.tar"), "--keypoint_train_path", train_dir,
-               "--keypoint_val_path", val_dir, "--keypoint_epoch", "2", *tiny])
+    run_trainer(["--stage", "keypoint", "--ncls", "3", "--optim", "sgd", "--use_random_gamma_scaling", "true",
+                 "--expr", expr, "--load_from", str(finetune / "bestshot.pth.tar"), "--keypoint_train_path", train_dir,
+                 "--keypoint_val_path", val_dir, "--keypoint_epoch", "2", *tiny], nproc=1, timeout=900)
     for stage in ("finetune", "keypoint"):
         ckpt = load_file(repo_dir() / expr / stage / "ckpt" / "last.pth.tar")
         assert ckpt["epoch"] == 2 and "scaler" in ckpt and ckpt["config"]["world_size"] == 1
@@ -336,7 +328,7 @@ def test_cuda_every_collective_runs_over_nccl(tmp_path: Path, expr: str) -> None
         watch.update(torch.tensor(float("nan"), device=dev), 4)
         assert watch.read(distributed=True) == (1, 4, True)
         meter = EpochMeter(dev)
-        meter.update(torch.tensor(1.0, device=dev), torch.eye(3, device=dev), torch.arange(3, device=dev))
+        meter.update(torch.ones(3, device=dev), torch.eye(3, device=dev), torch.arange(3, device=dev))
         meter.all_reduce()
         assert meter.averages()["samples"] == 3 and meter.averages()["top1"] == 100.0
         assert _rank0_first(rt, lambda: "built") == "built"

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from extract.demo_data import LANDMARKS, landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict, load_file
 from train.delf import Delf
 from train.delg import Delg
-from train.runtime import repo_dir
+from train.runtime import PROJECT_ROOT, repo_dir
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each.
 PHOTOS = LANDMARKS
@@ -145,3 +148,18 @@ def assert_resume_is_exact(train: Callable[..., object], expr: str, stage: str) 
         assert torch.equal(b["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
     with (straight / "log" / "val.log").open(newline="") as f, (resumed / "log" / "val.log").open(newline="") as g:
         assert list(csv.reader(f)) == list(csv.reader(g))
+
+
+# --- train helpers ---
+def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600,
+                check: bool = True) -> subprocess.CompletedProcess:
+    """train/main.py ``args`` in a subprocess run from ``cwd`` (OMP_NUM_THREADS=1), under
+    torchrun with ``nproc`` processes if given; output captured as text. With ``check``, a
+    non-zero exit fails the test showing the end of stderr."""
+    script = os.path.relpath(PROJECT_ROOT / "train" / "main.py", cwd)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    result = subprocess.run([sys.executable, *launcher, script, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result

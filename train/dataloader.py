@@ -15,8 +15,11 @@ import torchvision.datasets as datasets
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 
+from .runtime import epoch_seed
+
 MAX_RETRIES = 100
 MAX_WORKERS = 20  # the seed's --workers
+SAMPLE_STRIDE = 2_000_003  # epoch_seed stride of the per-sample augmentation seeds (> any dataset length)
 SampleKey = tuple[int, int, int]
 """(run seed, epoch, dataset index): what :class:`EpochSampler` hands the dataset."""
 log = logging.getLogger("delf")
@@ -37,17 +40,22 @@ def val_transform(sample_size: int, crop_size: int) -> T.Compose:
     return T.Compose([T.Resize(sample_size), T.CenterCrop(crop_size), T.ToTensor()])
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as displayed: its EXIF orientation applied (a camera's portrait photo is stored
+    sideways with an Orientation tag); a broken EXIF block keeps the stored orientation.
+    Training and extraction both use it, so they see images the same way up."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block: keep the stored orientation
+        return img
+
+
 def _load_rgb(path: str) -> Image.Image:
-    """The image as displayed, in RGB: EXIF orientation applied, as extraction does (a camera's
-    portrait photo is stored sideways with an Orientation tag)."""
+    """The image as displayed (:func:`upright`), in RGB."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # a broken EXIF block: keep the stored orientation, as extraction does
-            pass
-        return img.convert("RGB")
+        return upright(img).convert("RGB")
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -73,7 +81,7 @@ class ImageFolder(datasets.ImageFolder):
             return self._get(key)
         seed, epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(seed, epoch, index))
+            torch.manual_seed(epoch_seed(seed, epoch, index, stride=SAMPLE_STRIDE))
             return self._get(index)
 
     def _get(self, index: int) -> tuple[torch.Tensor, int]:
@@ -87,11 +95,6 @@ class ImageFolder(datasets.ImageFolder):
                 self.corrupt.add(i)
                 log.warning("skipping corrupt image %s (%s)", self.samples[i][0], type(e).__name__)
         raise DataError(f"{self.root}: no readable image among {MAX_RETRIES} files from index {index}")
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch."""
-    return ((seed * 1_000_003 + epoch) * 2_000_003 + index) % 2**63
 
 
 class EpochSampler(data.DistributedSampler):

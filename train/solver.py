@@ -18,7 +18,6 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.data as data
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from .config import TrainConfig
 from .delf import Delf
 from .delg import Delg
 from .objective import Classification, Objective, StepOutput
-from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
+from .runtime import Runtime, autocast, epoch_seed, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")
 
@@ -36,6 +35,7 @@ LOG_COLUMNS = ("epoch", "lr", "loss", "top1", "top3", "top5")
 CHECK_EVERY = 50  # training steps between host syncs (progress bar, non-finite-loss check)
 MAX_SKIPPED = 20  # fp16 with GradScaler: this many non-finite losses in a row mean divergence
 MIN_SCALE = 1.0  # fp16 with GradScaler: a loss scale below this means divergence
+RANK_STRIDE = 1009  # epoch_seed stride of the per-process epoch seeds (> any process count)
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,18 +134,15 @@ class EpochMeter:
 
     def update(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor,
                parts: dict[str, torch.Tensor] | None = None) -> None:
-        """Add a batch: ``loss`` is its mean loss () or the per-sample losses (B,), ``outputs``
-        (B, ncls) logits, ``parts`` the per-sample (B,) values of each of ``self.parts``."""
+        """Add a batch: ``loss`` the per-sample losses (B,), ``outputs`` (B, ncls) logits,
+        ``parts`` the per-sample (B,) values of each of ``self.parts``."""
         n = labels.shape[0]
-        loss = loss.detach().double()
         if self.limit is not None and self.count + n > self.limit:
             n = max(self.limit - self.count, 0)
             if n == 0:
                 return
             outputs, labels = outputs[:n], labels[:n]
-            if loss.ndim == 0:  # a mean: recompute the cross-entropy of the samples that count
-                loss = F.cross_entropy(outputs.float(), labels, reduction="none").double()
-        loss_sum = loss[:n].sum() if loss.ndim else loss * n
+        loss_sum = loss.detach().double()[:n].sum()
         part_sums = [parts[p].detach().double()[:n].sum() for p in self.parts] if parts else []
         self.sums += torch.cat([loss_sum.view(1), correct_topk(outputs, labels).double(),
                                 torch.stack(part_sums) if part_sums else self.sums.new_zeros(0)])
@@ -216,12 +213,6 @@ def _restart_csv(path: Path, start_epoch: int, columns: tuple[str, ...] = LOG_CO
             rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start_epoch]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows([list(columns), *rows])
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one epoch on one process: augmentation and gamma rescaling depend only on
-    (seed, epoch, rank), so a resumed run draws the same numbers as an uninterrupted one."""
-    return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
 
 
 class Solver:
@@ -374,7 +365,8 @@ class Solver:
     def _run_epoch(self, train_loader: data.DataLoader, val_loader: data.DataLoader, epoch: int,
                    epochs: int, run_log: RunLog | None) -> None:
         start = time.perf_counter()
-        seed_everything(epoch_seed(self.settings.seed, epoch, self.rt.rank))
+        # augmentation and gamma rescaling depend only on (seed, epoch, rank)
+        seed_everything(epoch_seed(self.settings.seed, epoch, self.rt.rank, stride=RANK_STRIDE))
         if isinstance(train_loader.sampler, data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
