@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
 from .config import TrainConfig
 from .delf import Delf
 from .delg import Delg
+from .locking import OutputWriteError
 from .objective import Classification, Objective, StepOutput
 from .runtime import Runtime, autocast, seed_everything, warn_if_slow_amp
 
@@ -40,11 +41,6 @@ MIN_SCALE = 1.0  # fp16 with GradScaler: a loss scale below this means divergenc
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite (without a GradScaler), or kept being so (with one)."""
-
-
-class OutputWriteError(RuntimeError):
-    """A checkpoint or log could not be written (disk full, I/O error, ...); ``str(e)`` is one
-    line saying what failed and which checkpoint is kept."""
 
 
 class LossWatch:
