@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig, PcaFitConfig
-from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features
+from extract.features import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
 from extract.images import Decoded, image_loader, list_images
 from extract.paths import part_path
 from extract.pca import PcaError, Reservoir, merge_samples, save_pca
@@ -34,7 +34,8 @@ from extract.pipeline import DelfExtractor, too_small
 from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import file_sha256
-from train.locking import OutputLock
+from train.dataloader import default_workers as loader_workers
+from train.locking import OutputLock, OutputWriteError
 from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
@@ -92,12 +93,12 @@ def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Pat
 
 def default_workers(device: str | torch.device) -> int:
     """Decoding processes when none are asked for: 1 on the CPU (the network needs the cores);
-    on a GPU this process's share of the CPUs (torchrun's LOCAL_WORLD_SIZE processes per node)
-    less one for itself, at most 8, so that decoding and shrinking keep the GPU busy."""
+    on a GPU this process's share of the CPUs (train.dataloader's count, among torchrun's
+    LOCAL_WORLD_SIZE processes per node) less one for itself, at most 8, so that decoding and
+    shrinking keep the GPU busy."""
     if torch.device(device).type != "cuda":
         return 1
-    cpus = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(1, min(8, cpus - 1))
+    return max(1, min(8, loader_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
 
 def extract_all(ex: DelfExtractor, items: list[tuple[str, Path]], workers: int, report: Report,
@@ -182,12 +183,7 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
 
 def _reason(error: OSError) -> str:
     """The OS's words for an I/O error (h5py's own text is many lines)."""
-    return os.strerror(error.errno) if error.errno else (str(error).splitlines() or [type(error).__name__])[0]
-
-
-class OutputWriteError(RuntimeError):
-    """Writing an output failed (disk full, I/O error, its folder removed); ``str(e)`` is one line:
-    what failed, what was saved, and how to go on."""
+    return os.strerror(error.errno) if error.errno else first_line(error)
 
 
 @contextmanager

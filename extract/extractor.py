@@ -48,13 +48,18 @@ def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     add_config_args(p, ExtractionConfig)
 
 
+def _model_files(args: argparse.Namespace) -> tuple[ExtractionConfig, Path, Path | None]:
+    """(config, checkpoint, PCA file or None when not ``use_pca``) of add_extraction_args' flags
+    (fix.pth.tar rule)."""
+    conf = config_from_args(ExtractionConfig, args)
+    checkpoint = checkpoint_path(args.load_expr, args.load_from)
+    return conf, checkpoint, pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
+
+
 def extraction_from_args(args: argparse.Namespace) -> tuple[ExtractionConfig, Path, Path | None, torch.device]:
     """(config, checkpoint, PCA file or None, device) that add_extraction_args' flags describe,
     resolved as extractor.py resolves them (fix.pth.tar rule); for matcher.py and evaluate.py."""
-    conf = config_from_args(ExtractionConfig, args)
-    checkpoint = checkpoint_path(args.load_expr, args.load_from)
-    pca_file = pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
-    return conf, checkpoint, pca_file, setup_runtime(args.device).device
+    return *_model_files(args), setup_runtime(args.device).device
 
 
 def extractor_from_args(args: argparse.Namespace) -> DelfExtractor:
@@ -85,14 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, device: torch.device, share: WorkShare) -> Report:
     """The --mode run the flags describe; returns its report."""
-    conf = config_from_args(ExtractionConfig, args)
-    checkpoint = checkpoint_path(args.load_expr, args.load_from)
+    conf, checkpoint, pca_file = _model_files(args)
     common = {"workers": args.workers, "overwrite": args.overwrite, "device": device, "share": share}
     if args.mode == "pca":
         output = Path(args.output_path) if args.output_path else pca_path(args.load_expr, args.pca_parameters_path)
         return fit_pca_file(conf, checkpoint, args.input_path, output, config_from_args(PcaFitConfig, args),
                             **common)
-    pca_file = pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
     output = features_path(args.load_expr, args.input_path, args.output_path)
     return extract_features(conf, checkpoint, args.input_path, output, pca_path=pca_file,
                             save_attention=args.save_attention, **common)

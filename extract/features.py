@@ -17,6 +17,7 @@ that another process has open for writing is locked by HDF5: it is reported as i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -64,6 +65,17 @@ def in_use_message(path: str | Path) -> str:
     return f"{path}: in use by another process (HDF5 file lock); wait for it or choose another --output_path"
 
 
+def _open_h5(path: str | Path, mode: str) -> h5py.File:
+    """``path`` opened by h5py in ``mode``. A file that another process holds HDF5's lock on raises
+    FeatureFileError (in use); any other failure, h5py's OSError."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if in_use(e):
+            raise FeatureFileError(in_use_message(path)) from None
+        raise
+
+
 class FeatureWriter:
     """Appends image groups to ``path``; a context manager.
 
@@ -79,18 +91,13 @@ class FeatureWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite and self.path.exists():
-            try:  # never remove a file that another process is writing
-                h5py.File(self.path, "r").close()
-            except OSError as e:
-                if in_use(e):
-                    raise FeatureFileError(in_use_message(self.path)) from None
+            with contextlib.suppress(OSError):  # never remove a file that another process is writing
+                _open_h5(self.path, "r").close()
             self.path.unlink()
         try:
-            self._file = h5py.File(self.path, "a")
+            self._file = _open_h5(self.path, "a")
         except OSError as e:
-            if in_use(e):
-                raise FeatureFileError(in_use_message(self.path)) from None
-            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({_first_line(e)}); "
+            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({first_line(e)}); "
                                    "delete it or pass --overwrite") from None
         self._inode = _inode(self.path)
         try:
@@ -257,14 +264,12 @@ def _walk(f: h5py.File) -> list[tuple[str, h5py.Group]]:
 def open_features(path: str | Path) -> h5py.File:
     """``path`` opened for reading; a file another process writes is reported as in use."""
     try:
-        return h5py.File(path, "r")
+        return _open_h5(path, "r")
     except OSError as e:
-        if in_use(e):
-            raise FeatureFileError(in_use_message(path)) from None
-        raise FeatureFileError(f"{path}: not a readable HDF5 file ({_first_line(e)})") from None
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({first_line(e)})") from None
 
 
-def _first_line(error: OSError) -> str:
+def first_line(error: OSError) -> str:
     """HDF5's error text without its multi-line details."""
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 

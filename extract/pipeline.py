@@ -169,14 +169,16 @@ class DelfExtractor:
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
         self.checkpoint_sha256 = checkpoint_sha256
         self.global_scales = GLOBAL_SCALES if global_descriptor and isinstance(model, Delg) else ()
+        # which pyramid levels also give a global descriptor, and the global scales needing a pass of their own
+        self._global_levels = tuple(any(abs(s - g) < SCALE_TOLERANCE for g in self.global_scales)
+                                    for s in self.scales)
+        self._global_only_scales = tuple(g for g in self.global_scales
+                                         if not any(abs(g - s) < SCALE_TOLERANCE for s in self.scales))
 
     @property
     def global_dim(self) -> int:
         """Dimension of the global descriptor; 0 when none is extracted."""
         return self.model.global_dim if self.global_scales else 0
-
-    def _global_at(self, scale: float) -> bool:
-        return any(abs(scale - g) < SCALE_TOLERANCE for g in self.global_scales)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, pca_path: str | Path | None = None,
@@ -250,11 +252,11 @@ class DelfExtractor:
                 result["global_descriptor"] = np.zeros(self.global_dim, np.float32)
             return result
         attention, boxes, rows, scales, global_descs = [], [], [], [], []
-        for scale in self.scales:
+        for scale, with_global in zip(self.scales, self._global_levels):
             x, ratio = self.scale_image(base, scale, size)
             x = x[None].contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.conf.amp):
-                if self._global_at(scale):
+                if with_global:
                     fmap, attn, g = self.model.extract_with_global(x)
                     global_descs.append(g[0])
                 else:
@@ -266,11 +268,12 @@ class DelfExtractor:
             scales.append(torch.full((len(rows[-1]),), scale, device=self.device))
         scores = torch.cat([a.flatten() for a in attention])
         selected = int((scores >= self.conf.attn_thres).sum())  # the host waits for the device here
-        order = nms_top_k(torch.cat(boxes), scores, self.conf.iou_thres, self.conf.top_k, count=selected)
+        all_boxes = torch.cat(boxes)
+        order = nms_top_k(all_boxes, scores, self.conf.iou_thres, self.conf.top_k, count=selected)
         desc = F.normalize(gather_rows(rows, order), dim=1)
         if self.pca is not None:
             desc = apply_pca(desc, self.pca, self.conf.pca_dims, whiten=self.conf.use_whitening)
-        keypoints = box_centres(torch.cat(boxes)[order])
+        keypoints = box_centres(all_boxes[order])
         # one copy to the host: the selected features, then every attention map
         packed = torch.cat([keypoints, scores[order, None], torch.cat(scales)[order, None], desc], 1)
         host = torch.cat([packed.flatten(), scores]).cpu().numpy()
@@ -281,8 +284,7 @@ class DelfExtractor:
             start += a.numel()
         result = self._result(size, packed_np[:, :2], packed_np[:, 4:], packed_np[:, 2], packed_np[:, 3], maps)
         if self.global_scales:
-            global_descs += [self._global_only(base, g) for g in self.global_scales
-                             if not any(abs(g - s) < SCALE_TOLERANCE for s in self.scales)]
+            global_descs += [self._global_only(base, g) for g in self._global_only_scales]
             result["global_descriptor"] = pool_scales(global_descs).cpu().numpy()
         return result
 

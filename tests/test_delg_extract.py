@@ -14,7 +14,7 @@ from extract.config import ExtractionConfig
 from extract.extractor import main
 from extract.features import file_attrs, iter_features
 from extract.pipeline import DelfExtractor
-from tests.utils import make_image_folder, photo, save_delg_checkpoint
+from tests.utils import photo, save_delg_checkpoint
 from train.checkpoint import load_model
 from train.delg import GLOBAL_SCALES
 
@@ -73,8 +73,7 @@ def test_global_descriptor_can_be_left_out_and_tiny_images(ckpt: Path, image: Im
     assert tiny["descriptors"].shape == (0, 16)
 
 
-def test_extractor_cli_writes_unit_global_descriptors(ckpt: Path, tmp_path: Path) -> None:
-    images = make_image_folder(tmp_path / "imgs", classes=2, per_class=2, size=96)
+def test_extractor_cli_writes_unit_global_descriptors(ckpt: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.h5"
     assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out),
                  "--use_pca", "false", "--scale_list", "0.7071", "1.0", "--workers", "0"]) == 0

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,15 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.config import EvalConfig, ExtractionConfig, MatchConfig
+from extract.config import DEFAULT_SCALES, EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import build_parser as evaluate_parser
 from extract.extraction import default_workers, extract_features, fit_pca_file
 from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
-from extract.features import feature_names, file_attrs, iter_features, read_features
+from extract.features import feature_names, file_attrs, read_features
 from extract.matcher import parse_args as matcher_args
 from extract.pca import fit_pca, save_pca
-from tests.utils import make_image_folder, write_bad_images, write_odd_images
+from tests.utils import (
+    assert_same_features,
+    make_image_folder,
+    script_env,
+    wait_for_groups,
+    write_bad_images,
+    write_odd_images,
+)
 from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.runtime import PROJECT_ROOT, repo_dir
@@ -34,10 +40,6 @@ FAST = ["--scale_list", "0.5", "1.0", "--workers", "0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
 
 
 def test_delf_without_pca_then_resume_and_parameter_change(tmp_path: Path, ckpt: Path, images: Path, capsys):
@@ -123,35 +125,20 @@ def test_seed_readme_commands(tmp_path: Path, ckpt: Path, images: Path, expr: st
     shutil.copy(ckpt, fix)
     common = ["--gpu_id", "4", "--load_expr", expr, "--stage", "inference", "--batch_size", "1"]
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "pca", "--input_path", str(images)],
-                         cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+                         cwd=EXTRACTOR.parent, env=script_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert file_attrs(repo_dir() / expr / "pca" / "pca.h5")["num_features"] > 256
     run = subprocess.run([sys.executable, "extractor.py", *common, "--mode", "delf", "--attn_thres", "0.31",
                           "--iou_thres", "0.92", "--top_k", "1000", "--use_pca", "True", "--pca_dims", "40",
                           "--input_path", str(images)],
-                         cwd=EXTRACTOR.parent, env=env(), capture_output=True, text=True)
+                         cwd=EXTRACTOR.parent, env=script_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     out = repo_dir() / expr / "features" / "imgs.h5"  # default: features/<input folder name>.h5
     assert len(feature_names(out)) == 4
     f = read_features(out, "astronaut/000.jpg")
     assert f["descriptors"].shape[1] == 40 and len(f["scores"]) > 0
     np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=1), 1, atol=1e-5)
-    assert set(np.unique(f["scales"])) == {np.float32(s) for s in (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)}
-
-
-def _count_groups(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return sum(1 for g in f.values() for _ in g.values())
-    except (OSError, KeyError, RuntimeError):
-        return 0
-
-
-def _assert_same_features(a: Path, b: Path) -> None:
-    assert feature_names(a) == feature_names(b)
-    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b), strict=True):
-        for key in fa:
-            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
+    assert set(np.unique(f["scales"])) == {np.float32(s) for s in DEFAULT_SCALES}
 
 
 @pytest.mark.slow
@@ -159,23 +146,21 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, ckpt: Path)
     folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=8, size=160)
     cmd = [sys.executable, str(EXTRACTOR), "--load_from", str(ckpt), "--input_path", str(folder), "--use_pca",
            "false", "--save_attention", "--scale_list", "0.5", "1.0", "2.0", "--output_path"]
-    ref = subprocess.run(cmd + [str(tmp_path / "ref.h5")], env=env(), capture_output=True, text=True)
+    ref = subprocess.run(cmd + [str(tmp_path / "ref.h5")], env=script_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "out.h5"
-    proc = subprocess.Popen(cmd + [str(out)], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _count_groups(out) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    proc = subprocess.Popen(cmd + [str(out)], env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_groups(out, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(feature_names(out))
     assert 3 <= done < 24, f"the kill should land mid-run ({done} of 24 written)"
 
-    rerun = subprocess.run(cmd + [str(out)], env=env(), capture_output=True, text=True)
+    rerun = subprocess.run(cmd + [str(out)], env=script_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{24 - done} images extracted, {done} already there" in rerun.stdout
-    _assert_same_features(out, tmp_path / "ref.h5")
+    assert_same_features(out, tmp_path / "ref.h5")
 
 
 @pytest.mark.slow
@@ -186,7 +171,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for launcher, tag in (([sys.executable], "one"), (torchrun, "two")):
         pca = subprocess.run(launcher + args + ["--mode", "pca", "--output_path", str(tmp_path / f"pca_{tag}.h5")],
-                             env=env(), capture_output=True, text=True)
+                             env=script_env(), capture_output=True, text=True)
         assert pca.returncode == 0, pca.stderr
     one, two = (file_attrs(tmp_path / f"pca_{t}.h5") for t in ("one", "two"))
     assert one["num_features"] == two["num_features"] and one["num_images"] == two["num_images"] == 9
@@ -197,10 +182,10 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, ckpt: Path):
     shutil.copy(tmp_path / "pca_one.h5", tmp_path / "pca.h5")
     for launcher, tag in (([sys.executable], "one"), (torchrun, "two")):
         run = subprocess.run(launcher + args + ["--output_path", str(tmp_path / f"{tag}.h5")],
-                             env=env(), capture_output=True, text=True)
+                             env=script_env(), capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
     assert "9 images extracted" in run.stdout
-    _assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert_same_features(tmp_path / "one.h5", tmp_path / "two.h5")
     assert file_attrs(tmp_path / "one.h5") == file_attrs(tmp_path / "two.h5")
     # part files merged and removed; the lock's side file stays (process 0 held it for the run)
     assert sorted(p.name for p in tmp_path.glob("two.h5*")) == ["two.h5", "two.h5.lock"]
@@ -296,7 +281,7 @@ def test_device_type_and_tf32_are_compared_on_resume(tmp_path: Path, ckpt: Path,
     det = tmp_path / "det.h5"
     assert main(base[:5] + [str(det)] + base[6:] + ["--deterministic"]) == 0
     assert file_attrs(det)["tf32"] is False and not torch.are_deterministic_algorithms_enabled()
-    _assert_same_features(det, out)
+    assert_same_features(det, out)
 
 
 def test_decoding_workers_give_the_same_file(tmp_path: Path, ckpt: Path, images: Path, monkeypatch):
@@ -304,7 +289,7 @@ def test_decoding_workers_give_the_same_file(tmp_path: Path, ckpt: Path, images:
     conf = ExtractionConfig(scale_list=(0.5, 1.0), max_image_size=64, use_pca=False)
     extract_features(conf, ckpt, images, tmp_path / "zero.h5", workers=0)
     extract_features(conf, ckpt, images, tmp_path / "two.h5", workers=2)
-    _assert_same_features(tmp_path / "zero.h5", tmp_path / "two.h5")
+    assert_same_features(tmp_path / "zero.h5", tmp_path / "two.h5")
     assert read_features(tmp_path / "two.h5", "coffee/000.jpg")["image_size"].tolist() == [96, 96]
     # defaults: 1 on the CPU; on CUDA the CPUs of this process's share less one, at most 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))

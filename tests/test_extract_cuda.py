@@ -11,18 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.config import ExtractionConfig
+from extract.config import DEFAULT_SCALES, ExtractionConfig
 from extract.extraction import extract_features
 from extract.extractor import main
 from extract.features import FeatureFileError, file_attrs, iter_features
 from extract.pca import fit_pca
 from extract.pipeline import DelfExtractor
-from tests.utils import make_image_folder, photo, save_keypoint_checkpoint
+from tests.utils import photo
 from train.delf import Delf
 from train.runtime import deterministic_mode
 
 pytestmark = pytest.mark.cuda
-SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def test_cuda_equals_cpu(model: Delf, deterministic: None):
     image = Image.fromarray(photo("coffee", 400))
     pca = fit_pca(np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32))
     for params in (None, pca):
-        conf = ExtractionConfig(scale_list=SCALES, attn_thres=0.0, top_k=500, pca_dims=40)
+        conf = ExtractionConfig(scale_list=DEFAULT_SCALES, attn_thres=0.0, top_k=500, pca_dims=40)
         cpu = DelfExtractor(model, conf, pca=params)(image)
         gpu = DelfExtractor(model, conf, pca=params, device="cuda")(image)
         a, b = by_position(cpu), by_position(gpu)
@@ -68,7 +67,7 @@ def test_no_host_sync_per_scale(model: Delf):
     """The host waits for the GPU a few times per image (count the cells, NMS, the result's
     copy), not once per pyramid scale."""
     image = torch.from_numpy(np.ascontiguousarray(photo("astronaut", 512).transpose(2, 0, 1))).pin_memory()
-    ex = DelfExtractor(model, ExtractionConfig(scale_list=SCALES, attn_thres=0.0), device="cuda")
+    ex = DelfExtractor(model, ExtractionConfig(scale_list=DEFAULT_SCALES, attn_thres=0.0), device="cuda")
     ex(image)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -79,14 +78,12 @@ def test_no_host_sync_per_scale(model: Delf):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert 1 <= len(syncs) < len(SCALES), [str(w.message) for w in syncs]
+    assert 1 <= len(syncs) < len(DEFAULT_SCALES), [str(w.message) for w in syncs]
 
 
-def test_feature_file_records_the_device(tmp_path: Path):
+def test_feature_file_records_the_device(tmp_path: Path, ckpt: Path, images: Path):
     """A file extracted on the GPU (decoding workers, pinned memory) says so, and a CPU run does
     not resume it."""
-    ckpt = save_keypoint_checkpoint(tmp_path / "ckpt.pth.tar")
-    images = make_image_folder(tmp_path / "imgs", classes=2, per_class=2, size=96)
     conf = ExtractionConfig(scale_list=(0.5, 1.0), use_pca=False)
     report = extract_features(conf, ckpt, images, tmp_path / "f.h5", workers=2, device="cuda")
     assert report.processed == 4 and len(dict(iter_features(report.output))) == 4

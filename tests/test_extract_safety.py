@@ -8,26 +8,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-import h5py
-import numpy as np
 import pytest
 
 from extract.config import ExtractionConfig
 from extract.extraction import extract_features
 from extract.extractor import main
-from extract.features import FeatureFileError, FeatureWriter, feature_names, iter_features, read_features
-from tests.utils import make_image_folder
+from extract.features import FeatureFileError, FeatureWriter, feature_names, read_features
+from tests.utils import assert_same_features, make_image_folder, script_env, wait_for_groups
 from train.locking import OutputInUse, OutputLock
 from train.runtime import PROJECT_ROOT
 
 EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
 FAST = ["--scale_list", "0.5", "1.0", "--workers", "0", "--use_pca", "false"]
 CONF = ExtractionConfig(scale_list=(0.5, 1.0), use_pca=False)
+env = partial(script_env, str(PROJECT_ROOT))  # the scripts started here import the project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,17 +37,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, ckpt: Path, images: Path
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
     extract_features(CONF, ckpt, images, out, workers=0)
     return out
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-
-
-def same_features(a: Path, b: Path) -> None:
-    assert feature_names(a) == feature_names(b)
-    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b), strict=True):
-        for key in fa:
-            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
 
 
 @contextmanager
@@ -149,19 +137,7 @@ def test_four_extractors_at_once_equal_a_sequential_run(tmp_path: Path, ckpt: Pa
         assert proc.returncode == 0, err
         assert "4 images extracted, 0 already there" in out
     for i in range(4):
-        same_features(tmp_path / f"{i}.h5", reference)
-
-
-def _wait_for_groups(path: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                if sum(1 for g in f.values() if g.name != "/__incomplete__" for _ in g.values()) >= n:
-                    return
-        except (OSError, KeyError, RuntimeError):
-            pass
-        time.sleep(0.02)
+        assert_same_features(tmp_path / f"{i}.h5", reference)
 
 
 @pytest.mark.slow
@@ -172,7 +148,7 @@ def test_second_extractor_is_refused_while_the_first_finishes_intact(tmp_path: P
     out = tmp_path / "out.h5"
     first = subprocess.Popen([sys.executable, str(EXTRACTOR), *args, "--output_path", str(out)], env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_groups(out, 1, first)
+    wait_for_groups(out, 1, first)
     assert first.poll() is None, "the first run should still be running"
     for extra in ([], ["--overwrite"]):
         assert main([*args, "--output_path", str(out), *extra]) == 1
@@ -182,7 +158,7 @@ def test_second_extractor_is_refused_while_the_first_finishes_intact(tmp_path: P
     assert "24 images extracted, 0 already there" in stdout
     extract_features(ExtractionConfig(scale_list=(0.5, 1.0, 2.0), use_pca=False), ckpt, folder, tmp_path / "ref.h5",
                      workers=0)
-    same_features(out, tmp_path / "ref.h5")
+    assert_same_features(out, tmp_path / "ref.h5")
 
 
 @pytest.mark.slow
@@ -192,7 +168,7 @@ def test_sigkilled_holder_with_decoding_workers_does_not_block_the_rerun(tmp_pat
     cmd = [sys.executable, str(EXTRACTOR), "--load_from", str(ckpt), "--input_path", str(folder), "--use_pca",
            "false", "--scale_list", "0.5", "1.0", "2.0", "--output_path", str(tmp_path / "out.h5")]
     proc = subprocess.Popen(cmd + ["--workers", "2"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_groups(tmp_path / "out.h5", 2, proc)
+    wait_for_groups(tmp_path / "out.h5", 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(feature_names(tmp_path / "out.h5"))
@@ -227,7 +203,7 @@ def test_write_error_is_one_line_and_the_rerun_resumes(tmp_path: Path, ckpt: Pat
     monkeypatch.setattr(FeatureWriter, "write", real_write)
     assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), *FAST]) == 0
     assert "2 images extracted, 2 already there" in capsys.readouterr().out
-    same_features(out, reference)
+    assert_same_features(out, reference)
 
 
 def test_output_folder_removed_during_the_run(tmp_path: Path, ckpt: Path, images: Path, reference: Path,
@@ -246,7 +222,7 @@ def test_output_folder_removed_during_the_run(tmp_path: Path, ckpt: Path, images
         "went with it: rerun the same command to extract them again")
     monkeypatch.setattr(FeatureWriter, "write", real_write)
     assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), *FAST]) == 0
-    same_features(out, reference)
+    assert_same_features(out, reference)
 
 
 @pytest.fixture
@@ -287,4 +263,4 @@ def test_real_full_disk(small_disk: Path, ckpt: Path, images: Path, reference: P
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     assert main(args) == 0
     assert f"{4 - kept} images extracted, {kept} already there" in capsys.readouterr().out
-    same_features(out, reference)
+    assert_same_features(out, reference)

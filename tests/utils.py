@@ -8,15 +8,18 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
 
 from extract.demo_data import LANDMARKS, landmark_photo
+from extract.features import feature_names, iter_features
 from train.checkpoint import atomic_save, checkpoint_dict, load_file
 from train.delf import Delf
 from train.delg import Delg
@@ -163,3 +166,31 @@ def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJE
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+# --- extraction helpers ---
+def script_env(pythonpath: str = "") -> dict[str, str]:
+    """The environment of a script a test starts: this one's, one thread, ``pythonpath`` as PYTHONPATH."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+
+
+def assert_same_features(a: Path, b: Path) -> None:
+    """The feature files ``a`` and ``b`` hold the same images, with the same features (to float rounding)."""
+    assert feature_names(a) == feature_names(b)
+    for (name, fa), (_, fb) in zip(iter_features(a), iter_features(b), strict=True):
+        for key in fa:
+            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{key}")
+
+
+def wait_for_groups(path: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Return once the feature file ``path`` holds ``n`` complete images, ``proc`` (which writes
+    it) has ended, or ``timeout`` seconds have passed."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                if sum(1 for g in f.values() if g.name != "/__incomplete__" for _ in g.values()) >= n:
+                    return
+        except (OSError, KeyError, RuntimeError):
+            pass
+        time.sleep(0.02)

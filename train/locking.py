@@ -39,6 +39,11 @@ class OutputInUse(RuntimeError):
         self.output, self.holder = output, holder
 
 
+class OutputWriteError(RuntimeError):
+    """Writing an output failed (disk full, I/O error, its folder removed); ``str(e)`` is one
+    line: what failed, what is kept (e.g. which checkpoint, how many images), and how to go on."""
+
+
 def lock_file_for(output: str | os.PathLike) -> Path:
     """The side file that guards ``output`` (a file or a folder): ``<output>.lock`` beside it."""
     output = Path(output)

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
 from .config import TrainConfig
 from .delf import Delf
 from .delg import Delg
+from .locking import OutputWriteError
 from .objective import Classification, Objective, StepOutput
 from .runtime import Runtime, autocast, epoch_seed, seed_everything, warn_if_slow_amp
 
@@ -40,11 +41,6 @@ RANK_STRIDE = 1009  # epoch_seed stride of the per-process epoch seeds (> any pr
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite (without a GradScaler), or kept being so (with one)."""
-
-
-class OutputWriteError(RuntimeError):
-    """A checkpoint or log could not be written (disk full, I/O error, ...); ``str(e)`` is one
-    line saying what failed and which checkpoint is kept."""
 
 
 class LossWatch:
