@@ -145,3 +145,9 @@ def assert_resume_is_exact(train: Callable[..., object], expr: str, stage: str) 
         assert torch.equal(b["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
     with (straight / "log" / "val.log").open(newline="") as f, (resumed / "log" / "val.log").open(newline="") as g:
         assert list(csv.reader(f)) == list(csv.reader(g))
+
+
+# --- retrieval helpers ---
+def unit(x: np.ndarray) -> np.ndarray:
+    """The rows (last axis) of ``x`` scaled to unit length, as float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
