@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -27,9 +28,9 @@ import numpy as np
 from extract.config import MatchConfig
 from extract.demo_data import DemoDataset, build_dataset
 from extract.drawing import draw_matches
-from extract.features import iter_features, read_features
+from extract.features import iter_features
 from extract.images import load_image
-from extract.matching import match_features
+from extract.matching import MatchResult, match_features
 from train.runtime import PROJECT_ROOT, repo_dir
 
 
@@ -108,55 +109,69 @@ def extract(expr: str, data: DemoDataset) -> Path:
     return features
 
 
+Pair = tuple[str, str, int]  # image names, RANSAC inliers
+Features = Mapping[str, Mapping[str, np.ndarray]]  # image name -> its features
+
+
 @dataclass(frozen=True)
 class Separation:
     """RANSAC inlier counts of every pair of query images: pairs of the same landmark, and pairs
     of different landmarks (name pairs, counts)."""
 
-    same: tuple[tuple[str, str, int], ...]
-    different: tuple[tuple[str, str, int], ...]
+    same: tuple[Pair, ...]
+    different: tuple[Pair, ...]
+
+    @property
+    def worst_same(self) -> Pair:
+        """The (first) same-landmark pair with the fewest inliers."""
+        return min(self.same, key=lambda p: p[2])
+
+    @property
+    def worst_different(self) -> Pair:
+        """The (first) different-landmark pair with the most inliers."""
+        return max(self.different, key=lambda p: p[2])
 
     @property
     def separated(self) -> bool:
         """The demo's claim: every same-landmark pair has more inliers than any different pair."""
-        return min(n for *_, n in self.same) > max(n for *_, n in self.different)
+        return self.worst_same[2] > self.worst_different[2]
 
     def summary(self) -> str:
-        def line(label: str, pairs: tuple[tuple[str, str, int], ...], worst: int) -> str:
+        def line(label: str, pairs: tuple[Pair, ...], worst: Pair) -> str:
             counts = [n for *_, n in pairs]
-            a, b, n = next(p for p in pairs if p[2] == worst)
+            a, b, n = worst
             return (f"{label} {len(counts)} pairs, inliers median {int(np.median(counts))}, "
                     f"min {min(counts)}, max {max(counts)} (worst: {a} <-> {b}, {n})")
 
-        return "\n".join([line("same landmark:     ", self.same, min(n for *_, n in self.same)),
-                          line("different landmark:", self.different, max(n for *_, n in self.different)),
+        return "\n".join([line("same landmark:     ", self.same, self.worst_same),
+                          line("different landmark:", self.different, self.worst_different),
                           f"separated (smallest same > largest different): {'yes' if self.separated else 'no'}"])
 
 
-def all_pairs(features: Path, conf: MatchConfig | None = None) -> Separation:
-    """Match every pair of images in the feature file; the landmark is a name's first folder."""
-    feats = dict(iter_features(features))
+def all_pairs(feats: Features,
+              conf: MatchConfig | None = None) -> tuple[Separation, dict[tuple[str, str], MatchResult]]:
+    """Match every pair (a, b), a < b, of the images; the landmark is a name's first folder.
+    Returns the inlier counts and the matches of each pair."""
+    matches = {(a, b): match_features(feats[a], feats[b], conf) for a, b in itertools.combinations(sorted(feats), 2)}
     same, different = [], []
-    for a, b in itertools.combinations(sorted(feats), 2):
-        pair = (a, b, match_features(feats[a], feats[b], conf).num_inliers)
-        (same if a.split("/")[0] == b.split("/")[0] else different).append(pair)
-    return Separation(tuple(same), tuple(different))
+    for (a, b), res in matches.items():
+        (same if a.split("/")[0] == b.split("/")[0] else different).append((a, b, res.num_inliers))
+    return Separation(tuple(same), tuple(different)), matches
 
 
-def match_figure(features: Path, data: DemoDataset, a: str, b: str, path: Path) -> None:
-    """The inliers of query images ``a`` and ``b`` drawn side by side."""
-    f1, f2 = read_features(features, a), read_features(features, b)
-    fig = draw_matches(load_image(data.query / a), load_image(data.query / b), f1["keypoints"],
-                       f2["keypoints"], match_features(f1, f2))
+def match_figure(data: DemoDataset, feats: Features, a: str, b: str, res: MatchResult, path: Path) -> None:
+    """The inliers ``res`` of query images ``a`` and ``b`` drawn side by side."""
+    fig = draw_matches(load_image(data.query / a), load_image(data.query / b), feats[a]["keypoints"],
+                       feats[b]["keypoints"], res)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
-def attention_figure(features: Path, data: DemoDataset, names: list[str], path: Path) -> None:
+def attention_figure(data: DemoDataset, feats: Features, names: list[str], path: Path) -> None:
     """Query images beside their attention maps (scale 1.0) and selected keypoints."""
     fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.2), squeeze=False)
     for col, name in enumerate(names):
-        f = read_features(features, name)
+        f = feats[name]
         axes[0, col].imshow(load_image(data.query / name))
         kp = f["keypoints"]
         axes[0, col].scatter(kp[:, 0], kp[:, 1], s=3, c="yellow")
@@ -179,12 +194,13 @@ def run_demo(expr: str = "demo", preset_name: str = "full", arch: str = "resnet1
                          seed=seed)
     print(f"dataset: {preset.classes} landmarks from scikit-image photos in {data.root}")
     train(expr, data, arch, preset, seed)
-    features = extract(expr, data)
-    separation = all_pairs(features)
-    worst = max(separation.different, key=lambda p: p[2])
-    match_figure(features, data, f"{data.classes[0]}/000.jpg", f"{data.classes[0]}/001.jpg", root / "match.png")
-    match_figure(features, data, worst[0], worst[1], root / "match_different.png")
-    attention_figure(features, data, [f"{c}/000.jpg" for c in data.classes[:4]], root / "attention.png")
+    feats = dict(iter_features(extract(expr, data)))
+    separation, matches = all_pairs(feats)
+    same = (f"{data.classes[0]}/000.jpg", f"{data.classes[0]}/001.jpg")
+    different = separation.worst_different[:2]
+    match_figure(data, feats, *same, matches[same], root / "match.png")
+    match_figure(data, feats, *different, matches[different], root / "match_different.png")
+    attention_figure(data, feats, [f"{c}/000.jpg" for c in data.classes[:4]], root / "attention.png")
     print(f"\n{separation.summary()}")
     print(f"figures: {root / 'match.png'}, {root / 'match_different.png'} (the different pair with most "
           f"inliers), {root / 'attention.png'}")

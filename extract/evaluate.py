@@ -47,7 +47,7 @@ from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
-from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs, iter_features
+from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs
 from extract.global_retrieval import global_matrix, global_scores
 from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
@@ -57,7 +57,6 @@ from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, config_from_args
-from train.locking import OutputInUse, OutputLock
 from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
@@ -75,7 +74,6 @@ class Evaluation:
 
     initial: Scores
     final: Scores
-    method: str = "asmk"
     database_size: int = 0
     distractors: int = 0
     index_bytes: int = 0
@@ -102,23 +100,21 @@ def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir
     """The codebook's centroids: <codebook_dir>/codebook_<size>_<set name>.h5 when it exists and
     was made from these features, else k-means of every descriptor of ``codebook_images``
     (extracted into <features_root>/<set name>.h5, cached), stored there."""
-    features, _ = cache_image_set(codebook_images, features_root, extraction, checkpoint, pca_path, overwrite,
-                                  device)
+    features, names = cache_image_set(codebook_images, features_root, extraction, checkpoint, pca_path,
+                                      overwrite, device)
     attrs = {f"features.{k}": v for k, v in file_attrs(features).items()
              if k not in (*INFORMATIONAL, "format")}
     path = codebook_dir / f"codebook_{conf.codebook_size}_{set_name(codebook_images)}.h5"
 
     def descriptors() -> np.ndarray:
-        x = [f["descriptors"] for _, f in iter_features(features)]
+        with FeatureStore([(features, names)]) as store:
+            x = list(store.descriptors())
         log.info("training a %d-word codebook on %d descriptors of %s", conf.codebook_size,
                  sum(len(d) for d in x), codebook_images)
         return np.concatenate(x)
 
-    try:
-        lock = OutputLock(path, hint="choose another --load_expr (codebooks are stored under repo/<expr>/asmk/)")
-    except OutputInUse as e:
-        raise EvalError(str(e)) from None
-    with lock:  # one process trains and writes a codebook
+    # one process trains and writes a codebook
+    with hold_cache(path, hint="choose another --load_expr (codebooks are stored under repo/<expr>/asmk/)"):
         return codebook(path, descriptors, conf, attrs)
 
 
@@ -130,11 +126,12 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
     dataset's images first, then distractors); ASMK* needs the codebook's ``centroids``."""
     conf = conf or EvalConfig()
     t = time.perf_counter()
+    database = store.features  # what re-ranking verifies against
     if conf.method == "asmk":
         if centroids is None:
             raise ValueError("ASMK* ranking needs the codebook's centroids")
-        database = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
-        asmk = AsmkIndex(centroids, database, asmk_config(conf, len(centroids)))
+        images = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
+        asmk = AsmkIndex(centroids, images, asmk_config(conf))
         nbytes = asmk.nbytes
         log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
                  asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
@@ -148,7 +145,8 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
                  time.perf_counter() - t)
     else:
         index = DescriptorIndex(list(store.descriptors()), nlist=conf.nlist)
-        db = Database([store.features(i)["keypoints"] for i in range(len(store))], index)
+        db = Database(list(store.arrays("keypoints")), index)
+        database = db.features  # the same arrays, already in memory
         nbytes = index.nbytes
         log.info("index of %d descriptors (%d cells) built in %.1f s", len(index.x), index.nlist,
                  time.perf_counter() - t)
@@ -158,7 +156,7 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
     if conf.reranks:
         gnds = {p: protocol_gnd(ds.gnd, p) for p in PROTOCOLS}
         for qi in tqdm(range(len(queries)), desc="re-ranking", unit="query", dynamic_ncols=True):
-            inliers = Verifier(queries[qi], store.features, matching)
+            inliers = Verifier(queries[qi], database, matching)
             for p in PROTOCOLS:
                 final[p][:, qi] = rerank(initial[:, qi], scores[qi], inliers, conf.rerank, gnds[p][qi]["junk"])
     return initial, final, nbytes
@@ -200,8 +198,7 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
         with FeatureStore(parts) as store:
             initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
             size = len(store)
-    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), conf.method, size,
-                      size - len(ds.imlist), nbytes)
+    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes)
 
 
 def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:

@@ -29,11 +29,12 @@ log = logging.getLogger("delf")
 
 
 @contextmanager
-def hold_cache(features_dir: str | Path) -> Iterator[None]:
-    """This process alone writes ``features_dir`` (and what an evaluation keeps there) inside the
-    block; another one holding it raises EvalError saying so, before anything is touched."""
+def hold_cache(output: str | Path, hint: str = "choose another --features_dir") -> Iterator[None]:
+    """This process alone writes ``output`` (a feature cache folder and what an evaluation keeps
+    there, or a codebook file) inside the block; another one holding it raises EvalError saying so
+    (and ``hint``), before anything is touched."""
     try:
-        lock = OutputLock(features_dir, hint="choose another --features_dir")
+        lock = OutputLock(output, hint=hint)
     except OutputInUse as e:
         raise EvalError(str(e)) from None
     with lock:
@@ -139,10 +140,14 @@ class FeatureStore:
             group = self._files[k][name]
             yield group[GLOBAL_KEY][()] if GLOBAL_KEY in group else None
 
+    def arrays(self, key: str) -> Iterator[np.ndarray]:
+        """Array ``key`` (e.g. "keypoints") of image 0, 1, ... read one image at a time."""
+        for k, name in self._entries:
+            yield self._files[k][name][key][()]
+
     def descriptors(self) -> Iterator[np.ndarray]:
         """The descriptors of image 0, 1, ... read one image at a time."""
-        for k, name in self._entries:
-            yield self._files[k][name]["descriptors"][()]
+        return self.arrays("descriptors")
 
     def close(self) -> None:
         for f in self._files:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from extract.config import MatchConfig
-from extract.index import IndexConfig, KnnIndex, as_rows, faiss_threads
+from extract.index import IndexConfig, KnnIndex, as_rows
 from extract.matching import match_features
 
 
@@ -22,10 +22,9 @@ class DescriptorIndex:
     """The database descriptors of many images (kept in their original order, for
     verification), searchable by k-NN through a faiss index (extract/index.py)."""
 
-    def __init__(self, descriptors: Sequence[np.ndarray], nlist: int = 0, seed: int = 0,
-                 config: IndexConfig | None = None) -> None:
+    def __init__(self, descriptors: Sequence[np.ndarray], nlist: int = 0) -> None:
         """``descriptors[i]``: (n_i, D) unit descriptors of image i; ``nlist`` 0: auto (exact
-        search for small databases); ``config`` overrides nlist and seed."""
+        search for small databases)."""
         counts = np.array([len(d) for d in descriptors], dtype=np.int64)
         self.num_images = len(descriptors)
         self.image_offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -36,7 +35,7 @@ class DescriptorIndex:
         self.x = np.concatenate([as_rows(d, self.dim) for d in descriptors]) if descriptors \
             else np.empty((0, 0), np.float32)
         self.image = np.repeat(np.arange(self.num_images, dtype=np.int64), counts)
-        self.knn = KnnIndex(self.x, config or IndexConfig(nlist=nlist, seed=seed))
+        self.knn = KnnIndex(self.x, IndexConfig(nlist=nlist))
 
     @property
     def nlist(self) -> int:
@@ -53,13 +52,11 @@ class DescriptorIndex:
         """The descriptors of database image ``i``, in their original order."""
         return self.x[self.image_offsets[i]:self.image_offsets[i + 1]]
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k most similar database descriptors (inner product) of each query descriptor:
         (similarities (n, k) float32 descending, database images (n, k) int64; -1 where fewer
-        than k candidates). ``threads``: faiss's threads (0: faiss's default, $OMP_NUM_THREADS or all cores)."""
-        with faiss_threads(threads):
-            sims, rows = self.knn.search(as_rows(queries, self.dim), k, nprobe)
+        than k candidates). faiss's threads: its default ($OMP_NUM_THREADS or all cores)."""
+        sims, rows = self.knn.search(as_rows(queries, self.dim), k, nprobe)
         return sims, np.where(rows >= 0, self.image[np.maximum(rows, 0)], -1)
 
 
@@ -124,6 +121,7 @@ class Database:
     index: DescriptorIndex
 
     def features(self, i: int) -> dict[str, np.ndarray]:
+        """Keypoints and descriptors of database image ``i`` (held in memory)."""
         return {"keypoints": self.keypoints[i], "descriptors": self.index.image_descriptors(i)}
 
     def initial_scores(self, queries: Sequence[np.ndarray], k: int, nprobe: int,

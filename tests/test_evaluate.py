@@ -27,7 +27,7 @@ from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
 from extract.revisitop import Dataset, EvalError, load_dataset
-from tests.utils import photo, save_delg_checkpoint, save_keypoint_checkpoint
+from tests.utils import photo, save_delg_checkpoint, save_keypoint_checkpoint, unit
 from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.delf import Delf
@@ -38,10 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("astronaut", "coffee", "chelsea")
 DISTRACTORS = ("rocket", "camera", "brick", "coins", "immunohistochemistry", "colorwheel")
 SCALES = ["0.7071", "1.0"]
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 # --- index and ranking -------------------------------------------------------------------------

@@ -6,10 +6,7 @@ import pytest
 
 from extract.global_retrieval import global_matrix, global_scores
 from extract.retrieval import rank
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+from tests.utils import unit
 
 
 def test_ranking_equals_brute_force_with_ties_by_index() -> None:

@@ -17,17 +17,13 @@ from extract.drawing import draw_matches
 from extract.features import FeatureWriter
 from extract.matcher import main
 from extract.matching import MatchResult, degenerate, match_descriptors, match_features, one_to_one, verify
-from tests.utils import photo, save_keypoint_checkpoint
+from tests.utils import photo, save_keypoint_checkpoint, unit
 
 matplotlib.use("Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[0.85, 0.18, 30.0], [-0.12, 0.9, 20.0]])
 HOMOGRAPHY = np.array([[0.9, 0.05, 15.0], [-0.08, 0.95, 25.0], [2e-4, -1e-4, 1.0]])
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def apply(transform: np.ndarray, pts: np.ndarray) -> np.ndarray:

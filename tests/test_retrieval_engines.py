@@ -25,10 +25,7 @@ from extract.asmk_index import (
 )
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+from tests.utils import unit
 
 
 def clustered(rng: np.random.Generator, n: int, dim: int, centres: int, noise: float) -> np.ndarray:

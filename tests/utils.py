@@ -153,7 +153,7 @@ def assert_resume_is_exact(train: Callable[..., object], expr: str, stage: str) 
         assert list(csv.reader(f)) == list(csv.reader(g))
 
 
-# --- train helpers ---
+# --- training runs ---
 def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600,
                 check: bool = True) -> subprocess.CompletedProcess:
     """train/main.py ``args`` in a subprocess run from ``cwd`` (OMP_NUM_THREADS=1), under
@@ -168,7 +168,7 @@ def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJE
     return result
 
 
-# --- extraction helpers ---
+# --- extraction scripts and feature files ---
 def script_env(pythonpath: str = "") -> dict[str, str]:
     """The environment of a script a test starts: this one's, one thread, ``pythonpath`` as PYTHONPATH."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
@@ -194,3 +194,9 @@ def wait_for_groups(path: Path, n: int, proc: subprocess.Popen, timeout: float =
         except (OSError, KeyError, RuntimeError):
             pass
         time.sleep(0.02)
+
+
+# --- descriptors ---
+def unit(x: np.ndarray) -> np.ndarray:
+    """The rows (last axis) of ``x`` scaled to unit length, as float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
