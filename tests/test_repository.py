@@ -9,7 +9,7 @@ from train.runtime import PROJECT_ROOT
 
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "Pillow", "sklearn": "scikit-learn",
-                 "skimage": "scikit-image", "tensorboardX": "tensorboardX", "faiss": "faiss-cpu"}
+                 "skimage": "scikit-image", "faiss": "faiss-cpu"}
 FIRST_PARTY = {"train", "extract", "tests"}
 
 

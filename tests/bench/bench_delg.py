@@ -17,14 +17,16 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.common import compare, machine_report
-from tests.utils import photo  # noqa: E402
+from extract.index import faiss_threads
+from tests.bench.common import compare, machine_report, test_image, unit
+from train.runtime import limit_threads
 
 
 def flops(ex: Callable[[Image.Image], object], image: Image.Image) -> int:
@@ -41,7 +43,7 @@ def bench_extract(args: argparse.Namespace) -> None:
     from extract.pipeline import DelfExtractor
     from train.delg import Delg
 
-    image = Image.fromarray(photo("astronaut")).resize((args.width, args.height), Image.Resampling.BICUBIC)
+    image = test_image(args.width, args.height)
     torch.manual_seed(0)
     for ae in (0, 128):
         model = Delg(10, arch="resnet50", autoencoder_dim=ae).eval()
@@ -59,17 +61,13 @@ def bench_extract(args: argparse.Namespace) -> None:
 
 
 def bench_search(args: argparse.Namespace) -> None:
-    import faiss
-
     from extract.global_retrieval import global_scores
     from extract.retrieval import rank
 
     rng = np.random.default_rng(0)
-    db = rng.standard_normal((args.db, args.dim), dtype=np.float32)
-    db /= np.linalg.norm(db, axis=1, keepdims=True)
-    queries = db[rng.choice(args.db, args.queries, replace=False)] + 0.05 * rng.standard_normal(
-        (args.queries, args.dim), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    db = unit(rng.standard_normal((args.db, args.dim), dtype=np.float32))
+    queries = unit(db[rng.choice(args.db, args.queries, replace=False)] + 0.05 * rng.standard_normal(
+        (args.queries, args.dim), dtype=np.float32))
     top100 = lambda: faiss.knn(queries, db, 100, metric=faiss.METRIC_INNER_PRODUCT)  # noqa: E731
     full = lambda: np.stack([rank(s) for s in global_scores(db, queries)], axis=1)  # noqa: E731 (as evaluate.py)
     t = compare({"top100": top100, "full": full}, args.repeats)
@@ -91,15 +89,12 @@ def main() -> None:
     p.add_argument("--skip_extract", action="store_true")
     p.add_argument("--skip_search", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads)
     print(f"{machine_report()}; {args.threads} thread(s)")
-    if not args.skip_extract:
-        bench_extract(args)
-    if not args.skip_search:
-        bench_search(args)
+    with limit_threads(args.threads), faiss_threads(args.threads):
+        if not args.skip_extract:
+            bench_extract(args)
+        if not args.skip_search:
+            bench_search(args)
 
 
 if __name__ == "__main__":

@@ -33,21 +33,11 @@ from extract.extraction import default_workers, extract_features
 from extract.features import FeatureWriter
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
-from tests.bench.common import compare, machine_report
-from tests.utils import PHOTOS, photo, save_keypoint_checkpoint
+from tests.bench.common import compare, machine_report, test_image, timed
+from tests.utils import PHOTOS, save_keypoint_checkpoint
 from train.checkpoint import file_sha256
 from train.delf import Delf
 from train.runtime import limit_threads, native_bf16
-
-
-def once(fn: Callable[[], dict]) -> tuple[float, dict]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def test_image(width: int, height: int, name: str = "astronaut") -> Image.Image:
-    return Image.fromarray(photo(name)).resize((width, height), Image.Resampling.BICUBIC)
 
 
 def bare_forward(model: Delf, ex: DelfExtractor, image: Image.Image) -> Callable[[], None]:
@@ -94,26 +84,27 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="decoding processes (default: the extractor's)")
     p.add_argument("--only_throughput", action="store_true", help="run section 4 only")
     args = p.parse_args()
+    print(machine_report())
     with limit_threads(args.threads):
+        pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
         if not args.only_throughput:
-            run(args)
-        throughput(args)
+            run(args, pca)
+        throughput(args, pca)
 
 
-def throughput(args: argparse.Namespace) -> None:
-    """Section 4: images/s end to end (extract_features) and of the pipeline alone."""
+def throughput(args: argparse.Namespace, pca_params: dict[str, np.ndarray]) -> None:
+    """Section 4: images/s end to end (extract_features) and of the pipeline alone, with PCA
+    ``pca_params``."""
     device = torch.device(args.device)
     n = args.images or (300 if device.type == "cuda" else 6)
     workers = default_workers(device) if args.workers is None else args.workers
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\n4. throughput on {device} ({gpu}): {n} JPEGs of 1024x768, resnet50 layer3, 7 scales, PCA 40, "
+    print(f"\n4. throughput on {device}: {n} JPEGs of 1024x768, resnet50 layer3, 7 scales, PCA 40, "
           f"attn_thres 0, top_k 1000, {workers} decoding workers")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         ckpt = save_keypoint_checkpoint(tmp_path / "ckpt.pth.tar", arch="resnet50", ncls=10)
         pca = tmp_path / "pca.h5"
-        save_pca(pca, fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)),
-                 {"checkpoint_sha256": file_sha256(ckpt)})
+        save_pca(pca, pca_params, {"checkpoint_sha256": file_sha256(ckpt)})
         folder = tmp_path / "imgs"
         folder.mkdir()
         for i in range(n):  # distinct files (crops of the photos), as a real folder would be
@@ -149,12 +140,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, pca: dict[str, np.ndarray]) -> None:
+    """Sections 1-3 on CPU, with PCA ``pca``."""
     torch.manual_seed(0)
     model = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()
-    pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
     ex = DelfExtractor(model, ExtractionConfig(attn_thres=0.0), pca=pca)
-    print(machine_report())
     print(f"{args.threads} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {native_bf16()}; resnet50 layer3, scales {list(DEFAULT_SCALES)}, attn_thres 0, top_k 1000")
 
@@ -185,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
         image = test_image(512, 384)
         amp = DelfExtractor(model, ExtractionConfig(attn_thres=0.0, amp=True), pca=pca)
         t32 = compare({"fp32": lambda: ex(image)}, 1)["fp32"]
-        t16, f16 = once(lambda: amp(image))
+        f16, t16, _ = timed(amp, image)
         common, cos = agreement(ex(image), f16)
         print(f"   fp32 {t32:.2f} s, bf16 {t16:.2f} s: speed-up {t32 / t16:.2f}x; keypoints in common "
               f"{100 * common:.1f} %, mean descriptor cosine {cos:.4f}")

@@ -22,13 +22,9 @@ from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
 from extract.matching import match_descriptors, match_features, verify
-from tests.bench.common import machine_report
+from tests.bench.common import compare, machine_report, unit
 
 N, DIM, N_TRUE, N_FALSE = 1000, 40, 300, 100
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def pair(seed: int = 0) -> tuple[dict, dict]:
@@ -48,17 +44,6 @@ def pair(seed: int = 0) -> tuple[dict, dict]:
             {"keypoints": kp2[perm].astype(np.float32), "descriptors": d2[perm]})
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall seconds per call over ``repeat`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def cpu_timed(fn: Callable[[], object], repeat: int) -> float:
     """Process CPU seconds per call: what the call costs on an idle machine (single-threaded
     code), unlike wall time on this shared 2-core CPU."""
@@ -75,12 +60,13 @@ def main() -> None:
     matches = match_descriptors(d1, d2)
     src, dst = f1["keypoints"][matches[:, 0]], f2["keypoints"][matches[:, 1]]
 
-    t_match = timed(lambda: match_descriptors(d1, d2), 200)
-    t_kdtree = timed(lambda: cKDTree(d1).query(d2, distance_upper_bound=0.8), 10)
-    t_cv = timed(lambda: verify(f1["keypoints"], f2["keypoints"], matches), 200)
-    t_total = timed(lambda: match_features(f1, f2), 200)
-    t_sk = timed(lambda: ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=20,
-                                max_trials=1000, rng=0), 5)
+    t = compare({"match": lambda: match_descriptors(d1, d2),
+                 "cv": lambda: verify(f1["keypoints"], f2["keypoints"], matches),
+                 "total": lambda: match_features(f1, f2)}, 200)
+    t_match, t_cv, t_total = t["match"], t["cv"], t["total"]
+    t_kdtree = compare({"kdtree": lambda: cKDTree(d1).query(d2, distance_upper_bound=0.8)}, 10)["kdtree"]
+    t_sk = compare({"skimage": lambda: ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=20,
+                                              max_trials=1000, rng=0)}, 5)["skimage"]
     ours = verify(f1["keypoints"], f2["keypoints"], matches)[0].sum()
     theirs = ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=20,
                     max_trials=1000, rng=0)[1].sum()

@@ -36,7 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import time
 from dataclasses import replace
 
 import faiss
@@ -46,14 +45,10 @@ from extract.asmk_index import AsmkIndex, VisualWords, aggregate
 from extract.config import AsmkConfig, IndexConfig
 from extract.index import KnnIndex, faiss_threads, kmeans
 from extract.retrieval import rank
-from tests.bench.common import machine_report
+from tests.bench.common import machine_report, timed, unit
 
 PER_IMAGE = 1000
 ROXF_1M = 4993 + 1_000_000
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def clustered(n: int, dim: int, seed: int = 0, centres: int = 20000,
@@ -71,12 +66,6 @@ def clustered(n: int, dim: int, seed: int = 0, centres: int = 20000,
 
 def noisy(x: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
     return unit(x + noise / np.sqrt(x.shape[1]) * rng.standard_normal(x.shape, dtype=np.float32))
-
-
-def timed(f, *args, **kwargs):
-    t, c = time.perf_counter(), time.process_time()
-    out = f(*args, **kwargs)
-    return out, time.perf_counter() - t, time.process_time() - c
 
 
 # --- knn ---------------------------------------------------------------------------------------

@@ -17,13 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 
-from tests.bench.common import machine_report
+from tests.bench.common import compare, machine_report
 from train.delf import Delf
 from train.runtime import autocast, native_bf16
 from train.solver import EpochMeter, LossWatch, Settings, Solver
@@ -50,12 +47,6 @@ def trainer_step(solver: Solver, meter: EpochMeter, watch: LossWatch, images: to
     watch.update(out.loss, 0)
 
 
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def bench(stage: str, amp: bool, size: int, batch: int, reps: int) -> None:
     torch.manual_seed(0)
     model = Delf(NCLS, arch="resnet50", stage=stage, use_random_gamma_rescale=False)
@@ -64,14 +55,10 @@ def bench(stage: str, amp: bool, size: int, batch: int, reps: int) -> None:
     meter, watch = EpochMeter(solver.device), LossWatch(solver.device)
     images, labels = torch.rand(batch, 3, size, size), torch.randint(0, NCLS, (batch,))
 
-    ours = lambda: trainer_step(solver, meter, watch, images, labels)  # noqa: E731
-    bare = lambda: bare_step(model, solver.optimizer, torch.nn.CrossEntropyLoss(), images, labels, amp)  # noqa: E731
-    ours(), bare()  # warm-up: allocator, oneDNN primitives
-    t_ours, t_bare = [], []
-    for _ in range(reps):
-        t_ours.append(timed(ours))
-        t_bare.append(timed(bare))
-    ours_s, bare_s = statistics.median(t_ours), statistics.median(t_bare)
+    t = compare({"ours": lambda: trainer_step(solver, meter, watch, images, labels),
+                 "bare": lambda: bare_step(model, solver.optimizer, torch.nn.CrossEntropyLoss(), images, labels, amp)},
+                reps)  # one warm-up each: allocator, oneDNN primitives
+    ours_s, bare_s = t["ours"], t["bare"]
     print(f"{stage:9s} {'bf16' if amp else 'fp32':5s} {size:4d}px x{batch:<3d} "
           f"trainer {ours_s * 1000:8.0f} ms ({batch / ours_s:6.2f} img/s)  "
           f"bare {bare_s * 1000:8.0f} ms ({batch / bare_s:6.2f} img/s)  ratio {ours_s / bare_s:.3f}",

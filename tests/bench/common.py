@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: the machine they ran on (printed beside their figures) and an
-interleaved timer."""
+"""Shared by the benchmarks: the machine they ran on (printed beside their figures), timers
+(interleaved medians, one-shot wall + CPU time) and test inputs."""
 from __future__ import annotations
 
 import os
@@ -7,9 +7,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
+from PIL import Image
+
+from tests.utils import photo
+
+T = TypeVar("T")
 
 FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -43,3 +49,20 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float, float]:
+    """One call of ``fn(*args, **kwargs)``: its result, wall seconds and process CPU seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows of (N, D) ``x`` scaled to unit L2 norm, float32."""
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+
+def test_image(width: int, height: int, name: str = "astronaut") -> Image.Image:
+    """Bundled photo ``name`` resized (bicubic) to ``width`` x ``height``."""
+    return Image.fromarray(photo(name)).resize((width, height), Image.Resampling.BICUBIC)
