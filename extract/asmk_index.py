@@ -32,6 +32,7 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 from extract.config import ASSIGNMENTS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
+from extract.features import plain_attr, storable_attr
 from extract.index import as_rows, faiss_threads, kmeans, use_gpu
 from train.checkpoint import atomic_path
 
@@ -60,7 +61,7 @@ def save_codebook(path: Path, centroids: np.ndarray, attrs: Mapping[str, Any]) -
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("centroids", data=as_rows(centroids))
-            f.attrs.update({"format": CODEBOOK_FORMAT, **attrs})
+            f.attrs.update({k: storable_attr(v) for k, v in {"format": CODEBOOK_FORMAT, **attrs}.items()})
 
 
 def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -68,7 +69,7 @@ def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     and the reason when it is not one."""
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
             centroids = f["centroids"][()] if "centroids" in f else None
     except OSError as e:
         raise CodebookError(f"{path}: not a readable HDF5 file ({e})") from None
@@ -88,8 +89,8 @@ def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConf
     wanted = {**codebook_attrs(config), **(attrs or {})}
     if path.is_file():
         centroids, stored = load_codebook(path)
-        diffs = [f"{k}: {stored.get(k)!r} in the file, {_plain(v)!r} now"
-                 for k, v in wanted.items() if stored.get(k) != _plain(v)]
+        now = {k: plain_attr(storable_attr(v)) for k, v in wanted.items()}
+        diffs = [f"{k}: {stored.get(k)!r} in the file, {v!r} now" for k, v in now.items() if stored.get(k) != v]
         if diffs:
             raise CodebookError(f"{path}: codebook made with other parameters ("
                                 + "; ".join(diffs) + "): delete it to train a new one")
@@ -98,17 +99,6 @@ def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConf
     centroids = train_codebook(x, config)
     save_codebook(path, centroids, {**wanted, "dim": x.shape[1], "num_descriptors": len(x)})
     return centroids
-
-
-def _plain(value: Any) -> Any:
-    """Comparable Python value of an attribute, as given or read back from HDF5."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in np.asarray(value).ravel().tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
 
 
 # --- index -------------------------------------------------------------------------------------

@@ -108,8 +108,7 @@ class AsmkConfig:
     # built in memory on one thread: deterministic); auto: see HNSW_MIN_WORDS
     assignment: str = "auto"
     # HNSW: graph links per word (faiss's M), candidate lists when building and per query
-    # descriptor (at least m); tuned on tests/bench/bench_retrieval.py: ~30 ms for 1 000 query
-    # descriptors x 5 words at 40-D on 2 cores, 94 % of the exact words
+    # descriptor (at least m); tuned on tests/bench/bench_retrieval.py (figures: VisualWords)
     hnsw_neighbors: int = 48
     hnsw_ef_construction: int = 160
     hnsw_ef_search: int = 32

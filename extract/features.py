@@ -111,9 +111,9 @@ class FeatureWriter:
 
     def _check_or_set_attrs(self, attrs: dict[str, Any], informational: set[str],
                             legacy: Mapping[str, Callable[[Mapping[str, Any]], Any]]) -> None:
-        stored = {k: _plain(v) for k, v in self._file.attrs.items()}
+        stored = {k: plain_attr(v) for k, v in self._file.attrs.items()}
         if not stored and not len(self._file):
-            self._file.attrs.update({k: _storable(v) for k, v in attrs.items()})
+            self._file.attrs.update({k: storable_attr(v) for k, v in attrs.items()})
             return
         if stored.get("format") != FORMAT:
             raise FeatureFileError(f"{self.path}: exists and is not a DeLF feature file of this project; "
@@ -123,8 +123,8 @@ class FeatureWriter:
             old, note = stored.get(k), ""
             if k not in stored and k in legacy:
                 old, note = legacy[k](stored), f" (not recorded: the value of files written before {k} was)"
-            if k not in informational and old != _plain(_storable(v)):
-                diffs.append(f"{k}: {old!r} in the file{note}, {_plain(_storable(v))!r} now")
+            if k not in informational and old != plain_attr(storable_attr(v)):
+                diffs.append(f"{k}: {old!r} in the file{note}, {plain_attr(storable_attr(v))!r} now")
         if diffs:
             raise FeatureFileError(f"{self.path}: holds features made with other parameters ("
                                    + "; ".join(diffs) + "): pass the file's values to resume it, --overwrite "
@@ -197,7 +197,7 @@ def _attention_at_scale_1(feats: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(attention[scales.index(1.0)])
 
 
-def _storable(value: Any) -> Any:
+def storable_attr(value: Any) -> Any:
     """An HDF5 attribute value for ``value`` (None -> '', sequences -> float64 arrays)."""
     if value is None:
         return ""
@@ -206,7 +206,7 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
+def plain_attr(value: Any) -> Any:
     """Comparable Python value of an attribute as stored or read back."""
     if isinstance(value, np.ndarray):
         return [float(v) for v in value.ravel()]
@@ -246,7 +246,7 @@ def iter_features(path: str | Path) -> Iterator[tuple[str, dict[str, np.ndarray]
 def file_attrs(path: str | Path) -> dict[str, Any]:
     """The root attributes of ``path`` as plain Python values."""
     with open_features(path) as f:
-        return {k: _plain(v) for k, v in f.attrs.items()}
+        return {k: plain_attr(v) for k, v in f.attrs.items()}
 
 
 def _walk(f: h5py.File) -> list[tuple[str, h5py.Group]]:
