@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev test test-fast lint demo demo-clean bench clean
+OFFICIAL_VENV ?= .venv-official
+
+.PHONY: install install-dev install-convert official-env test test-fast lint demo demo-clean bench clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +21,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
+# The converter (extract/convert_official.py) needs TensorFlow beside requirements.txt.
+install-convert: $(VENV)/.installed-convert
+
+$(VENV)/.installed-convert: $(VENV)/.installed requirements-convert.txt
+	$(PY) -m pip install -r requirements-convert.txt
+	touch $@
+
+# The converter's tests compare with the official network built in TensorFlow 2.12 + tf-slim, which
+# needs its own environment (numpy < 2); `make test` runs those tests when it exists.
+official-env: install-convert $(OFFICIAL_VENV)/.installed
+
+$(OFFICIAL_VENV)/.installed: tests/official/requirements.txt
+	test -x $(OFFICIAL_VENV)/bin/python || $(PYTHON) -m venv $(OFFICIAL_VENV)
+	$(OFFICIAL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OFFICIAL_VENV)/bin/python -m pip install -r tests/official/requirements.txt
+	touch $@
+
 test: install-dev
+	@test -x $(OFFICIAL_VENV)/bin/python || echo "note: $(OFFICIAL_VENV) is missing, so the official-model tests \
+	(tests/test_official.py) that need TensorFlow are skipped; build it with: make official-env"
 	$(PY) -m pytest
 
 test-fast: install-dev
@@ -38,4 +59,4 @@ bench: install-dev
 	for b in tests/bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OFFICIAL_VENV)

@@ -14,10 +14,14 @@ by more than ``max_scale_change`` along some direction counts 0 inliers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Collection, Mapping
 
 DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MODELS = ("affine", "homography")
+RESIZES = ("antialias", "tf1")
+BOX_CONVENTIONS = ("half_pixel", "official")
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,35 @@ class ExtractionConfig:
         "cells of one scale overlap with IoU (267-16)/(267+16) = 0.887, cells of adjacent scales at most 0.5, "
         "so 0.92 removes nothing; 0.85 removes direct neighbours (keeps diagonal ones and cells two apart, IoU 0.79)")})
     top_k: int = field(default=1000, metadata={"help": "features kept per image"})
-    max_image_size: int = field(default=1024,
-                                metadata={"help": "larger images are first shrunk to this longest side"})
+    max_image_size: int = field(default=1024, metadata={
+        "help": "larger images are first shrunk to this longest side (0: no limit)"})
+    resize: str = field(default="antialias", metadata={"choices": RESIZES, "help": (
+        "pyramid resize: antialias (bilinear with half-pixel centres, antialiased when shrinking) or tf1 (TF1 "
+        "resize_bilinear, the official DELF extractor's: no half-pixel centres, no antialiasing, level sizes "
+        "round(side * scale) in float32)")})
+    boxes: str = field(default="half_pixel", metadata={"choices": BOX_CONVENTIONS, "help": (
+        "receptive boxes and keypoints in original pixels: half_pixel maps them with each level's actual "
+        "per-axis size ratio r, x -> (x + 0.5) / r - 0.5; official divides them by the nominal scale (the official "
+        "extractor: the centre of cell (i, j) is stride * (i, j) / scale)")})
     use_pca: bool = field(default=True, metadata={"help": "delf: reduce descriptors with the PCA file"})
     pca_dims: int = field(default=40, metadata={"help": "delf: descriptor dimension after PCA"})
     use_whitening: bool = field(default=False, metadata={
         "help": "delf: divide the PCA projections by sqrt(variance) before the final L2 (official DeLF: false)"})
     amp: bool = field(default=False,
                       metadata={"help": "bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA"})
+
+
+def with_recorded(conf: ExtractionConfig, recorded: Mapping[str, Any], given: Collection[str] = ()
+                  ) -> ExtractionConfig:
+    """``conf`` with the extraction settings a checkpoint records (a converted official model's:
+    its checkpoint's ``extraction``) in place of the fields not in ``given`` (the flags set on
+    the command line, which win)."""
+    names = {f.name for f in dataclasses.fields(ExtractionConfig)}
+    unknown = sorted(set(recorded) - names)
+    if unknown:
+        raise ValueError(f"the checkpoint records unknown extraction settings: {', '.join(unknown)}")
+    values = {k: tuple(v) if k == "scale_list" else v for k, v in recorded.items() if k not in given}
+    return dataclasses.replace(conf, **values)
 
 
 @dataclass(frozen=True)

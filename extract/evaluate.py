@@ -56,7 +56,7 @@ from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
 from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate; returns the exit status (1 on an error, printed without a traceback)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args_given(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results, initial = run(args)

@@ -43,8 +43,11 @@ log = logging.getLogger("delf")
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
 # were whitened whenever the PCA was applied; the device type was part of the informational
-# "device"; CUDA ran with PyTorch's default TF32 convolutions.
+# "device"; CUDA ran with PyTorch's default TF32 convolutions; the pyramid and boxes had this
+# project's conventions.
 LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False)),
+          "resize": lambda stored: "antialias",
+          "boxes": lambda stored: "half_pixel",
           "device_type": lambda stored: str(stored.get("device", "cpu")).split(":")[0],
           "tf32": lambda stored: str(stored.get("device", "cpu")).startswith("cuda")}
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import ExtractionConfig, PcaFitConfig
+from extract.config import ExtractionConfig, PcaFitConfig, with_recorded
 from extract.extraction import OutputWriteError, extract_features, fit_pca_file, load_extractor
 from extract.features import FeatureFileError
 from extract.images import InputError
@@ -29,8 +29,8 @@ from extract.pca import PcaError
 from extract.pipeline import DelfExtractor
 from extract.report import Report
 from extract.workshare import WorkShare
-from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.checkpoint import CheckpointError, load_file
+from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
 from train.locking import OutputInUse
 from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
@@ -50,9 +50,11 @@ def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
 
 def _model_files(args: argparse.Namespace) -> tuple[ExtractionConfig, Path, Path | None]:
     """(config, checkpoint, PCA file or None when not ``use_pca``) of add_extraction_args' flags
-    (fix.pth.tar rule)."""
-    conf = config_from_args(ExtractionConfig, args)
+    (fix.pth.tar rule). The settings a checkpoint records (a converted official model's) replace
+    the defaults of the flags not given (``args.given_flags``, see train.cli.parse_args_given)."""
     checkpoint = checkpoint_path(args.load_expr, args.load_from)
+    recorded = load_file(checkpoint).get("extraction") or {}
+    conf = with_recorded(config_from_args(ExtractionConfig, args), recorded, getattr(args, "given_flags", ()))
     return conf, checkpoint, pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
 
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the extractor with command-line ``argv``; returns the exit status (0: at least one image
     extracted or already in the output; 1: none, or an error, reported without a traceback)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args_given(build_parser(), argv)
         runtime = setup_runtime(args.device, args.gpu_id)
     except SystemExit as e:  # argparse errors and --help; a bad --device
         if isinstance(e.code, str):

@@ -109,9 +109,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def fit_size(width: int, height: int, max_image_size: int) -> tuple[int, int]:
-    """(w, h) after shrinking so that the longest side is at most ``max_image_size``."""
+    """(w, h) after shrinking so that the longest side is at most ``max_image_size`` (0: no limit)."""
     longest = max(width, height)
-    if longest <= max_image_size:
+    if max_image_size <= 0 or longest <= max_image_size:
         return width, height
     m = max_image_size / longest
     return max(1, round(width * m)), max(1, round(height * m))
@@ -131,6 +131,29 @@ def shrink(image: torch.Tensor, max_image_size: int) -> torch.Tensor:
     if image.dtype == torch.uint8 and image.device.type != "cpu":
         image = image.float() / 255
     return F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resize_tf1(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) float -> (C, h, w) as TF1's ``resize_bilinear`` (align_corners=False,
+    half_pixel_centers=False), the official DELF extractor's pyramid: output cell i samples input
+    position i * (H / h) (float32; no half-pixel shift, no antialiasing), between its floor and the
+    next cell, clamped to the last."""
+    out = image
+    # columns first, then rows: TF's order of the two interpolations
+    for dim, (n_in, n_out) in ((2, (image.shape[2], size[1])), (1, (image.shape[1], size[0]))):
+        if n_in == n_out:
+            continue
+        ratio = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
+        where = torch.arange(n_out, dtype=torch.float32) * ratio
+        low = where.floor()
+        lerp = (where - low).to(image.device, image.dtype)
+        low = low.long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        shape = [1, 1, 1]
+        shape[dim] = n_out
+        a, b = out.index_select(dim, low.to(image.device)), out.index_select(dim, high.to(image.device))
+        out = a + (b - a) * lerp.view(shape)
+    return out
 
 
 Decoded = tuple[str, Path, torch.Tensor | None, tuple[int, int] | None, str | None]

@@ -23,7 +23,7 @@ from extract.images import BadImage, load_image
 from extract.matching import match_features
 from extract.pca import PcaError
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args
+from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
 
 
 def add_match_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_bool_flag(p, "--show_keypoints", default=False, help="draw all keypoints too")
     add_match_args(p)
     add_extraction_args(p.add_argument_group("extraction (as extract/extractor.py)"))
-    return p.parse_args(argv)
+    return parse_args_given(p, argv)
 
 
 def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:

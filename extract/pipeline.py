@@ -7,12 +7,17 @@ best ``top_k`` stay. Descriptors: L2-normalise, then, with the PCA file (extract
 its mean, project on the first ``pca_dims`` components, divide by sqrt(variance) only when
 ``use_whitening`` (off by default, as the official DeLF), L2-normalise again.
 
-Keypoint convention (half-pixel): resizing is bilinear with ``align_corners=False`` (torch's
-half-pixel convention), antialiased when shrinking. An image whose longest side exceeds
-``max_image_size`` is first shrunk to it; each pyramid level then has size round(side * scale)
-of that image. Keypoints are mapped back to
-the ORIGINAL image with the actual per-axis ratio r = scaled size / original size (the two
-resizes compose into one such ratio): x_orig = (x_scaled + 0.5) / r - 0.5.
+Keypoint convention (``boxes="half_pixel"``, the default): resizing is bilinear with
+``align_corners=False`` (torch's half-pixel convention), antialiased when shrinking. An image whose
+longest side exceeds ``max_image_size`` is first shrunk to it; each pyramid level then has size
+round(side * scale) of that image. Keypoints are mapped back to the ORIGINAL image with the actual
+per-axis ratio r = scaled size / original size (the two resizes compose into one such ratio):
+x_orig = (x_scaled + 0.5) / r - 0.5.
+
+The official DELF extractor's conventions (``resize="tf1"``, ``boxes="official"``: converted
+official models default to them): TF1 ``resize_bilinear`` without half-pixel centres
+(:func:`extract.images.resize_tf1`), and boxes divided by the nominal scale times the shrink ratio,
+with no half-pixel shift, so the centre of cell (i, j) is at stride * (i, j) / scale.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ import torchvision
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from extract.config import ExtractionConfig
-from extract.images import fit_size, shrink, to_rgb
+from extract.config import ExtractionConfig, with_recorded
+from extract.images import fit_size, resize_tf1, shrink, to_rgb
 from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
 from train.delf import Delf, ReceptiveField
@@ -53,22 +58,24 @@ def too_small(width: int, height: int, max_image_size: int) -> str | None:
     return f"too small: {width}x{height} px{shrunk}; the shorter side must be at least {MIN_IMAGE_SIDE} px"
 
 
-def to_original(boxes: torch.Tensor, ratio: tuple[float, float]) -> torch.Tensor:
-    """[x1, y1, x2, y2] boxes from scaled-image to original-image pixels (half-pixel convention).
-    Python-scalar arithmetic only: no host-to-device copy."""
-    out = boxes + 0.5
+def to_original(boxes: torch.Tensor, ratio: tuple[float, float], half_pixel: bool = True) -> torch.Tensor:
+    """[x1, y1, x2, y2] boxes from scaled-image to original-image pixels: with ``half_pixel``
+    x -> (x + 0.5) / r - 0.5, else x -> x / r (the official extractor's). Python-scalar arithmetic
+    only: no host-to-device copy."""
+    shift = 0.5 if half_pixel else 0.0
+    out = boxes + shift
     out[:, 0::2] /= ratio[0]
     out[:, 1::2] /= ratio[1]
-    return out - 0.5
+    return out - shift
 
 
 def cell_boxes(rf: ReceptiveField, height: int, width: int, ratio: tuple[float, float],
-               device: str | torch.device = "cpu") -> torch.Tensor:
+               device: str | torch.device = "cpu", half_pixel: bool = True) -> torch.Tensor:
     """Receptive boxes (h*w, 4) [x1, y1, x2, y2] of an (height, width) feature map, row-major, in
-    original-image pixels, for a network input that was the original resized by ``ratio`` (x, y).
-    Made on ``device`` (no copy, so no wait for a GPU)."""
+    original-image pixels, for a network input that was the original resized by ``ratio`` (x, y)
+    (see :func:`to_original`). Made on ``device`` (no copy, so no wait for a GPU)."""
     with torch.device(device):
-        return to_original(rf.boxes(height, width), ratio)
+        return to_original(rf.boxes(height, width), ratio, half_pixel)
 
 
 def box_centres(boxes: torch.Tensor) -> torch.Tensor:
@@ -151,8 +158,8 @@ class DelfExtractor:
         conf = conf or ExtractionConfig()
         if not conf.scale_list or min(conf.scale_list) <= 0:
             raise ValueError(f"scales must be positive, got {list(conf.scale_list)}")
-        if conf.top_k < 1 or conf.max_image_size < MIN_IMAGE_SIDE:
-            raise ValueError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE}")
+        if conf.top_k < 1 or 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
+            raise ValueError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE} (or 0: no limit)")
         if pca is not None and not 1 <= conf.pca_dims <= len(pca["pca_mean"]):
             raise PcaError(f"pca_dims {conf.pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
@@ -186,9 +193,10 @@ class DelfExtractor:
                         ) -> "DelfExtractor":
         """Build from a keypoint-stage checkpoint (either format) and an optional PCA file, which
         must have been fitted on this checkpoint. No PCA when ``pca_path`` is None or not
-        ``conf.use_pca``."""
-        conf = conf or ExtractionConfig()
-        model, _ = load_model(checkpoint, stage="inference")
+        ``conf.use_pca``. Without ``conf``: the defaults, with the settings the checkpoint records
+        in their place (a converted official model's, see :func:`extract.config.with_recorded`)."""
+        model, ckpt = load_model(checkpoint, stage="inference")
+        conf = conf or with_recorded(ExtractionConfig(), ckpt.get("extraction") or {})
         sha = file_sha256(checkpoint)
         pca = load_pca(pca_path, checkpoint_sha256=sha) if conf.use_pca and pca_path is not None else None
         return cls(model, conf, pca=pca, device=device, checkpoint_sha256=sha)
@@ -228,12 +236,22 @@ class DelfExtractor:
 
     def scale_image(self, image: torch.Tensor, scale: float, original_size: tuple[int, int]
                     ) -> tuple[torch.Tensor, tuple[float, float]]:
-        """Pyramid level ``scale`` of a prepared image, and its per-axis ratio (x, y) to the original."""
+        """Pyramid level ``scale`` of a prepared image (``conf.resize``), and the per-axis ratio
+        (x, y) its boxes map to the original with (``conf.boxes``: the actual size ratio, or the
+        nominal scale times the shrink ratio)."""
         height, width = image.shape[-2:]
-        h, w = max(1, round(height * scale)), max(1, round(width * scale))
-        if (h, w) != (height, width):
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
-                                  antialias=h < height or w < width)[0]
+        if self.conf.resize == "tf1":  # the official: round(side * scale) in float32, half to even
+            h, w = (max(1, int(torch.round(torch.tensor(n, dtype=torch.float32) * torch.tensor(scale)
+                                           ))) for n in (height, width))
+            if (h, w) != (height, width):
+                image = resize_tf1(image, (h, w))
+        else:
+            h, w = max(1, round(height * scale)), max(1, round(width * scale))
+            if (h, w) != (height, width):
+                image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                      antialias=h < height or w < width)[0]
+        if self.conf.boxes == "official":
+            return image, (scale * width / original_size[0], scale * height / original_size[1])
         return image, (w / original_size[0], h / original_size[1])
 
     # --- extraction ------------------------------------------------------------------------
@@ -262,7 +280,8 @@ class DelfExtractor:
                 else:
                     fmap, attn = self.model.extract(x)
             attention.append(attn[0, 0].float())
-            boxes.append(cell_boxes(self.receptive_field, *attention[-1].shape, ratio, self.device))
+            boxes.append(cell_boxes(self.receptive_field, *attention[-1].shape, ratio, self.device,
+                                    half_pixel=self.conf.boxes == "half_pixel"))
             # (h*w, C) rows of the map: a view for channels_last output; gathered after NMS
             rows.append(fmap[0].permute(1, 2, 0).reshape(-1, fmap.shape[1]))
             scales.append(torch.full((len(rows[-1]),), scale, device=self.device))

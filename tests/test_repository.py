@@ -9,12 +9,13 @@ from train.runtime import PROJECT_ROOT
 
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "Pillow", "sklearn": "scikit-learn",
-                 "skimage": "scikit-image", "faiss": "faiss-cpu"}
+                 "skimage": "scikit-image", "faiss": "faiss-cpu", "tf_slim": "tf-slim", "google": "protobuf"}
 FIRST_PARTY = {"train", "extract", "tests"}
 
 
 def python_files() -> list:
-    return [p for p in PROJECT_ROOT.rglob("*.py") if not {".venv", "repo"} & set(p.relative_to(PROJECT_ROOT).parts)]
+    return [p for p in PROJECT_ROOT.rglob("*.py")
+            if not any(part == "repo" or part.startswith(".venv") for part in p.relative_to(PROJECT_ROOT).parts)]
 
 
 def requirement_names(name: str) -> set[str]:
@@ -44,13 +45,20 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
 
 
 def test_every_imported_package_is_a_requirement() -> None:
+    """Each file's imports are in its requirements: the runtime's, the tests' (requirements-dev.txt),
+    the converter's (requirements-convert.txt) or the official reference environment's."""
     runtime = requirement_names("requirements.txt")
     dev = runtime | requirement_names("requirements-dev.txt")
+    special = {"extract/official.py": runtime | requirement_names("requirements-convert.txt")}
+    reference = requirement_names("tests/official/requirements.txt")
     missing = []
     for path in python_files():
-        is_test = path.relative_to(PROJECT_ROOT).parts[0] == "tests"
+        relative = path.relative_to(PROJECT_ROOT)
+        allowed = special.get(relative.as_posix(), dev if relative.parts[0] == "tests" else runtime)
+        if relative.parts[:2] == ("tests", "official"):
+            allowed = reference
         for module in imported_modules(path) - FIRST_PARTY - set(sys.stdlib_module_names):
             dist = DISTRIBUTIONS.get(module, module).lower()
-            if dist not in (dev if is_test else runtime):
+            if dist not in allowed:
                 missing.append(f"{path.relative_to(PROJECT_ROOT)}: {module}")
     assert missing == []

@@ -2,8 +2,11 @@
 
 Two formats load:
 - this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
-  ``ncls``, ``stage``, ``attention_pool``, ``epoch``, ``best_acc``, ``optimizer``,
-  ``lr_scheduler``, ``config`` (files written before ``attention_pool`` existed mean "sum");
+  ``ncls``, ``stage``, ``attention_pool``, ``layout``, ``input_norm``, ``epoch``, ``best_acc``,
+  ``optimizer``, ``lr_scheduler``, ``config`` (files written before ``attention_pool``,
+  ``layout`` or ``input_norm`` existed mean "sum", "torchvision" and "imagenet"); a converted
+  official model also has ``source`` (where it came from) and ``extraction`` (its official
+  extraction settings: extract/official.py);
 - the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
   ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
 """
@@ -65,7 +68,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def checkpoint_dict(model: Delf | Delg, **extra: Any) -> dict[str, Any]:
     """This project's checkpoint format for ``model``; ``extra`` adds epoch, optimizer, ...."""
     ckpt = {"state_dict": model.state_dict(), "arch": model.arch, "target_layer": model.target_layer,
-            "ncls": model.ncls, "stage": model.stage, "attention_pool": model.attention_pool, "epoch": 0,
+            "ncls": model.ncls, "stage": model.stage, "attention_pool": model.attention_pool,
+            "layout": getattr(model, "layout", "torchvision"), "input_norm": getattr(model, "input_norm", "imagenet"),
+            "epoch": 0,
             "best_acc": 0.0, "optimizer": {}, "lr_scheduler": {}, "config": {}}
     ckpt.update(extra)
     return ckpt
@@ -124,13 +129,15 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """arch, target_layer, ncls, stage, attn_batchnorm and attention_pool of a checkpoint of either
-    format ("sum" where the file does not say: the seed's and this project's older files); for a
-    delg-stage one also global_dim and autoencoder_dim (read from the weights' shapes)."""
+    """arch, target_layer, ncls, stage, attn_batchnorm, attention_pool, layout and input_norm of a
+    checkpoint of either format ("sum", "torchvision", "imagenet" where the file does not say: the
+    seed's and this project's older files); for a delg-stage one also global_dim and autoencoder_dim
+    (read from the weights' shapes)."""
     state = model_state(ckpt)
     has_attn = any(k.startswith("attn.") for k in state)
     info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state),
-            "attention_pool": ckpt.get("attention_pool", "sum")}
+            "attention_pool": ckpt.get("attention_pool", "sum"), "layout": ckpt.get("layout", "torchvision"),
+            "input_norm": ckpt.get("input_norm", "imagenet")}
     if not is_seed_format(ckpt):
         info.update({k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")})
         if info["stage"] == "delg":
@@ -167,7 +174,8 @@ def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf 
             "train the keypoint stage (--stage keypoint --load_from this file) and use its checkpoint"
         )
     model = Delf(info["ncls"], arch=info["arch"], stage=stage, target_layer=info["target_layer"],
-                 attn_batchnorm=info["attn_batchnorm"], attention_pool=info["attention_pool"])
+                 attn_batchnorm=info["attn_batchnorm"], attention_pool=info["attention_pool"],
+                 layout=info["layout"], input_norm=info["input_norm"])
     _load(model, model_state(ckpt), path)
     return model, ckpt
 
@@ -177,8 +185,9 @@ def load_backbone(model: Delf, path: str | os.PathLike) -> dict[str, Any]:
     checkpoint of either format into a keypoint-stage ``model``."""
     ckpt = load_file(path)
     info = describe(ckpt)
-    if info["arch"] != model.arch:
-        raise CheckpointError(f"{path}: checkpoint is {info['arch']}, but --arch is {model.arch}")
+    for key in ("arch", "layout", "input_norm"):
+        if info[key] != getattr(model, key):
+            raise CheckpointError(f"{path}: checkpoint's {key} is {info[key]}, but --{key} is {getattr(model, key)}")
     prefixes = tuple(f"{m}." for m in ("base", "layer4")[: len(model.backbone())])
     state = {k: v for k, v in model_state(ckpt).items() if k.startswith(prefixes)}
     if model.target_layer == "layer4" and not any(k.startswith("layer4.") for k in state):

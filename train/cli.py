@@ -81,6 +81,22 @@ def add_config_args(parser: Container, cls: type, rename: dict[str, str] | None 
         target.add_argument(*names, **kwargs)
 
 
+def parse_args_given(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` plus ``given_flags``: the destinations the command line set
+    (found by parsing again with every default suppressed)."""
+    args = parser.parse_args(argv)
+    saved = [(action, action.default) for action in parser._actions]  # noqa: SLF001
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    args.given_flags = frozenset(given)
+    return args
+
+
 def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
     """An instance of dataclass ``cls`` from the namespace filled by :func:`add_config_args`
     (list values become tuples where the field is a tuple); ``overrides`` win."""

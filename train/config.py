@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 from .cli import add_config_args, config_from_args
 from .dataloader import MAX_WORKERS
-from .delf import ARCHS, TARGET_LAYERS
-from .layers import ATTENTION_POOLS
+from .delf import ARCHS, LAYOUTS, TARGET_LAYERS
+from .layers import ATTENTION_POOLS, INPUT_NORMS
 from .runtime import repo_dir
 
 STAGES = ("finetune", "keypoint", "delg")
@@ -124,6 +124,12 @@ class TrainConfig:
     # model
     arch: str = _opt("resnet50", "ResNet backbone", "model", choices=ARCHS)
     target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
+    layout: str = _opt("torchvision", "ResNet layout: torchvision's, or TF-slim's resnet_v1 (the official DELF "
+                        "models': stride in each block's last unit, layer3 stride 32; to fine-tune converted "
+                        "official weights)", "model", choices=LAYOUTS)
+    input_norm: str | None = _opt(None, "input normalisation: imagenet (mean/std) or tf ((pixel - 128) / 128, the "
+                                  "official DELF models'); when omitted: tf for --layout slim, else imagenet",
+                                  "model", choices=tuple(INPUT_NORMS))
     pretrained: str = _opt("imagenet", "finetune and delg stages backbone init: imagenet | none | PATH to a "
                            "torchvision state_dict", "model")
     attention_pool: str = _opt("sum", "keypoint stage: pool the attention-weighted features by their sum (the "
@@ -177,6 +183,11 @@ class TrainConfig:
         return getattr(self, f"{self.stage}_crop_size")
 
     @property
+    def normalisation(self) -> str:
+        """The input normalisation in effect (``input_norm``, else the layout's)."""
+        return self.input_norm or ("tf" if self.layout == "slim" else "imagenet")
+
+    @property
     def epochs(self) -> int:
         return getattr(self, f"{self.stage}_epoch")
 
@@ -215,6 +226,8 @@ class TrainConfig:
         if self.train_csv is not None and val_path is not None:
             return (f"--{self.stage}_val_path and --train_csv: with a CSV the val images are split off it "
                     "(--val_fraction); leave out one of them")
+        if self.stage == "delg" and self.layout != "torchvision":
+            return "--stage delg: the slim layout is for DELF (--stage finetune / keypoint)"
         if self.stage == "delg" and self.target_layer != "layer3":
             return "--stage delg: the local branch is on layer3 (--target_layer layer3)"
         if self.sample_size < self.crop_size:

@@ -10,9 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .layers import ATTENTION_POOLS, GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
+from .layers import ATTENTION_POOLS, INPUT_NORMS, GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
+from .slim import SLIM_UNITS, SlimResNet
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# "torchvision": torchvision's ResNet (v1.5); "slim": TF-slim's resnet_v1, the official DELF models' (train/slim.py)
+LAYOUTS = ("torchvision", "slim")
 STAGES = ("finetune", "keypoint", "inference")
 TARGET_LAYERS = ("layer3", "layer4")
 BASE_ORDER = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -69,24 +72,41 @@ def feature_dim(arch: str, target_layer: str) -> int:
 
 Pretrained = str | Mapping[str, torch.Tensor]
 """Backbone initialisation: 'imagenet' (torchvision's weights, downloaded once), 'none', or a
-torchvision ResNet state_dict (the caller reads the file)."""
+ResNet state_dict of the model's layout (the caller reads the file; a slim one may lack layer4 and
+the classifier, which then stay randomly initialised)."""
 
 
-def build_resnet(arch: str, pretrained: Pretrained = "none") -> torchvision.models.ResNet:
-    """A torchvision ResNet initialised as ``pretrained`` says (see :data:`Pretrained`)."""
+def build_resnet(arch: str, pretrained: Pretrained = "none", layout: str = "torchvision"
+                 ) -> torchvision.models.ResNet | SlimResNet:
+    """A ResNet of ``layout`` initialised as ``pretrained`` says (see :data:`Pretrained`; ImageNet
+    weights exist for the torchvision layout only). ``layout`` "slim" has bottleneck archs only."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)}")
-    net = torchvision.models.get_model(arch, weights=None)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose from {', '.join(LAYOUTS)}")
+    if layout == "slim" and arch not in SLIM_UNITS:
+        raise ValueError(f"--layout slim: TF-slim's resnet_v1 has bottleneck archs only "
+                         f"({', '.join(SLIM_UNITS)}), not {arch}")
+    net = SlimResNet(arch) if layout == "slim" else torchvision.models.get_model(arch, weights=None)
     if isinstance(pretrained, str):
         if pretrained == "imagenet":
+            if layout == "slim":
+                raise PretrainedUnavailable("--layout slim: there are no ImageNet weights of TF-slim's layout here; "
+                                            "give --pretrained none, or PATH to a slim state_dict (e.g. the "
+                                            "state_dict of a model converted by extract/convert_official.py)")
             net.load_state_dict(_imagenet_state(arch))
         elif pretrained != "none":
             raise ValueError(f"pretrained {pretrained!r}: give 'imagenet', 'none' or a state_dict")
         return net
     try:
-        net.load_state_dict(pretrained)
+        missing, unexpected = net.load_state_dict(pretrained, strict=False)
     except RuntimeError as e:
-        raise PretrainedUnavailable(f"not a torchvision {arch} state_dict: {e}") from None
+        raise PretrainedUnavailable(f"not a {layout} {arch} state_dict: {e}") from None
+    optional = ("layer4.",) if layout == "slim" else ()  # official DELF releases end at block3
+    missing = [k for k in missing if not k.startswith(optional)]
+    if missing or unexpected:
+        raise PretrainedUnavailable(f"not a {layout} {arch} state_dict: missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}")
     return net
 
 
@@ -107,7 +127,7 @@ def _imagenet_state(arch: str) -> Mapping[str, torch.Tensor]:
 
 
 class Delf(nn.Module):
-    """DeLF on a torchvision ResNet. Input: RGB in [0, 1], (B, 3, H, W).
+    """DeLF on a ResNet. Input: RGB in [0, 1], (B, 3, H, W).
 
     - ``finetune``: base -> layer4 -> global average pool -> classifier; ``forward`` gives logits.
     - ``keypoint``: frozen base (+ frozen layer4 for layer4 features) -> attention -> attention-
@@ -118,6 +138,10 @@ class Delf(nn.Module):
     ``base`` is ``nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3)``, the seed
     repo's layout, so its checkpoints load module by module. ``pretrained`` initialises the
     ResNet of a finetune-stage model only (other stages get their weights from a checkpoint).
+
+    ``layout`` is the ResNet's: "torchvision" (layer3 stride 16) or "slim" (TF-slim's resnet_v1,
+    the official DELF models': layer3 stride 32, see train/slim.py). ``input_norm`` maps the
+    [0, 1] input to the network's: "imagenet" (mean/std) or "tf" ((pixel - 128) / 128, the official).
     """
 
     def __init__(
@@ -130,6 +154,8 @@ class Delf(nn.Module):
         attn_batchnorm: bool = True,
         use_random_gamma_rescale: bool = False,
         attention_pool: str = "sum",
+        layout: str = "torchvision",
+        input_norm: str = "imagenet",
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -139,11 +165,14 @@ class Delf(nn.Module):
         self.arch, self.stage, self.target_layer, self.ncls = arch, stage, target_layer, ncls
         if attention_pool not in ATTENTION_POOLS:
             raise ValueError(f"unknown attention_pool {attention_pool!r}: choose from {', '.join(ATTENTION_POOLS)}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}: choose from {', '.join(INPUT_NORMS)}")
         self.use_random_gamma_rescale = use_random_gamma_rescale
         self.attention_pool = attention_pool
-        resnet = build_resnet(arch, pretrained if stage == "finetune" else "none")
+        self.layout, self.input_norm = layout, input_norm
+        resnet = build_resnet(arch, pretrained if stage == "finetune" else "none", layout)
 
-        self.normalize = ImageNormalize()
+        self.normalize = ImageNormalize(input_norm)
         self.base = nn.Sequential(*(getattr(resnet, name) for name in BASE_ORDER))
         if stage == "finetune" or target_layer == "layer4":
             self.layer4 = resnet.layer4

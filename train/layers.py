@@ -7,15 +7,26 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per channel of RGB in [0, 1] for each input normalisation: "imagenet" (torchvision's
+# models), "tf" ((pixel - 128) / 128 on [0, 255] pixels: the official DELF models)
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf": ((128 / 255,) * 3, (128 / 255,) * 3)}
 
 
 class ImageNormalize(nn.Module):
-    """Maps RGB in [0, 1] to ImageNet-normalised input (the model's first step)."""
+    """Maps RGB in [0, 1] to the network's input (the model's first step): ``(x - mean) / std``
+    with ``INPUT_NORMS[kind]``."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "imagenet") -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if kind not in INPUT_NORMS:
+            raise ValueError(f"unknown input normalisation {kind!r}: choose from {', '.join(INPUT_NORMS)}")
+        self.kind = kind
+        mean, std = INPUT_NORMS[kind]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

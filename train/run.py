@@ -193,7 +193,8 @@ def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf | Delg:
             return Delg(ncls, arch=cfg.arch, global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim,
                         arcface_margin=cfg.arcface_margin, arcface_scale=cfg.arcface_scale, pretrained=pretrained)
         model = Delf(ncls, arch=cfg.arch, stage=cfg.stage, target_layer=cfg.target_layer, pretrained=pretrained,
-                     use_random_gamma_rescale=cfg.use_random_gamma_rescale, attention_pool=cfg.attention_pool)
+                     use_random_gamma_rescale=cfg.use_random_gamma_rescale, attention_pool=cfg.attention_pool,
+                     layout=cfg.layout, input_norm=cfg.normalisation)
     except PretrainedUnavailable as e:
         if isinstance(pretrained, str):
             raise
@@ -212,7 +213,8 @@ def _resume_checkpoint(last: Path) -> dict[str, Any]:
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, ncls: int, path: Path) -> None:
     info = describe(ckpt)
-    wanted = {"stage": cfg.stage, "arch": cfg.arch, "target_layer": cfg.target_layer, "ncls": ncls}
+    wanted = {"stage": cfg.stage, "arch": cfg.arch, "target_layer": cfg.target_layer, "ncls": ncls,
+              "layout": cfg.layout, "input_norm": cfg.normalisation}
     if cfg.stage == "keypoint":
         wanted["attention_pool"] = cfg.attention_pool
     if cfg.stage == "delg":
