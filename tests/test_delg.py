@@ -1,14 +1,16 @@
 """DELG: GeM and ArcFace against hand-computed values, the loss, the gradient stop into the
-backbone, the autoencoder, shapes and unit global descriptors."""
+backbone, the autoencoder, where the attention reads and what it pools, the stride-32 local grid
+(block3_strides), shapes and unit global descriptors."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train.delf import Delf
+from train.delf import Delf, ReceptiveField
 from train.delg import CLASSIFIERS, ArcFace, Delg, DelgOutput, GeM, LossWeights, delg_loss, gem, pool_scales
 
 NCLS = 4
@@ -83,14 +85,59 @@ def test_shapes_and_unit_global_descriptor(autoencoder_dim: int) -> None:
         local2, attention2 = model.extract(x)
         out = model(x)
     dim = autoencoder_dim or 256
-    assert model.feature_dim == dim and local.shape == (2, dim, 6, 4) and attention.shape == (2, 1, 6, 4)
+    # layer3 is 6x4 (stride 16); block3_strides (the default) subsamples it to 3x2
+    assert model.feature_dim == dim and local.shape == (2, dim, 3, 2) and attention.shape == (2, 1, 3, 2)
     assert torch.equal(local, local2) and torch.equal(attention, attention2)
     assert glob.shape == (2, 32) and glob.dtype == torch.float32
     assert torch.allclose(glob.norm(dim=1), torch.ones(2), atol=1e-5)
     assert out.global_logits.shape == out.attention_logits.shape == (2, NCLS)
     assert out.reconstruction.shape == (2,) and bool((out.reconstruction > 0).all()) == bool(autoencoder_dim)
-    # same receptive field as DeLF's layer3 (the extractor maps keypoints with it)
-    assert model.receptive_field() == Delf(NCLS, arch="resnet18", stage="inference").receptive_field()
+
+
+def test_block3_strides_subsamples_the_local_grid() -> None:
+    """The stride-32 grid is every other cell of the stride-16 one (odd sizes round up), with
+    DeLF's layer3 receptive field at twice the stride; the global branch is the same."""
+    torch.manual_seed(0)
+    strided = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16).eval()
+    plain = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16, block3_strides=False).eval()
+    plain.load_state_dict(strided.state_dict())  # strict: the option adds no weights
+    assert (strided.block3_strides, plain.block3_strides) == (True, False)
+    x = torch.rand(1, 3, 112, 80)  # layer3: 7x5
+    with torch.no_grad():
+        local, attention, glob = strided.extract_with_global(x)
+        local16, attention16, glob16 = plain.extract_with_global(x)
+    assert local16.shape == (1, 16, 7, 5) and local.shape == (1, 16, 4, 3) and attention.shape == (1, 1, 4, 3)
+    # equal up to float rounding (the convs run on maps of another size)
+    torch.testing.assert_close(local, local16[:, :, ::2, ::2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention, attention16[:, :, ::2, ::2], rtol=1e-5, atol=1e-6)
+    assert torch.equal(glob, glob16)
+    delf = Delf(NCLS, arch="resnet18", stage="inference").receptive_field()  # 211/16/105
+    assert plain.receptive_field() == delf
+    assert strided.receptive_field() == ReceptiveField(delf.size, 32, delf.padding)
+
+
+def test_attention_reads_layer3_and_pools_the_reconstruction() -> None:
+    """The paper's wiring (tensorflow/models#9906): changing the autoencoder leaves the attention
+    map as it is and changes the attention classifier's logits (it pools the reconstruction)."""
+    torch.manual_seed(0)
+    model = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16).eval()
+    x = torch.rand(2, 3, 128, 96)
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.autoencoder.decoder.weight.add_(0.5 * torch.randn_like(perturbed.autoencoder.decoder.weight))
+        local, attention = model.extract(x)
+        local_p, attention_p = perturbed.extract(x)
+        logits, logits_p = model(x).attention_logits, perturbed(x).attention_logits
+        # the attention is the head applied to the subsampled layer3 features
+        f3 = model.features(x)[:, :, ::2, ::2]
+        assert torch.equal(attention, model.attn(f3))
+        # the logits: classifier of the mean over cells of attention x unit reconstruction
+        rec = F.relu(model.autoencoder.decoder(model.autoencoder.encoder(f3)))
+        pooled = (attention * rec / rec.norm(dim=1, keepdim=True).clamp(min=1e-12)).mean(dim=(2, 3))
+        expected = pooled @ model.logits[0].weight[:, :, 0, 0].T + model.logits[0].bias
+    assert torch.equal(attention_p, attention) and torch.equal(local_p, local)  # the decoder reads nothing here
+    assert (logits_p - logits).abs().max() > 1e-3
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_global_dim_and_defaults() -> None:
@@ -124,7 +171,7 @@ def _changed(model: Delg, before: dict[str, torch.Tensor]) -> set[str]:
 def test_local_losses_do_not_reach_the_backbone() -> None:
     torch.manual_seed(0)
     model = Delg(NCLS, arch="resnet18", global_dim=32, autoencoder_dim=16)
-    # the attention reads the autoencoder's reconstruction, so its loss trains the autoencoder too
+    # the attention classifier pools the autoencoder's reconstruction, so its loss trains the autoencoder too
     assert _changed(model, _sgd_step(model, "attention")) == {"attn", "logits", "autoencoder"}
     assert _changed(model, _sgd_step(model, "reconstruction")) == {"autoencoder"}
     # the global loss trains the backbone, the whitening and the ArcFace weights, nothing local

@@ -1,7 +1,9 @@
 """Extraction with a DELG checkpoint: the global descriptor (multi-scale GeM, unit length, sharing
-the pyramid's forward passes), the autoencoder's code as local descriptor, the feature file."""
+the pyramid's forward passes), the autoencoder's code as local descriptor, keypoints on the stride-32
+grid (block3_strides; stride 16 for checkpoints older than the option), the feature file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from extract.extractor import main
 from extract.features import file_attrs, iter_features
 from extract.pipeline import DelfExtractor
 from tests.utils import photo, save_delg_checkpoint
-from train.checkpoint import load_model
+from train.checkpoint import CheckpointError, load_file, load_model
 from train.delg import GLOBAL_SCALES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,8 +87,41 @@ def test_extractor_cli_writes_unit_global_descriptors(ckpt: Path, images: Path, 
         assert np.linalg.norm(g) == pytest.approx(1.0, abs=1e-5)
         assert f["descriptors"].shape[1] == 16
     attrs = file_attrs(out)
+    assert attrs["receptive_field"] == [211, 32, 105]  # resnet18 layer3 (211/16/105) subsampled by 2
     assert attrs["global_dim"] == 32 and attrs["global_scales"] == pytest.approx(list(GLOBAL_SCALES))
     assert attrs["descriptor_dim"] == 16
     # the same landmark's crops are closer than another landmark's
     g = {name: f["global_descriptor"] for name, f in feats.items()}
     assert g["astronaut/000.jpg"] @ g["astronaut/001.jpg"] > g["astronaut/000.jpg"] @ g["coffee/000.jpg"]
+
+
+def test_keypoints_on_the_stride_32_grid_and_old_checkpoints_at_16(ckpt: Path, tmp_path: Path) -> None:
+    """Every cell kept (no threshold, no suppression) at scale 1: the keypoints are the centres of
+    the cells' receptive boxes, (32 j, 32 i); a checkpoint written before block3_strides existed
+    loads at stride 16, (16 j, 16 i), and its even cells are the same features."""
+    old = load_file(ckpt)
+    del old["block3_strides"]
+    torch.save(old, tmp_path / "old.pth.tar")
+    conf = ExtractionConfig(use_pca=False, scale_list=(1.0,), attn_thres=0.0, iou_thres=1.0)
+    image = torch.rand(3, 128, 160)  # layer3: 8 x 10 cells
+    feats = {}
+    for name, path in (("new", ckpt), ("old", tmp_path / "old.pth.tar")):
+        model, _ = load_model(path)
+        feats[name] = DelfExtractor(model, conf, global_descriptor=False)(image)
+    grid = {name: {tuple(k): d for k, d in zip(f["keypoints"].tolist(), f["descriptors"])}
+            for name, f in feats.items()}
+    assert set(grid["new"]) == {(32.0 * j, 32.0 * i) for i in range(4) for j in range(5)}
+    assert set(grid["old"]) == {(16.0 * j, 16.0 * i) for i in range(8) for j in range(10)}
+    assert feats["new"]["attention"][0].shape == (4, 5) and feats["old"]["attention"][0].shape == (8, 10)
+    for k, d in grid["new"].items():
+        np.testing.assert_allclose(d, grid["old"][k], atol=1e-5)
+    np.testing.assert_allclose(feats["new"]["attention"][0], feats["old"]["attention"][0][::2, ::2], rtol=1e-5)
+
+
+def test_bad_block3_strides_is_a_one_line_error(ckpt: Path, tmp_path: Path) -> None:
+    bad = load_file(ckpt)
+    bad["block3_strides"] = "yes"
+    torch.save(bad, tmp_path / "bad.pth.tar")
+    message = f"{tmp_path / 'bad.pth.tar'}: block3_strides is 'yes': expected true or false"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
+        load_model(tmp_path / "bad.pth.tar")

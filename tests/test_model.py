@@ -5,6 +5,7 @@ import copy
 import math
 import urllib.error
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torchvision
 from tests.utils import save_keypoint_checkpoint
 from train.checkpoint import checkpoint_dict, describe, load_backbone, load_file, load_model
 from train.delf import Delf, PretrainedUnavailable, feature_dim
+from train.delg import Delg
 from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d, WeightedSum2d
 
 NCLS = 5
@@ -92,14 +94,19 @@ def _support(grad: torch.Tensor) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
 
 
-@pytest.mark.parametrize("arch, layer, size, stride, padding, input_size", [
-    ("resnet50", "layer3", 267, 16, 133, 288),
-    ("resnet50", "layer4", 427, 32, 213, 448),
-    ("resnet18", "layer3", 211, 16, 105, 224),
+@pytest.mark.parametrize("build, size, stride, padding, input_size", [
+    pytest.param(lambda: Delf(NCLS, arch="resnet50", stage="inference"), 267, 16, 133, 288, id="resnet50-layer3"),
+    pytest.param(lambda: Delf(NCLS, arch="resnet50", stage="inference", target_layer="layer4"), 427, 32, 213, 448,
+                 id="resnet50-layer4"),
+    pytest.param(lambda: Delf(NCLS, arch="resnet18", stage="inference"), 211, 16, 105, 224, id="resnet18-layer3"),
+    # DELG's block3_strides: layer3 subsampled by 2 doubles the stride only (the official export's
+    # 291/32/145 are its own ResNet's, whose stride-2 blocks stride a 1x1 conv, not the 3x3)
+    pytest.param(lambda: Delg(NCLS, arch="resnet50", global_dim=8, autoencoder_dim=0, classifiers=False),
+                 267, 32, 133, 320, id="resnet50-delg-block3_strides"),
 ])
-def test_receptive_field_matches_input_gradients(arch: str, layer: str, size: int, stride: int,
+def test_receptive_field_matches_input_gradients(build: Callable[[], Delf | Delg], size: int, stride: int,
                                                  padding: int, input_size: int) -> None:
-    model = Delf(NCLS, arch=arch, stage="inference", target_layer=layer)
+    model = build()
     rf = model.receptive_field()
     assert (rf.size, rf.stride, rf.padding) == (size, stride, padding)
 

@@ -11,10 +11,11 @@ import torch
 
 from tests.utils import assert_resume_is_exact, run_trainer
 from train.checkpoint import describe, load_file, load_model
-from train.config import parse_args
+from train.config import TrainConfig, parse_args
 from train.delg import Delg
 from train.main import main
 from train.objective import DelgObjective
+from train.run import build_model
 from train.runtime import repo_dir
 from train.solver import EpochMeter, Settings, Solver
 
@@ -43,6 +44,18 @@ def test_delg_flags_and_defaults() -> None:
     assert Settings.from_config(finetune, 0).clip_grad_norm == 0.0  # other stages: unchanged
 
 
+def test_block3_strides_flag_reaches_the_model() -> None:
+    """--delg_block3_strides (default true, as the official trainer): the local grid's stride."""
+    def cfg(*flags: str) -> TrainConfig:
+        return parse_args(["--stage", "delg", "--delg_train_path", "t", "--delg_val_path", "v", *TINY, *flags])
+
+    assert cfg().delg_block3_strides is True and cfg("--delg_block3_strides").delg_block3_strides is True
+    assert cfg("--delg_block3_strides", "false").delg_block3_strides is False
+    for flags, stride in (((), 32), (("--delg_block3_strides", "false"), 16)):
+        model = build_model(cfg(*flags), ncls=3, resuming=True)
+        assert isinstance(model, Delg) and model.receptive_field().stride == stride
+
+
 def test_delg_stage_trains_and_checkpoints(image_data: tuple[Path, Path], expr: str) -> None:
     out = main(delg_argv(expr, image_data, "--delg_epoch", "2"))
     assert out == repo_dir() / expr / "delg"
@@ -50,7 +63,8 @@ def test_delg_stage_trains_and_checkpoints(image_data: tuple[Path, Path], expr: 
     assert (ckpt["stage"], ckpt["epoch"], ckpt["arch"]) == ("delg", 2, "resnet18")
     assert (out / "ckpt" / "bestshot.pth.tar").is_file()
     assert describe(ckpt) == {"attn_batchnorm": True, "arch": "resnet18", "target_layer": "layer3", "ncls": 3,
-                              "stage": "delg", "global_dim": 32, "autoencoder_dim": 16, "attention_pool": "mean"}
+                              "stage": "delg", "global_dim": 32, "autoencoder_dim": 16, "attention_pool": "mean",
+                              "block3_strides": True}
     train_log = rows(out / "log" / "train.log")
     assert [r["epoch"] for r in train_log] == ["1", "2"]
     for r in train_log + rows(out / "log" / "val.log"):
@@ -61,7 +75,7 @@ def test_delg_stage_trains_and_checkpoints(image_data: tuple[Path, Path], expr: 
     # the extraction side: a classifier-free Delg with the trained weights
     model, _ = load_model(out / "ckpt" / "bestshot.pth.tar")
     assert isinstance(model, Delg) and not hasattr(model, "arcface")
-    assert (model.global_dim, model.feature_dim) == (32, 16)
+    assert (model.global_dim, model.feature_dim, model.receptive_field().stride) == (32, 16, 32)
 
 
 def test_delg_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], expr: str) -> None:
@@ -69,6 +83,8 @@ def test_delg_resume_matches_uninterrupted_run(image_data: tuple[Path, Path], ex
     # another architecture of the head cannot resume that run
     with pytest.raises(SystemExit, match="global_dim 32 \\(now 64\\)"):
         main(delg_argv(expr, image_data, "--delg_epoch", "3", "--resume", "--global_dim", "64"))
+    with pytest.raises(SystemExit, match="block3_strides True \\(now False\\)"):
+        main(delg_argv(expr, image_data, "--delg_epoch", "3", "--resume", "--delg_block3_strides", "false"))
 
 
 def test_gradient_clipping_bounds_the_update() -> None:

@@ -125,10 +125,11 @@ def make_gldv2(root: Path, classes: int = 3, per_class: int = 5, size: int = 80,
 
 
 def save_delg_checkpoint(path: Path, arch: str = "resnet18", global_dim: int = 32, autoencoder_dim: int = 16,
-                         ncls: int = 3, seed: int = 0) -> Path:
+                         ncls: int = 3, seed: int = 0, block3_strides: bool = True) -> Path:
     """A randomly initialised delg-stage model in this project's checkpoint format."""
     torch.manual_seed(seed)
-    model = Delg(ncls, arch=arch, global_dim=global_dim, autoencoder_dim=autoencoder_dim)
+    model = Delg(ncls, arch=arch, global_dim=global_dim, autoencoder_dim=autoencoder_dim,
+                 block3_strides=block3_strides)
     atomic_save(checkpoint_dict(model), path)
     return path
 

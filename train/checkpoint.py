@@ -4,9 +4,10 @@ Two formats load:
 - this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
   ``ncls``, ``stage``, ``attention_pool``, ``layout``, ``input_norm``, ``epoch``, ``best_acc``,
   ``optimizer``, ``lr_scheduler``, ``config`` (files written before ``attention_pool``,
-  ``layout`` or ``input_norm`` existed mean "sum", "torchvision" and "imagenet"); a converted
-  official model also has ``source`` (where it came from) and ``extraction`` (its official
-  extraction settings: extract/official.py);
+  ``layout`` or ``input_norm`` existed mean "sum", "torchvision" and "imagenet"), for a
+  delg-stage model ``block3_strides`` (files written before it existed were trained at stride
+  16: False); a converted official model also has ``source`` (where it came from) and
+  ``extraction`` (its official extraction settings: extract/official.py);
 - the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
   ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
 """
@@ -72,6 +73,8 @@ def checkpoint_dict(model: Delf | Delg, **extra: Any) -> dict[str, Any]:
             "layout": getattr(model, "layout", "torchvision"), "input_norm": getattr(model, "input_norm", "imagenet"),
             "epoch": 0,
             "best_acc": 0.0, "optimizer": {}, "lr_scheduler": {}, "config": {}}
+    if isinstance(model, Delg):
+        ckpt["block3_strides"] = model.block3_strides
     ckpt.update(extra)
     return ckpt
 
@@ -132,7 +135,8 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
     """arch, target_layer, ncls, stage, attn_batchnorm, attention_pool, layout and input_norm of a
     checkpoint of either format ("sum", "torchvision", "imagenet" where the file does not say: the
     seed's and this project's older files); for a delg-stage one also global_dim and autoencoder_dim
-    (read from the weights' shapes)."""
+    (read from the weights' shapes) and block3_strides (False where the file does not say: it
+    predates the option, stride 16)."""
     state = model_state(ckpt)
     has_attn = any(k.startswith("attn.") for k in state)
     info = {"attn_batchnorm": any(k.startswith("attn.bn.") for k in state),
@@ -142,8 +146,11 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
         info.update({k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")})
         if info["stage"] == "delg":
             encoder = state.get("autoencoder.encoder.weight")
+            strides = ckpt.get("block3_strides", False)
+            if not isinstance(strides, bool):
+                raise CheckpointError(f"block3_strides is {strides!r}: expected true or false")
             info.update(global_dim=state["whiten.weight"].shape[0],
-                        autoencoder_dim=0 if encoder is None else encoder.shape[0])
+                        autoencoder_dim=0 if encoder is None else encoder.shape[0], block3_strides=strides)
         return info
     blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("base.6."))
     arch = _SEED_ARCHS.get(("base.6.0.conv3.weight" in state, blocks))
@@ -160,11 +167,15 @@ def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf 
     """A keypoint-stage checkpoint as a model in ``stage`` ('inference' or 'keypoint'), on CPU; a
     delg-stage checkpoint as a :class:`Delg` without its classifiers (for extraction)."""
     ckpt = load_file(path)
-    info = describe(ckpt)
+    try:
+        info = describe(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if info["stage"] == "delg":
         model = Delg(info["ncls"], arch=info["arch"], global_dim=info["global_dim"],
                      autoencoder_dim=info["autoencoder_dim"], attn_batchnorm=info["attn_batchnorm"],
-                     attention_pool=info["attention_pool"], classifiers=False)
+                     attention_pool=info["attention_pool"], classifiers=False,
+                     block3_strides=info["block3_strides"])
         classifiers = tuple(f"{m}." for m in CLASSIFIERS)
         _load(model, {k: v for k, v in model_state(ckpt).items() if not k.startswith(classifiers)}, path)
         return model, ckpt

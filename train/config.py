@@ -142,6 +142,9 @@ class TrainConfig:
                            type=_positive_int)
     autoencoder_dim: int = _opt(128, "delg stage: local descriptor dimension (autoencoder code; 0: no autoencoder, "
                                 "the layer3 features)", "model", type=_non_negative_int)
+    delg_block3_strides: bool = _opt(True, "delg stage: subsample layer3 by 2 for the local branch (local grid "
+                                     "stride 32, as the official trainer's block3_strides); false: stride 16. "
+                                     "The global branch is unchanged", "model")
     arcface_margin: float = _opt(0.1, "delg stage: ArcFace angular margin", "model", type=_non_negative_float)
     arcface_scale: float | None = _opt(None, "delg stage: ArcFace logit scale; when omitted: sqrt(global_dim)",
                                        "model", type=_positive_float)

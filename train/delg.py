@@ -4,11 +4,15 @@
   (C4 -> ``global_dim``, with bias) -> L2 normalisation. Trained through an ArcFace cosine
   classifier (margin 0.1, scale sqrt(global_dim)).
 - Local branch on layer3, with the gradient stopped into the backbone (the features are
-  detached): optional autoencoder (conv1x1 C3 -> ``autoencoder_dim`` encoder, conv1x1 back to C3
-  + ReLU decoder, trained by the reconstruction MSE), the attention head on the decoder's output
-  (on the features themselves without autoencoder), and an attention classifier on the
-  attention-weighted mean of the L2-normalised layer3 features. The local descriptor is the
-  autoencoder's code (no PCA needed), else the layer3 feature.
+  detached), subsampled by 2 with ``block3_strides`` (the official trainer's default: a max-pool
+  of size 1, stride 2, i.e. ``x[:, :, ::2, ::2]``, so the local grid has stride 32; layer4 still
+  reads the full layer3 map). On it: the attention head, an optional autoencoder (conv1x1
+  C3 -> ``autoencoder_dim`` encoder, conv1x1 back to C3 + ReLU decoder, trained by the
+  reconstruction MSE), and an attention classifier on the attention-weighted mean of the
+  L2-normalised reconstruction (of the layer3 features without autoencoder). As the paper and the
+  official code since tensorflow/models#9906: the attention reads layer3, the pooling reads the
+  reconstruction. The local descriptor is the autoencoder's code (no PCA needed), else the layer3
+  feature.
 
 As in the official TensorFlow model, the three losses are summed with weights
 (ArcFace CE + 1.0 x attention CE + 10 x reconstruction MSE) and trained in one step.
@@ -145,15 +149,18 @@ class Delg(nn.Module):
     """DELG on a torchvision ResNet. Input: RGB in [0, 1], (B, 3, H, W).
 
     Modules: ``normalize``, ``base`` (conv1 ... layer3, the layout of :class:`~train.delf.Delf`),
-    ``layer4``, ``gem``, ``whiten`` (Linear C4 -> global_dim), ``arcface``, ``autoencoder``
-    (absent when ``autoencoder_dim`` is 0), ``attn``, ``pool``, ``logits`` (attention classifier;
-    ``attn``/``pool``/``logits`` are named as in Delf's keypoint stage).
+    ``subsample`` (layer3 -> the local grid: MaxPool2d(1, stride 2) with ``block3_strides``, else
+    Identity), ``layer4``, ``gem``, ``whiten`` (Linear C4 -> global_dim), ``arcface``,
+    ``autoencoder`` (absent when ``autoencoder_dim`` is 0), ``attn``, ``pool``, ``logits``
+    (attention classifier; ``attn``/``pool``/``logits`` are named as in Delf's keypoint stage).
 
     ``pretrained`` initialises the ResNet ('imagenet', 'none' or a state_dict, as for Delf).
-    ``attention_pool``: the attention classifier sees the mean of a * normalize(F) over the map,
-    as the official model (the keypoint stage's default is the seed's sum).
+    ``attention_pool``: the attention classifier sees the mean of a * normalize(R) over the map, R
+    the reconstruction (layer3 without autoencoder), as the official model (the keypoint stage's
+    default is the seed's sum).
     ``classifiers=False`` leaves out ``arcface`` and ``logits`` (81 313 x 2048 and 81 313 x 1024
     weights for GLDv2's landmarks), which extraction does not need; see :data:`CLASSIFIERS`.
+    ``block3_strides`` (the official default): local features at stride 32 instead of layer3's 16.
     """
 
     stage = "delg"
@@ -161,16 +168,20 @@ class Delg(nn.Module):
 
     def __init__(self, ncls: int, arch: str = "resnet50", global_dim: int = 2048, autoencoder_dim: int = 128,
                  arcface_margin: float = 0.1, arcface_scale: float | None = None, attn_batchnorm: bool = True,
-                 attention_pool: str = "mean", pretrained: Pretrained = "none", classifiers: bool = True) -> None:
+                 attention_pool: str = "mean", pretrained: Pretrained = "none", classifiers: bool = True,
+                 block3_strides: bool = True) -> None:
         super().__init__()
         if global_dim < 1 or autoencoder_dim < 0:
             raise ValueError(f"need global_dim >= 1 and autoencoder_dim >= 0, got {global_dim}, {autoencoder_dim}")
         self.arch, self.ncls, self.attention_pool = arch, ncls, attention_pool
         self.global_dim, self.autoencoder_dim = global_dim, autoencoder_dim
+        self.block3_strides = block3_strides
         resnet = build_resnet(arch, pretrained)
         channels = feature_dim(arch, "layer3")
         self.normalize = ImageNormalize()
         self.base = nn.Sequential(*(getattr(resnet, name) for name in BASE_ORDER))
+        # the official subsampling layer; a module with a stride, so receptive_field() counts it
+        self.subsample = nn.MaxPool2d(kernel_size=1, stride=2) if block3_strides else nn.Identity()
         self.layer4 = resnet.layer4
         self.gem = GeM()
         self.whiten = nn.Linear(feature_dim(arch, "layer4"), global_dim)
@@ -185,10 +196,11 @@ class Delg(nn.Module):
 
     # --- structure (the interface the extractor shares with Delf) ---------------------------
     def backbone(self) -> list[nn.Module]:
-        """The modules that produce the local (layer3) feature map, in order."""
-        return [self.base]
+        """The modules that produce the local feature map (layer3, subsampled or not), in order."""
+        return [self.base, self.subsample]
 
     def receptive_field(self) -> ReceptiveField:
+        """Receptive field, stride and padding of the local grid (stride 32 with ``block3_strides``)."""
         return receptive_field(self.backbone())
 
     @property
@@ -197,13 +209,13 @@ class Delg(nn.Module):
         return self.autoencoder_dim or feature_dim(self.arch, "layer3")
 
     # --- forward -----------------------------------------------------------------------------
-    def local_head(self, f3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(local descriptors map (B, D, h, w), attention (B, 1, h, w) >= 0, reconstruction or
-        None) of layer3 features; the attention reads the autoencoder's reconstruction."""
-        if self.autoencoder_dim:
-            code, rec = self.autoencoder(f3)
-            return code, self.attn(rec), rec
-        return f3, self.attn(f3), None
+    def local_head(self, f3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local descriptor map (B, D, h, w), attention (B, 1, h, w) >= 0) of layer3 features
+        (B, C3, H, W); (h, w) = (ceil(H/2), ceil(W/2)) with ``block3_strides``, else (H, W). The
+        attention reads the (subsampled) layer3 features, never the autoencoder."""
+        local = self.subsample(f3)
+        descriptors = self.autoencoder.encoder(local) if self.autoencoder_dim else local
+        return descriptors, self.attn(local)
 
     def global_embedding(self, f3: torch.Tensor) -> torch.Tensor:
         """Whitened GeM of layer4 (B, global_dim), not normalised (ArcFace normalises it)."""
@@ -219,25 +231,27 @@ class Delg(nn.Module):
 
     def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local descriptor map (B, D, h, w) and attention (B, 1, h, w), as Delf.extract."""
-        local, attention, _ = self.local_head(self.features(x))
-        return local, attention
+        return self.local_head(self.features(x))
 
     def extract_with_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`extract` plus the unit global descriptor (B, global_dim), from one pass."""
         f3 = self.features(x)
-        local, attention, _ = self.local_head(f3)
+        local, attention = self.local_head(f3)
         return local, attention, self.global_descriptor(f3)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> DelgOutput:
         """Training/validation pass. The local branch sees detached layer3 features: its losses
-        never reach the backbone. ArcFace's margin applies when ``labels`` are given."""
+        never reach the backbone. The attention classifier pools the attention (from the layer3
+        features) times the normalised reconstruction (the features without autoencoder), so its
+        loss trains the autoencoder too. ArcFace's margin applies when ``labels`` are given."""
         f3 = self.features(x)
         global_logits = self.arcface(self.global_embedding(f3), labels)
-        local = f3.detach()
-        _, attention, rec = self.local_head(local)
-        attention_logits = self.logits(self.pool(local, attention))
-        if rec is None:
-            reconstruction = local.new_zeros(len(local), dtype=torch.float32)
+        local = self.subsample(f3.detach())
+        attention = self.attn(local)
+        if self.autoencoder_dim:
+            _, pooled = self.autoencoder(local)
+            reconstruction = F.mse_loss(pooled.float(), local.float(), reduction="none").mean(dim=(1, 2, 3))
         else:
-            reconstruction = F.mse_loss(rec.float(), local.float(), reduction="none").mean(dim=(1, 2, 3))
+            pooled, reconstruction = local, local.new_zeros(len(local), dtype=torch.float32)
+        attention_logits = self.logits(self.pool(pooled, attention))
         return DelgOutput(global_logits, attention_logits, reconstruction)

@@ -191,7 +191,8 @@ def build_model(cfg: TrainConfig, ncls: int, resuming: bool) -> Delf | Delg:
     try:
         if cfg.stage == "delg":
             return Delg(ncls, arch=cfg.arch, global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim,
-                        arcface_margin=cfg.arcface_margin, arcface_scale=cfg.arcface_scale, pretrained=pretrained)
+                        arcface_margin=cfg.arcface_margin, arcface_scale=cfg.arcface_scale, pretrained=pretrained,
+                        block3_strides=cfg.delg_block3_strides)
         model = Delf(ncls, arch=cfg.arch, stage=cfg.stage, target_layer=cfg.target_layer, pretrained=pretrained,
                      use_random_gamma_rescale=cfg.use_random_gamma_rescale, attention_pool=cfg.attention_pool,
                      layout=cfg.layout, input_norm=cfg.normalisation)
@@ -218,7 +219,8 @@ def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, ncls: int, path: Pa
     if cfg.stage == "keypoint":
         wanted["attention_pool"] = cfg.attention_pool
     if cfg.stage == "delg":
-        wanted.update(global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim)
+        wanted.update(global_dim=cfg.global_dim, autoencoder_dim=cfg.autoencoder_dim,
+                      block3_strides=cfg.delg_block3_strides)
     diff = [f"{k} {info[k]} (now {v})" for k, v in wanted.items() if info[k] != v]
     if diff:
         raise CheckpointError(f"{path}: cannot resume, the checkpoint has {', '.join(diff)}")
