@@ -152,7 +152,7 @@ def resize_tf1(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         shape = [1, 1, 1]
         shape[dim] = n_out
         a, b = out.index_select(dim, low.to(image.device)), out.index_select(dim, high.to(image.device))
-        out = a + (b - a) * lerp.view(shape)
+        out = torch.lerp(a, b, lerp.view(shape))  # TF computes a + (b - a) * lerp: equal to rounding
     return out
 
 

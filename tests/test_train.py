@@ -631,3 +631,33 @@ def test_really_full_disk_keeps_the_last_checkpoint(image_data: tuple[Path, Path
     assert len(error) == 1 and "(No space left on device)" in error[0]
     assert error[0].endswith(f"{last} (epoch 1) is kept: --resume continues from it")
     assert "kept epoch 1 temp files 0" in result.stdout
+
+
+@pytest.mark.slow
+def test_slim_layout_trains_the_keypoint_stage_of_an_official_model(image_data: tuple[Path, Path], tmp_path: Path,
+                                                                     expr: str) -> None:
+    """--layout slim: the keypoint stage starts from an official-layout checkpoint (as
+    extract/convert_official.py writes it), keeps its backbone frozen, and records the layout and
+    the (pixel - 128) / 128 input normalisation; a torchvision-layout run refuses that checkpoint,
+    and a slim finetune run asks for weights instead of ImageNet's."""
+    from extract.official import new_model
+
+    torch.manual_seed(0)
+    official = tmp_path / "fix.pth.tar"
+    atomic_save(checkpoint_dict(new_model()), official)
+    argv = ["--stage", "keypoint", "--expr", expr, "--arch", "resnet50", "--load_from", str(official),
+            "--keypoint_train_path", str(image_data[0]), "--keypoint_val_path", str(image_data[1]),
+            "--keypoint_sample_size", "72", "--keypoint_crop_size", "64", "--train_batch_size", "4",
+            "--val_batch_size", "4", "--keypoint_epoch", "1", "--workers", "0", "--manualSeed", "7"]
+    refused = run_trainer(argv, check=False)
+    assert refused.returncode == 1
+    assert f"{official}: checkpoint's layout is slim, but --layout is torchvision" in refused.stderr
+    run_trainer([*argv, "--layout", "slim"])
+    model, ckpt = load_model(repo_dir() / expr / "keypoint" / "ckpt" / "bestshot.pth.tar")
+    assert (ckpt["layout"], ckpt["input_norm"], model.receptive_field().stride) == ("slim", "tf", 32)
+    base = load_file(official)["state_dict"]
+    for key, value in model.base.state_dict().items():
+        assert torch.equal(value, base[f"base.{key}"]), key
+    finetune = run_trainer(finetune_argv(expr + "-ft", image_data, "--layout", "slim", "--arch", "resnet50",
+                                         "--pretrained", "imagenet"), check=False)
+    assert finetune.returncode == 1 and "--layout slim: there are no ImageNet weights" in finetune.stderr

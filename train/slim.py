@@ -31,24 +31,24 @@ SLIM_STRIDES = (2, 2, 2, 1)
 
 
 class SamePadMaxPool2d(nn.MaxPool2d):
-    """Max-pool with TensorFlow's 'SAME' padding: output side ceil(n / stride), the padding
-    (max(k - s, 0) for sides divisible by the stride, else max(k - n mod s, 0)) split with the
-    smaller half before. Padded cells never win (they are -inf).
+    """3x3/2 max-pool with TensorFlow's 'SAME' padding: output side ceil(n / 2); an even side is
+    padded by 0 cells before and 1 after, an odd side by 1 and 1. Padded cells never win.
 
     ``padding`` (the attribute) is the symmetric value k // 2, what receptive-field arithmetic
     sees: exact for an odd side with k=3, s=2; for an even side TF pads 0 before, and cell
     centres shift by 1 px of this layer's input (the official DELF constants ignore this too)."""
 
-    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
-        super().__init__(kernel_size, stride, padding=kernel_size // 2)
+    def __init__(self) -> None:
+        super().__init__(3, 2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size, self.stride
-        pads = []
-        for n in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
-            total = max(k - s, 0) if n % s == 0 else max(k - n % s, 0)
-            pads += [total // 2, total - total // 2]
-        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), k, s)
+        if (k, s) != (3, 2):
+            raise NotImplementedError("TF 'SAME' max-pool is implemented for 3x3/2 (slim's pool1) only")
+        # an odd side: one -inf cell on each side; an even side: none before, and the window that
+        # would need the one after is kept by ceil_mode (out-of-range cells are ignored). No copy,
+        # so channels_last input stays channels_last.
+        return F.max_pool2d(x, k, s, padding=(x.shape[-2] % 2, x.shape[-1] % 2), ceil_mode=True)
 
 
 class Subsample(nn.Module):
@@ -107,7 +107,7 @@ class SlimResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = SamePadMaxPool2d(3, 2)
+        self.maxpool = SamePadMaxPool2d()
         channels = 64
         for index, (units, stride) in enumerate(zip(SLIM_UNITS[arch], SLIM_STRIDES, strict=True)):
             width = 64 * 2 ** index

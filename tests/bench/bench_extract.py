@@ -5,11 +5,14 @@ attn_thres 0: every cell is a candidate, the worst case for selection, NMS and P
 2. pipeline time / bare backbone+attention forward over the same pyramid (goal <= 1.05);
 3. --amp (bf16 autocast on CPU) speed-up over fp32, with agreement (keypoints in common,
    mean descriptor cosine);
+5. --layout slim (the official DELF models' network, as extract/convert_official.py converts it, with the
+   official extraction settings: TF1 resize, official boxes) beside the default torchvision layout;
 4. throughput: images/s of extract_features (JPEG decoding and shrinking in the DataLoader
    workers, pinned memory, HDF5 writes) on 1024 px photos, 7 scales, PCA to 40-d, on --device
    (CUDA when present; goal >= 20 img/s on an H100), and of the pipeline alone on decoded images.
 
     .venv/bin/python tests/bench/bench_extract.py [--threads N] [--skip_amp] [--rss_images 200]
+    .venv/bin/python tests/bench/bench_extract.py --only_layouts
     .venv/bin/python tests/bench/bench_extract.py --only_throughput --device cuda [--images 300]
 """
 from __future__ import annotations
@@ -83,13 +86,37 @@ def main() -> None:
     p.add_argument("--images", type=int, help="throughput images (default 300 on CUDA, 6 on CPU)")
     p.add_argument("--workers", type=int, help="decoding processes (default: the extractor's)")
     p.add_argument("--only_throughput", action="store_true", help="run section 4 only")
+    p.add_argument("--only_layouts", action="store_true", help="run section 5 only")
     args = p.parse_args()
     print(machine_report())
     with limit_threads(args.threads):
         pca = fit_pca(np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32))
-        if not args.only_throughput:
+        if not (args.only_throughput or args.only_layouts):
             run(args, pca)
-        throughput(args, pca)
+        if not args.only_layouts:
+            throughput(args, pca)
+        if not args.only_throughput:
+            layouts(args, pca)
+
+
+def layouts(args: argparse.Namespace, pca: dict[str, np.ndarray]) -> None:
+    """Section 5: the pipeline with a slim-layout model (a converted official one, random weights)
+    and the official settings, beside the default torchvision layout, on CPU."""
+    from extract.official import OFFICIAL_EXTRACTION, new_model
+
+    torch.manual_seed(0)
+    native = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()
+    official = {k: tuple(v) if isinstance(v, list) else v for k, v in OFFICIAL_EXTRACTION.items()}
+    extractors = {"torchvision": DelfExtractor(native, ExtractionConfig(attn_thres=0.0), pca=pca),
+                  "slim": DelfExtractor(new_model(), ExtractionConfig(**{**official, "attn_thres": 0.0}), pca=pca)}
+    print(f"\n5. layouts: resnet50 to layer3 / block3, attn_thres 0, top_k 1000, PCA 40; torchvision with this "
+          f"project's settings, slim with the official ones (medians of {args.repeats} interleaved runs)")
+    for width, height in ((512, 384), (1024, 768)):
+        image = test_image(width, height)
+        t = compare({name: lambda ex=ex, image=image: ex(image) for name, ex in extractors.items()}, args.repeats)
+        cells = {name: sum(a.size for a in ex(image)["attention"]) for name, ex in extractors.items()}
+        print(f"   {width}x{height}: torchvision {t['torchvision']:.2f} s ({cells['torchvision']} cells), slim "
+              f"{t['slim']:.2f} s ({cells['slim']} cells): slim / torchvision {t['slim'] / t['torchvision']:.3f}")
 
 
 def throughput(args: argparse.Namespace, pca_params: dict[str, np.ndarray]) -> None:
