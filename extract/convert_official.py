@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.official import RELEASES, ConversionError, convert_release, format_variables, list_variables
+from extract.official import RELEASES, ConversionError, UnknownModel, convert_release, format_variables, list_variables
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag
 
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert (or list) as the flags say; returns the exit status (1 with a one-line error)."""
+    """Convert (or list) as the flags say; returns the exit status (1 with a one-line error; for a
+    model it does not know, its variable listing first, on stdout)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.list and not args.expr:
@@ -47,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
             print(format_variables(list_variables(args.source)))
             return 0
         start = time.perf_counter()
-        ckpt, pca = convert_release(args.source, args.expr, args.release, args.overwrite)
+        done = convert_release(args.source, args.expr, args.release, args.overwrite)
+    except UnknownModel as e:
+        print(format_variables(e.variables))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConversionError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"converted {args.source} in {time.perf_counter() - start:.1f} s:\n  model {ckpt}\n  PCA   {pca}\n"
+    print(f"converted {args.source} in {time.perf_counter() - start:.1f} s:\n  model {done.checkpoint}\n"
+          f"  PCA   {done.pca}\nignored (not part of the extraction model): {', '.join(done.unused) or 'nothing'}\n"
           f"extract with: python extract/extractor.py --load_expr {args.expr} --mode delf --input_path <images>")
     return 0
 

@@ -60,6 +60,23 @@ class ConversionError(ValueError):
     one line naming the file and the reason."""
 
 
+class UnknownModel(ConversionError):
+    """The release's variables are not DELF v1's; ``variables`` (name -> shape) lists them."""
+
+    def __init__(self, message: str, variables: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(message)
+        self.variables = variables
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What :func:`convert_release` wrote, and the release's variables it left out."""
+
+    checkpoint: Path
+    pca: Path
+    unused: list[str]
+
+
 def _tensorflow() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no start-up chatter: errors are one line
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # no TensorFlow op runs here; its notice is chatter too
@@ -167,9 +184,12 @@ def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list
         known = any(name.startswith(f"{SLIM_SCOPE}/") for name in shapes)
         what = ("is missing variables" if known else
                 "is not a DELF v1 release (TF-slim resnet_v1_50 + attention_block): DELG and other TF2 models are "
-                "not supported; see --list for its variables")
+                "not supported")
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ConversionError(f"{variables_prefix(source)}: {what} ({len(missing)} missing: {shown})")
+        message = f"{variables_prefix(source)}: {what} ({len(missing)} missing: {shown})"
+        if known:
+            raise ConversionError(message)
+        raise UnknownModel(message, shapes)
     tf = _tensorflow()
     prefix = variables_prefix(source)
     reader = tf.train.load_checkpoint(str(prefix))
@@ -256,9 +276,9 @@ def output_paths(expr: str) -> tuple[Path, Path]:
 
 
 def convert_release(source: str | Path, expr: str, release: str | None = None, overwrite: bool = False
-                    ) -> tuple[Path, Path]:
-    """Convert the release in ``source`` to ``<repo>/<expr>`` (see the module docstring); returns
-    the checkpoint and PCA paths. Everything is read and checked before anything is written;
+                    ) -> Converted:
+    """Convert the release in ``source`` to ``<repo>/<expr>`` (see the module docstring). A model
+    that is not DELF v1's raises :class:`UnknownModel`. Everything is read and checked before anything is written;
     both files are written atomically; an existing model is refused unless ``overwrite``."""
     source = Path(source)
     name = release_name(source, release)
@@ -287,7 +307,7 @@ def convert_release(source: str | Path, expr: str, release: str | None = None, o
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    return ckpt_path, pca_file
+    return Converted(ckpt_path, pca_file, unused)
 
 
 def _first_missing(*folders: Path) -> list[Path]:
