@@ -9,8 +9,9 @@ attribute names (written with ``dataclasses.asdict``), so what is stored is what
 Matching defaults follow the official DeLF ``match_images.py``: putative matches closer than 0.8
 (L2, unit descriptors), RANSAC with a 20 px residual and 1000 iterations. The official
 ``image_reranking.py`` uses 0.9 and 10 px: both are flags. Two choices are this project's (see
-extract/matching.py): matches are made one-to-one before RANSAC, and a fitted model that scales
-by more than ``max_scale_change`` along some direction counts 0 inliers.
+extract/matching.py): matches are made one-to-one before RANSAC, and a fitted model that mirrors
+the image or scales some direction by more than ``max_scale_change`` (at any of its inliers)
+counts 0 inliers.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ class MatchConfig:
     confidence: float = field(default=0.999999, metadata={
         "help": "RANSAC confidence; the default is high enough that --max_iters decides when it stops"})
     max_scale_change: float = field(default=8.0, metadata={
-        "help": "a fitted model whose linear part has a singular value outside [1/x, x] counts 0 inliers "
-                "(8: the pyramid's 0.25..2.0 range)"})
+        "help": "a fitted model whose local linear map at some inlier has a singular value outside [1/x, x] "
+                "counts 0 inliers, as does a mirroring one (8: the pyramid's 0.25..2.0 range)"})
 
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
