@@ -154,14 +154,20 @@ class VisualWords:
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
         """The ``m`` nearest words (n, min(m, K)) int64 of each row of ``x`` (n, D), nearest
-        first."""
+        first. HNSW marks words it did not reach (fewer than ``m`` found, e.g. in a part of the
+        graph its search cannot get to) with -1: such rows get their exact words."""
         m = min(m, self.size)
+        x = as_rows(x)
         if not len(x):
             return np.empty((0, m), np.int64)
         if self.kind == "exact":
-            return self._book.quantize(as_rows(x), multiple_assignment=m)[1]
+            return self._book.quantize(x, multiple_assignment=m)[1]
         self._hnsw.hnsw.efSearch = max(self.ef_search, m)
-        return self._hnsw.search(as_rows(x), m)[1].astype(np.int64, copy=False)
+        words = self._hnsw.search(x, m)[1].astype(np.int64, copy=False)
+        short = (words < 0).any(axis=1)
+        if short.any():
+            words[short] = faiss.knn(x[short], self.centroids, m)[1]
+        return words
 
 
 def aggregate(x: np.ndarray, words: np.ndarray, centroids: np.ndarray

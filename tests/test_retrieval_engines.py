@@ -247,6 +247,25 @@ def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> N
         VisualWords(centroids, AsmkConfig(assignment="fast"))
 
 
+def test_hnsw_rows_with_unreached_words_are_assigned_exactly() -> None:
+    """faiss's HNSW search gives -1 for the words it did not reach. With every link of the graph
+    cut it reaches only its entry point: asked for five words, each row has four -1, and gets
+    its exact five; asked for one, it finds one (the entry point), kept as HNSW found it."""
+    rng = np.random.default_rng(9)
+    centroids = unit(rng.normal(size=(300, 16)))
+    q = unit(rng.normal(size=(50, 16)))
+    exact = VisualWords(centroids, AsmkConfig(assignment="exact")).assign(q, 5)
+    hnsw = VisualWords(centroids, AsmkConfig(assignment="hnsw"))
+    graph = hnsw._hnsw.hnsw
+    links = faiss.vector_to_array(graph.neighbors)
+    faiss.copy_array_to_vector(np.full_like(links, -1), graph.neighbors)
+    found = hnsw._hnsw.search(q, 5)[1]
+    assert (found[:, 0] == graph.entry_point).all() and (found[:, 1:] == -1).all()
+    np.testing.assert_array_equal(hnsw.assign(q, 5), exact)
+    np.testing.assert_array_equal(hnsw.assign(q, 1), np.full((50, 1), graph.entry_point))
+    assert AsmkIndex(hnsw, [q[:20]], AsmkConfig(query_assignments=5)).query(q[:20])[0] > 0
+
+
 # --- codebook store ----------------------------------------------------------------------------
 def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
