@@ -71,6 +71,7 @@ class MatchConfig:
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 METHODS = ("asmk", "vote", "global", "global+sp")
 ASSIGNMENTS = ("auto", "hnsw", "exact")
+HAMMING_NORMS = ("asmk", "dim")
 # assignment auto: HNSW from HNSW_MIN_WORDS words for descriptors of at most HNSW_MAX_DIM dimensions
 # on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW 2-3x faster than exact
 # at 40-D with 98 % of the nearest words equal; at 128-D slower, 63-83 % equal)
@@ -113,6 +114,10 @@ class AsmkConfig:
     hnsw_neighbors: int = 48
     hnsw_ef_construction: int = 160
     hnsw_ef_search: int = 32
+    # the Hamming similarity s = 1 - 2 h / B of binary residuals: asmk (as the asmk package)
+    # divides by B = D rounded up to a multiple of 32 bits; dim by B = D, as the ASMK paper writes
+    # it. The same for D = 128 (the published setups), not at 40-D (extract/asmk_index.py)
+    hamming_norm: str = "asmk"
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class EvalConfig:
                 f"else exact)", "choices": ASSIGNMENTS})
     hnsw_ef_search: int = field(default=AsmkConfig.hnsw_ef_search, metadata={
         "help": "asmk: HNSW candidates per descriptor (higher: closer to exact, slower)"})
+    hamming_norm: str = field(default=AsmkConfig.hamming_norm, metadata={
+        "help": "asmk: Hamming similarity 1 - 2 h / B, B the descriptor dimension rounded up to a multiple of "
+                "32 (asmk, as the asmk package) or the dimension (dim, as the ASMK paper); the same at 128-D "
+                "(the published setups), at 40-D asmk keeps word pairs up to h = 32, dim up to h = 20",
+        "choices": HAMMING_NORMS})
     knn: int = field(default=10, metadata={"help": "vote: neighbours of each query descriptor that vote"})
     nlist: int = field(default=0, metadata={"help": "vote: IVF cells (0: exact search up to 262144 "
                                                     "descriptors, else ~1 per 1000)"})

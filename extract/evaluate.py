@@ -91,7 +91,7 @@ def asmk_config(conf: EvalConfig, codebook_size: int | None = None) -> AsmkConfi
     """The ASMK* parameters that ``conf``'s flags set (``codebook_size`` when given, e.g. a stored
     codebook's); the others at their reference values."""
     return AsmkConfig(codebook_size=codebook_size or conf.codebook_size, assignment=conf.assignment,
-                      hnsw_ef_search=conf.hnsw_ef_search)
+                      hnsw_ef_search=conf.hnsw_ef_search, hamming_norm=conf.hamming_norm)
 
 
 def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir: Path, conf: AsmkConfig,
@@ -133,8 +133,10 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
         images = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
         asmk = AsmkIndex(centroids, images, asmk_config(conf))
         nbytes = asmk.nbytes
-        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
-                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
+        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s; Hamming distances "
+                 "of %d-bit residuals divided by %d (--hamming_norm %s)", asmk.num_images,
+                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t, asmk.dim, asmk.bits,
+                 asmk.config.hamming_norm)
         scores = asmk.scores(q["descriptors"] for q in tqdm(queries, desc="ASMK* queries", unit="query",
                                                             dynamic_ncols=True))
     elif conf.method in ("global", "global+sp"):

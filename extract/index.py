@@ -112,13 +112,14 @@ class KnnIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the search structure: inverted lists (codes and ids) and centroids; the
-        flat kind searches the caller's array and holds nothing of its own."""
+        """Memory of the search structure: inverted lists (codes and ids), centroids and, for
+        IVF-PQ, the sub-quantisers' codebooks; the flat kind searches the caller's array and
+        holds nothing of its own."""
         if self.index is None:
             return 0
-        invlists = self.index.invlists
-        codes = self.ntotal * (invlists.code_size + 8)
-        return codes + self.nlist * self.dim * 4
+        codes = self.ntotal * (self.index.invlists.code_size + 8)
+        pq = self.index.pq.centroids.size() * 4 if self.kind == "ivfpq" else 0
+        return codes + self.nlist * self.dim * 4 + pq
 
     def search(self, q: np.ndarray, k: int, nprobe: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -200,3 +200,16 @@ def wait_for_groups(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 def unit(x: np.ndarray) -> np.ndarray:
     """The rows (last axis) of ``x`` scaled to unit length, as float32."""
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# --- memory ---
+def held_bytes(obj: object) -> int:
+    """Bytes of every numpy array and torch tensor an object holds (directly or in lists)."""
+    total = 0
+    for value in vars(obj).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, np.ndarray):
+                total += item.nbytes
+            elif isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+    return total
