@@ -38,6 +38,7 @@ from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
 from extract.config import ASSIGNMENTS, HAMMING_NORMS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
+from extract.errors import InputMismatch, OptionError
 from extract.features import plain_attr, storable_attr
 from extract.index import as_rows, faiss_threads, kmeans, use_gpu
 from train.checkpoint import atomic_path
@@ -112,7 +113,7 @@ def hamming_bits(dim: int, norm: str) -> int:
     """The B of the Hamming similarity 1 - 2 h / B of ``dim``-bit residuals: ``dim`` rounded up
     to a multiple of 32 for ``norm`` "asmk", ``dim`` for "dim"."""
     if norm not in HAMMING_NORMS:
-        raise ValueError(f"Hamming normalisation {norm!r}: expected one of {', '.join(HAMMING_NORMS)}")
+        raise OptionError(f"Hamming normalisation {norm!r}: expected one of {', '.join(HAMMING_NORMS)}")
     return -(-dim // 32) * 32 if norm == "asmk" else dim
 
 
@@ -150,8 +151,8 @@ class VisualWords:
         self.centroids = as_rows(centroids)
         self.size, self.dim = self.centroids.shape
         if config.assignment not in ASSIGNMENTS:
-            raise ValueError(f"word assignment {config.assignment!r}: expected one of "
-                             f"{', '.join(ASSIGNMENTS)}")
+            raise OptionError(f"word assignment {config.assignment!r}: expected one of "
+                              f"{', '.join(ASSIGNMENTS)}")
         self.kind = config.assignment
         if self.kind == "auto":
             large = self.size >= HNSW_MIN_WORDS and self.dim <= HNSW_MAX_DIM
@@ -239,7 +240,7 @@ class AsmkIndex:
     def _represent(self, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
         d = as_rows(d, self.dim)
         if d.shape[1] != self.dim:
-            raise ValueError(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {self.dim}-d")
+            raise InputMismatch(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {self.dim}-d")
         return aggregate(d, self.words.assign(d, m), self.words.centroids)
 
     @property

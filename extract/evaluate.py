@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from extract.asmk_index import AsmkIndex, CodebookError, codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
+from extract.errors import UserError
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results, initial = run(args)
-    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, ValueError) as e:
+    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.output is not None:

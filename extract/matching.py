@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from extract.config import MODELS, MatchConfig
+from extract.errors import InputMismatch, OptionError
 from train.runtime import limit_threads
 
 MIN_SAMPLES = {"affine": 3, "homography": 4}
@@ -67,7 +68,7 @@ def match_descriptors(d1: np.ndarray, d2: np.ndarray, conf: MatchConfig | None =
     if len(d1) == 0 or len(d2) == 0:
         return np.empty((0, 2), dtype=np.int64)
     if d1.ndim != 2 or d2.ndim != 2 or d1.shape[1] != d2.shape[1]:
-        raise ValueError(f"descriptor shapes do not match: {d1.shape} vs {d2.shape}")
+        raise InputMismatch(f"descriptor shapes do not match: {d1.shape} vs {d2.shape}")
     sq1 = np.einsum("ij,ij->i", d1, d1)
     sq2 = np.einsum("ij,ij->i", d2, d2)
     # [d2, 1] . [-2 d1, |d1|^2] = |d1_i - d2_j|^2 - |d2_j|^2: one product, no extra pass
@@ -140,7 +141,7 @@ def verify(kp1: np.ndarray, kp2: np.ndarray, matches: np.ndarray,
     """
     conf = conf or MatchConfig()
     if conf.model not in MODELS:
-        raise ValueError(f"unknown model {conf.model!r}: expected one of {MODELS}")
+        raise OptionError(f"unknown model {conf.model!r}: expected one of {MODELS}")
     inliers = np.zeros(len(matches), dtype=bool)
     if len(matches) < MIN_SAMPLES[conf.model]:
         return inliers, None

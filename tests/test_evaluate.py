@@ -20,6 +20,7 @@ import extract.asmk_index as asmk_index
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
+from extract.errors import InputMismatch
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
@@ -83,9 +84,9 @@ def test_exact_search_equals_brute_force() -> None:
     sims, images = index.search(q[:2], 200)  # more neighbours than descriptors: padded
     assert (images[:, 126:] == -1).all() and (images[:, :126] >= 0).all()
     assert index.search(np.zeros((0, 16)), 5)[1].shape == (0, 5)
-    with pytest.raises(ValueError, match="16-d"):
+    with pytest.raises(InputMismatch, match="16-d"):
         index.search(q[:, :8], 5)
-    with pytest.raises(ValueError, match="different dimensions"):
+    with pytest.raises(InputMismatch, match="different dimensions"):
         DescriptorIndex([db[0], db[2][:, :8]])
 
 
@@ -223,6 +224,16 @@ def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture, case: s
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     if case == "no_images":
         assert "roxford5k/jpg/db0.jpg" in err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError that is no user error (here numpy's, from a bug placed in the scoring) is not
+    printed as one: it propagates with its traceback."""
+    root = small_gnd(tmp_path)
+    np.save(tmp_path / "ranks.npy", np.stack([np.arange(6)] * 2, axis=1))
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a: np.arange(3).reshape(2, 2))
+    with pytest.raises(ValueError, match="cannot reshape array of size 3"):
+        main(["--dataset", "roxford5k", "--data_root", str(root), "--ranks", str(tmp_path / "ranks.npy")])
 
 
 @pytest.mark.slow

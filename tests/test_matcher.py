@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+import extract.matcher as matcher_module
 from extract.config import MatchConfig
 from extract.drawing import draw_matches
+from extract.errors import InputMismatch, OptionError
 from extract.features import FeatureWriter
 from extract.matcher import main
 from extract.matching import (
@@ -110,9 +112,9 @@ def test_empty_feature_sets() -> None:
         res = match_features(a, b)
         assert isinstance(res, MatchResult)
         assert res.matches.shape == (0, 2) and res.num_inliers == 0 and res.transform is None
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(InputMismatch, match="shapes"):
         match_descriptors(full["descriptors"], full["descriptors"][:, :20])
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(OptionError, match="unknown model"):
         verify(full["keypoints"], full["keypoints"], np.zeros((5, 2), np.int64), MatchConfig(model="similarity"))
 
 
@@ -173,7 +175,8 @@ def test_draw_matches_figure() -> None:
     plt.close(fig)
 
 
-def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     img1, img2, f1, f2, _ = warped_pair(AFFINE)
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     h5 = tmp_path / "feats.h5"
@@ -194,6 +197,10 @@ def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "needs --images_root" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.jpg"), str(tmp_path / "imgs" / "a.jpg")]) == 1
     assert "nope.jpg: no such file" in capsys.readouterr().err
+    # a ValueError of numpy's is a bug, not a user error: its traceback is kept
+    monkeypatch.setattr(matcher_module, "read_features", lambda *a: np.arange(3).reshape(2, 2))
+    with pytest.raises(ValueError, match="cannot reshape array of size 3"):
+        main(["--features", str(h5), "a.jpg", "sub/b.jpg"])
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from extract.asmk_index import (
     save_codebook,
 )
 from extract.config import AsmkConfig, IndexConfig
+from extract.errors import InputMismatch, OptionError
 from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
 from tests.utils import held_bytes, unit
 
@@ -55,9 +56,9 @@ def test_flat_search_equals_brute_force() -> None:
     assert (ids[:, 300:] == -1).all() and np.isneginf(sims[:, 300:]).all()
     assert sorted(ids[0, :300]) == list(range(300))
     assert index.search(np.zeros((0, 24)), 3)[1].shape == (0, 3)
-    with pytest.raises(ValueError, match="query vectors are 8-d, the index's 24-d"):
+    with pytest.raises(InputMismatch, match="query vectors are 8-d, the index's 24-d"):
         index.search(q[:, :8], 3)
-    with pytest.raises(ValueError, match="index kind 'hnsw'"):
+    with pytest.raises(OptionError, match="index kind 'hnsw'"):
         KnnIndex(x, IndexConfig(kind="hnsw"))
 
 
@@ -83,7 +84,7 @@ def test_ivf_and_ivfpq() -> None:
     best, found = true_sims.max(1), np.take_along_axis(true_sims, ids[:, :1], 1)[:, 0]
     # a row of the query's cluster (similarity ~0.95; other clusters' rows ~0 +- 0.2)
     assert (found > 0.85).all() and (best > 0.98).all()
-    with pytest.raises(ValueError, match="5 sub-quantisers do not divide 32"):
+    with pytest.raises(OptionError, match="5 sub-quantisers do not divide 32"):
         KnnIndex(x, IndexConfig(kind="ivfpq", nlist=64, pq_m=5))
     assert auto_nlist(1 << 18) == 1 and auto_nlist(5_000_000) == 4096
     auto = KnnIndex(x[:5000], IndexConfig(exact_max=100))
@@ -107,7 +108,7 @@ def test_kmeans_finds_separated_clusters_and_is_seeded() -> None:
     assert found == [(0, 0), (0, 10), (10, 0), (10, 10)]
     np.testing.assert_array_equal(kmeans(x, 4, niter=20, seed=0), c)
     assert not np.array_equal(kmeans(x, 4, niter=20, seed=1), c)
-    with pytest.raises(ValueError, match="k-means of 3 vectors into 4 clusters"):
+    with pytest.raises(InputMismatch, match="k-means of 3 vectors into 4 clusters"):
         kmeans(x[:3], 4)
 
 
@@ -235,11 +236,11 @@ def test_asmk_copies_rank_first_and_edge_cases() -> None:
     np.testing.assert_array_equal(streamed.scores([db[3]]), scores[:1])
     np.testing.assert_array_equal(index.scores(d for d in (db[3], db[9])), scores[:2])   # queries read one by one
     assert index.scores([]).shape == (0, 13)
-    with pytest.raises(ValueError, match="query: descriptors are 8-d, the codebook's 40-d"):
+    with pytest.raises(InputMismatch, match="query: descriptors are 8-d, the codebook's 40-d"):
         index.query(x[:5, :8])
-    with pytest.raises(ValueError, match="database image 1: descriptors are 8-d"):
+    with pytest.raises(InputMismatch, match="database image 1: descriptors are 8-d"):
         AsmkIndex(centroids, [x[:5], x[:5, :8]])
-    with pytest.raises(ValueError, match="Hamming normalisation 'bits': expected one of asmk, dim"):
+    with pytest.raises(OptionError, match="Hamming normalisation 'bits': expected one of asmk, dim"):
         AsmkIndex(centroids, [x[:5]], AsmkConfig(hamming_norm="bits"))
 
 
@@ -271,7 +272,7 @@ def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(asmk_index, "HNSW_MAX_DIM", 31)
     assert VisualWords(centroids).kind == "exact"
     assert AsmkIndex(centroids, [x[:100]], AsmkConfig(assignment="exact")).words.kind == "exact"
-    with pytest.raises(ValueError, match="word assignment 'fast': expected one of auto, hnsw, exact"):
+    with pytest.raises(OptionError, match="word assignment 'fast': expected one of auto, hnsw, exact"):
         VisualWords(centroids, AsmkConfig(assignment="fast"))
 
 
