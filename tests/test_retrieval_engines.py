@@ -120,9 +120,14 @@ def test_aggregate_by_hand() -> None:
     # word 0: (1,-1,2) + (2,3,-1) = (3,2,1) -> bits 111; word 1: (-1,2,0) -> 010 (0 is not > 0)
     np.testing.assert_array_equal(words, [0, 1])
     np.testing.assert_array_equal(codes, [[0b11100000], [0b01000000]])
-    # two assignments per descriptor: descriptor 2 also in word 0, descriptor 0 also in word 1
-    codes, words = aggregate(x, np.array([[0, 1], [0, 0], [1, 0]])[:, :2], centroids)
-    assert list(words) == [0, 1]
+    # two words per descriptor, with a third centroid (0, 10, 0): descriptors 0 and 1 in words 0
+    # and 2, descriptor 2 in words 2 and 1 (the order within a row does not matter)
+    centroids = np.array([[0, 0, 0], [10, 10, 10], [0, 10, 0]], np.float32)
+    codes, words = aggregate(x, np.array([[0, 2], [0, 2], [2, 1]]), centroids)
+    # word 0: (3,2,1) -> 111; word 1: (-1,2,0) -> 010;
+    # word 2: (1,-11,2) + (2,-7,-1) + (9,2,10) = (12,-16,11) -> 101
+    np.testing.assert_array_equal(words, [0, 1, 2])
+    np.testing.assert_array_equal(codes, [[0b11100000], [0b01000000], [0b10100000]])
 
 
 def test_code_columns_keep_bits_and_bytes() -> None:
