@@ -23,7 +23,7 @@ import torchvision
 import torchvision.transforms as transforms
 from PIL import Image
 
-from tests.utils import assert_resume_is_exact, run_trainer, save_keypoint_checkpoint
+from tests.utils import assert_resume_is_exact, run_trainer, save_keypoint_checkpoint, training_conv_dtypes
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
@@ -316,18 +316,9 @@ def test_amp_step_runs_in_bf16_with_fp32_weights() -> None:
 
 
 def test_amp_flag_trains_in_bf16(image_data: tuple[Path, Path], expr: str) -> None:
-    training_dtypes = set()
-
-    def record(module: torch.nn.Module, inputs: tuple, output: object) -> None:
-        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
-            training_dtypes.add(output.dtype)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
+    with training_conv_dtypes() as dtypes:
         main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
-    finally:
-        handle.remove()
-    assert training_dtypes == {torch.bfloat16}
+    assert dtypes == {torch.bfloat16}
     ckpt = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["amp"] is True
 

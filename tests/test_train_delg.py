@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import assert_resume_is_exact, run_trainer
+from tests.utils import assert_resume_is_exact, run_trainer, training_conv_dtypes
 from train.checkpoint import describe, load_file, load_model
 from train.config import parse_args
 from train.delg import Delg
@@ -113,7 +113,9 @@ def test_gldv2_errors_are_one_line(gld: Path, expr: str, tmp_path: Path, capsys:
 
 
 def test_delg_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
-    out = main(delg_argv(expr, image_data, "--amp"))
+    with training_conv_dtypes() as dtypes:
+        out = main(delg_argv(expr, image_data, "--amp"))
+    assert dtypes == {torch.bfloat16}   # backbone, autoencoder and attention convolutions
     for r in rows(out / "log" / "train.log"):
         assert math.isfinite(float(r["loss"]))
     assert load_file(out / "ckpt" / "last.pth.tar")["config"]["amp"] is True

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -166,6 +167,23 @@ def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJE
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@contextmanager
+def training_conv_dtypes() -> Iterator[set[torch.dtype]]:
+    """The dtypes of the Conv2d outputs computed with gradients enabled (training steps, not
+    validation) inside the block, in this process."""
+    dtypes: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield dtypes
+    finally:
+        handle.remove()
 
 
 # --- extraction scripts and feature files ---
