@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from tests.utils import make_gldv2, make_image_folder, save_keypoint_checkpoint
+from tests.utils import make_gldv2, make_image_folder, make_uniform_image_folder, save_keypoint_checkpoint
 from train.delf import Delf
 from train.runtime import PROJECT_ROOT, REPO_DIR_ENV, limit_threads
 
@@ -31,6 +31,15 @@ def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("images")
     return (make_image_folder(root / "train", classes=3, per_class=4, size=80, seed=0),
             make_image_folder(root / "val", classes=3, per_class=2, size=80, seed=1))
+
+
+@pytest.fixture(scope="session")
+def uniform_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train, val) ImageFolders of one symmetric 64 px photo (see :func:`make_uniform_image_folder`):
+    3 classes of 6, 4, 2 training and 3, 2, 1 validation images."""
+    root = tmp_path_factory.mktemp("uniform")
+    return (make_uniform_image_folder(root / "train", (6, 4, 2)),
+            make_uniform_image_folder(root / "val", (3, 2, 1)))
 
 
 @pytest.fixture(scope="session")

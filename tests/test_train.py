@@ -23,7 +23,13 @@ import torchvision
 import torchvision.transforms as transforms
 from PIL import Image
 
-from tests.utils import assert_resume_is_exact, run_trainer, save_keypoint_checkpoint, training_conv_dtypes
+from tests.utils import (
+    assert_resume_is_exact,
+    assert_same_training,
+    run_trainer,
+    save_keypoint_checkpoint,
+    training_conv_dtypes,
+)
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
@@ -324,15 +330,24 @@ def test_amp_flag_trains_in_bf16(image_data: tuple[Path, Path], expr: str) -> No
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
-    result = run_trainer(finetune_argv(expr, image_data), nproc=2)
+def test_torchrun_two_cpu_processes_equal_one(uniform_data: tuple[Path, Path], expr: str) -> None:
+    """Two processes of 4 images per step train as one process of 8 (the sampler's shares, DDP's
+    gradient averaging, the metrics' sums over processes); a second run on that folder is then
+    refused by every process."""
+    def argv(name: str, batch: str) -> list[str]:
+        return finetune_argv(name, uniform_data, "--finetune_sample_size", "64", "--finetune_crop_size", "64",
+                             "--train_batch_size", batch)
+
+    run_trainer(argv(expr + "-one", "8"))  # a process of its own, one thread as the two below
+    result = run_trainer(argv(expr, "4"), nproc=2)
     stage_dir = repo_dir() / expr / "finetune"
+    assert_same_training(repo_dir() / (expr + "-one") / "finetune", stage_dir)
     _check_outputs(stage_dir, epochs=1)
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
 
-    again = run_trainer(finetune_argv(expr, image_data), nproc=2, check=False)
+    again = run_trainer(argv(expr, "4"), nproc=2, check=False)
     assert again.returncode != 0  # every process stops: rank 0 refuses, the others follow
     assert again.stderr.count("holds a run (epoch 1") == 1 and "rank 1: not starting, rank 0 refused" in again.stderr
 
