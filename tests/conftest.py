@@ -25,6 +25,18 @@ def temporary_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield root
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests not marked ``cuda`` run on the CPU on every machine, as they expect (bit-exact
+    resumes, bf16 autocast, several processes on one machine): device "auto" sees no CUDA, in
+    this process and in the scripts they start (CUDA_VISIBLE_DEVICES empty; this process's CUDA
+    runtime started at collection, with the machine's GPUs, so ``cuda`` tests keep them)."""
+    if request.node.get_closest_marker("cuda") is not None:
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(train, val) ImageFolders: 3 classes, 4 + 2 JPEGs of 80 px per class."""

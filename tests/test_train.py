@@ -190,7 +190,12 @@ def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], e
                           "--load_from", str(finetune / "ckpt" / "bestshot.pth.tar"),
                           "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
                           *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
-    assert "running on CPU" in result.stderr
+    # --gpu_id 6 shows the machine's GPU 6 (it overrides the tests' empty CUDA_VISIBLE_DEVICES): CPU
+    # where there is none
+    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                           text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "6"}, check=True)
+    on_cpu = "CUDA is not available (--gpu_id 6 shows no GPU): running on CPU" in result.stderr
+    assert on_cpu == (probe.stdout.strip() == "False")
     keypoint = repo_dir() / expr / "keypoint"
     _check_outputs(keypoint, epochs=1)
     model, ckpt = load_model(keypoint / "ckpt" / "bestshot.pth.tar")
