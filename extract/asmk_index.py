@@ -3,18 +3,24 @@ Avrithis and Jégou, ICCV 2013), as jenicek/asmk (the ``asmk`` package) computes
 
 Each descriptor is assigned to its nearest visual word(s) of a k-means codebook; per image and
 word the residuals to the word's centroid are summed and binarised (sign bits); two images are
-compared word by word through the Hamming similarity s = 1 - 2 h / D in [-1, 1] of their binary
+compared word by word through the Hamming similarity s = 1 - 2 h / B (B: below) of their binary
 residuals, kept where s >= ``similarity_threshold`` and raised to ``alpha``; the sum over words
 is divided by sqrt(number of words) of either image (no IDF). The defaults of
 :class:`AsmkConfig` are the reference parameters of the published DELF-ASMK*, HOW and FIRe
 setups.
 
+The Hamming normalisation B (``AsmkConfig.hamming_norm``): the asmk package packs the sign bits
+into 32-bit words and divides h by the packed width, D rounded up to a multiple of 32 ("asmk",
+the default); the ASMK paper divides by D ("dim"). They agree when D is a multiple of 32, as in
+every published setup (128-D); at this project's 40-D default, "asmk" gives s = 1 - 2 h / 64 in
+[-0.25, 1] and keeps a word pair (s >= 0) up to h = 32, "dim" up to h = 20.
+
 Word assignment is exact (asmk's Codebook, faiss) or approximate (an HNSW graph over the
 centroids, faiss: the default for large codebooks; see :class:`VisualWords`). Aggregation and the inverted file are
 vectorised numpy here: asmk's own loop over words in Python costs about 0.25 s per query with
-5 assignments, and its lists are over-allocated Python objects. With D a multiple of 32 the
-scores equal asmk's ASMKMethod (tests/test_retrieval_engines.py); asmk normalises Hamming
-distances by D rounded up to a multiple of 32, this module by D.
+5 assignments, and its lists are over-allocated Python objects. With exact assignment and
+``hamming_norm`` "asmk" the scores equal asmk's ASMKMethod at any D
+(tests/test_retrieval_engines.py).
 
 The codebook is plain arrays in HDF5 (``centroids`` (K, D) float32 and attributes saying how it
 was made), written atomically and reused when present. asmk's own caches are pickles and are
@@ -31,7 +37,8 @@ import numpy as np
 from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
-from extract.config import ASSIGNMENTS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
+from extract.config import ASSIGNMENTS, HAMMING_NORMS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
+from extract.errors import InputMismatch, OptionError
 from extract.features import plain_attr, storable_attr
 from extract.index import as_rows, faiss_threads, kmeans, use_gpu
 from train.checkpoint import atomic_path
@@ -102,6 +109,14 @@ def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConf
 
 
 # --- index -------------------------------------------------------------------------------------
+def hamming_bits(dim: int, norm: str) -> int:
+    """The B of the Hamming similarity 1 - 2 h / B of ``dim``-bit residuals: ``dim`` rounded up
+    to a multiple of 32 for ``norm`` "asmk", ``dim`` for "dim"."""
+    if norm not in HAMMING_NORMS:
+        raise OptionError(f"Hamming normalisation {norm!r}: expected one of {', '.join(HAMMING_NORMS)}")
+    return -(-dim // 32) * 32 if norm == "asmk" else dim
+
+
 WORD_DTYPES = (np.uint64, np.uint32, np.uint16, np.uint8)
 
 
@@ -136,8 +151,8 @@ class VisualWords:
         self.centroids = as_rows(centroids)
         self.size, self.dim = self.centroids.shape
         if config.assignment not in ASSIGNMENTS:
-            raise ValueError(f"word assignment {config.assignment!r}: expected one of "
-                             f"{', '.join(ASSIGNMENTS)}")
+            raise OptionError(f"word assignment {config.assignment!r}: expected one of "
+                              f"{', '.join(ASSIGNMENTS)}")
         self.kind = config.assignment
         if self.kind == "auto":
             large = self.size >= HNSW_MIN_WORDS and self.dim <= HNSW_MAX_DIM
@@ -154,14 +169,20 @@ class VisualWords:
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
         """The ``m`` nearest words (n, min(m, K)) int64 of each row of ``x`` (n, D), nearest
-        first."""
+        first. HNSW marks words it did not reach (fewer than ``m`` found, e.g. in a part of the
+        graph its search cannot get to) with -1: such rows get their exact words."""
         m = min(m, self.size)
+        x = as_rows(x)
         if not len(x):
             return np.empty((0, m), np.int64)
         if self.kind == "exact":
-            return self._book.quantize(as_rows(x), multiple_assignment=m)[1]
+            return self._book.quantize(x, multiple_assignment=m)[1]
         self._hnsw.hnsw.efSearch = max(self.ef_search, m)
-        return self._hnsw.search(as_rows(x), m)[1].astype(np.int64, copy=False)
+        words = self._hnsw.search(x, m)[1].astype(np.int64, copy=False)
+        short = (words < 0).any(axis=1)
+        if short.any():
+            words[short] = faiss.knn(x[short], self.centroids, m)[1]
+        return words
 
 
 def aggregate(x: np.ndarray, words: np.ndarray, centroids: np.ndarray
@@ -210,15 +231,16 @@ class AsmkIndex:
                                                                   minlength=self.words.size))])
         # no IDF: an image's self-similarity is its number of words
         self.norm = np.sqrt(np.maximum(np.bincount(self.images, minlength=self.num_images), 1))
-        # the kernel of each Hamming distance h = 0..D: s = 1 - 2 h / D, s^alpha where s >= the
+        # the kernel of each Hamming distance h = 0..D: s = 1 - 2 h / B, s^alpha where s >= the
         # similarity threshold, else 0
-        sim = 1.0 - 2.0 * np.arange(self.dim + 1) / self.dim
+        self.bits = hamming_bits(self.dim, self.config.hamming_norm)
+        sim = 1.0 - 2.0 * np.arange(self.dim + 1) / self.bits
         self.kernel = np.where(sim >= self.config.similarity_threshold, sim ** self.config.alpha, 0.0)
 
     def _represent(self, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
         d = as_rows(d, self.dim)
         if d.shape[1] != self.dim:
-            raise ValueError(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {self.dim}-d")
+            raise InputMismatch(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {self.dim}-d")
         return aggregate(d, self.words.assign(d, m), self.words.centroids)
 
     @property
@@ -228,10 +250,10 @@ class AsmkIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the inverted file (codes, image ids, word offsets, image norms); the
-        codebook's centroids (shared by every database) not counted."""
+        """Memory of the inverted file (codes, image ids, word offsets, image norms, the kernel's
+        table); the codebook (shared by every database) not counted."""
         return (sum(c.nbytes for c in self.codes) + self.images.nbytes + self.offsets.nbytes
-                + self.norm.nbytes)
+                + self.norm.nbytes + self.kernel.nbytes)
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors."""
@@ -239,9 +261,9 @@ class AsmkIndex:
 
     def search(self, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of an aggregated query (``codes``,
-        ``words`` as :func:`aggregate` returns them): per shared word, s = 1 - 2 hamming / D,
-        kept where s >= the threshold and raised to alpha, summed per image and divided by
-        sqrt(words of the query * words of the image)."""
+        ``words`` as :func:`aggregate` returns them): per shared word, s = 1 - 2 hamming / B
+        (:func:`hamming_bits`), kept where s >= the threshold and raised to alpha, summed per
+        image and divided by sqrt(words of the query * words of the image)."""
         scores = np.zeros(self.num_images)
         if not len(words):
             return scores

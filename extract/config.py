@@ -9,14 +9,17 @@ attribute names (written with ``dataclasses.asdict``), so what is stored is what
 Matching defaults follow the official DeLF ``match_images.py``: putative matches closer than 0.8
 (L2, unit descriptors), RANSAC with a 20 px residual and 1000 iterations. The official
 ``image_reranking.py`` uses 0.9 and 10 px: both are flags. Two choices are this project's (see
-extract/matching.py): matches are made one-to-one before RANSAC, and a fitted model that scales
-by more than ``max_scale_change`` along some direction counts 0 inliers.
+extract/matching.py): matches are made one-to-one before RANSAC, and a fitted model that mirrors
+the image or scales some direction by more than ``max_scale_change`` (at any of its inliers)
+counts 0 inliers.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
+
+from extract.errors import OptionError
 
 DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MODELS = ("affine", "homography")
@@ -61,7 +64,7 @@ def with_recorded(conf: ExtractionConfig, recorded: Mapping[str, Any], given: Co
     names = {f.name for f in dataclasses.fields(ExtractionConfig)}
     unknown = sorted(set(recorded) - names)
     if unknown:
-        raise ValueError(f"the checkpoint records unknown extraction settings: {', '.join(unknown)}")
+        raise OptionError(f"the checkpoint records unknown extraction settings: {', '.join(unknown)}")
     values = {k: tuple(v) if k == "scale_list" else v for k, v in recorded.items() if k not in given}
     return dataclasses.replace(conf, **values)
 
@@ -88,13 +91,14 @@ class MatchConfig:
     confidence: float = field(default=0.999999, metadata={
         "help": "RANSAC confidence; the default is high enough that --max_iters decides when it stops"})
     max_scale_change: float = field(default=8.0, metadata={
-        "help": "a fitted model whose linear part has a singular value outside [1/x, x] counts 0 inliers "
-                "(8: the pyramid's 0.25..2.0 range)"})
+        "help": "a fitted model whose local linear map at some inlier has a singular value outside [1/x, x] "
+                "counts 0 inliers, as does a mirroring one (8: the pyramid's 0.25..2.0 range)"})
 
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 METHODS = ("asmk", "vote", "global", "global+sp")
 ASSIGNMENTS = ("auto", "hnsw", "exact")
+HAMMING_NORMS = ("asmk", "dim")
 # assignment auto: HNSW from HNSW_MIN_WORDS words for descriptors of at most HNSW_MAX_DIM dimensions
 # on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW 2-3x faster than exact
 # at 40-D with 98 % of the nearest words equal; at 128-D slower, 63-83 % equal)
@@ -137,6 +141,10 @@ class AsmkConfig:
     hnsw_neighbors: int = 48
     hnsw_ef_construction: int = 160
     hnsw_ef_search: int = 32
+    # the Hamming similarity s = 1 - 2 h / B of binary residuals: asmk (as the asmk package)
+    # divides by B = D rounded up to a multiple of 32 bits; dim by B = D, as the ASMK paper writes
+    # it. The same for D = 128 (the published setups), not at 40-D (extract/asmk_index.py)
+    hamming_norm: str = "asmk"
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,11 @@ class EvalConfig:
                 f"else exact)", "choices": ASSIGNMENTS})
     hnsw_ef_search: int = field(default=AsmkConfig.hnsw_ef_search, metadata={
         "help": "asmk: HNSW candidates per descriptor (higher: closer to exact, slower)"})
+    hamming_norm: str = field(default=AsmkConfig.hamming_norm, metadata={
+        "help": "asmk: Hamming similarity 1 - 2 h / B, B the descriptor dimension rounded up to a multiple of "
+                "32 (asmk, as the asmk package) or the dimension (dim, as the ASMK paper); the same at 128-D "
+                "(the published setups), at 40-D asmk keeps word pairs up to h = 32, dim up to h = 20",
+        "choices": HAMMING_NORMS})
     knn: int = field(default=10, metadata={"help": "vote: neighbours of each query descriptor that vote"})
     nlist: int = field(default=0, metadata={"help": "vote: IVF cells (0: exact search up to 262144 "
                                                     "descriptors, else ~1 per 1000)"})

@@ -14,10 +14,12 @@ from typing import Iterator
 
 import numpy as np
 
+from extract.errors import UserError
+
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 
 
-class DatumError(ValueError):
+class DatumError(UserError):
     """A ``.datum`` file that is missing or not a float DatumProto."""
 
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from extract.asmk_index import AsmkIndex, CodebookError, codebook
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
+from extract.errors import UserError
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
@@ -91,7 +92,7 @@ def asmk_config(conf: EvalConfig, codebook_size: int | None = None) -> AsmkConfi
     """The ASMK* parameters that ``conf``'s flags set (``codebook_size`` when given, e.g. a stored
     codebook's); the others at their reference values."""
     return AsmkConfig(codebook_size=codebook_size or conf.codebook_size, assignment=conf.assignment,
-                      hnsw_ef_search=conf.hnsw_ef_search)
+                      hnsw_ef_search=conf.hnsw_ef_search, hamming_norm=conf.hamming_norm)
 
 
 def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir: Path, conf: AsmkConfig,
@@ -133,8 +134,10 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
         images = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
         asmk = AsmkIndex(centroids, images, asmk_config(conf))
         nbytes = asmk.nbytes
-        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s", asmk.num_images,
-                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t)
+        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s; Hamming distances "
+                 "of %d-bit residuals divided by %d (--hamming_norm %s)", asmk.num_images,
+                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t, asmk.dim, asmk.bits,
+                 asmk.config.hamming_norm)
         scores = asmk.scores(q["descriptors"] for q in tqdm(queries, desc="ASMK* queries", unit="query",
                                                             dynamic_ncols=True))
     elif conf.method in ("global", "global+sp"):
@@ -280,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results, initial = run(args)
-    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, ValueError) as e:
+    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.output is not None:

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig, PcaFitConfig
+from extract.errors import OptionError
 from extract.features import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
 from extract.images import Decoded, image_loader, list_images
 from extract.paths import part_path
@@ -162,7 +163,7 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
     items = list_images(input_path)
     ex = load_extractor(conf, checkpoint, pca_path, device)
     if save_attention and 1.0 not in ex.scales:
-        raise ValueError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
+        raise OptionError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
     with _claim(output, share):
         done: set[str] = set()
@@ -257,7 +258,7 @@ def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str
     max_features, seed = fit.pca_max_features, fit.seed
     output = Path(output_path)
     if max_features < 1:
-        raise ValueError("--pca_max_features must be >= 1")
+        raise OptionError("--pca_max_features must be >= 1")
     with _claim(output, share):
         if share.from_main(lambda: output.exists() and not overwrite):
             raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "

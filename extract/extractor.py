@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.config import ExtractionConfig, PcaFitConfig, with_recorded
+from extract.errors import UserError
 from extract.extraction import OutputWriteError, extract_features, fit_pca_file, load_extractor
 from extract.features import FeatureFileError
 from extract.images import InputError
@@ -35,7 +36,7 @@ from train.locking import OutputInUse
 from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
-EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, ValueError, OutputInUse,
+EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, UserError, OutputInUse,
                    OutputWriteError)
 
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import h5py
 import numpy as np
 
+from extract.errors import OptionError
+
 FEATURE_KEYS = ("keypoints", "descriptors", "scores", "scales", "image_size")
 DTYPES = {"keypoints": np.float32, "descriptors": np.float32, "scores": np.float32, "scales": np.float32,
           "image_size": np.int32}
@@ -193,7 +195,7 @@ def _attention_at_scale_1(feats: Mapping[str, Any]) -> np.ndarray:
         return attention
     scales = [float(s) for s in feats.get("attention_scales", [])]
     if 1.0 not in scales:
-        raise ValueError("save_attention needs the attention map at scale 1.0; add 1.0 to the scales")
+        raise OptionError("save_attention needs the attention map at scale 1.0; add 1.0 to the scales")
     return np.asarray(attention[scales.index(1.0)])
 
 

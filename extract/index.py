@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from extract.config import INDEX_KINDS, IndexConfig
+from extract.errors import InputMismatch, OptionError
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0,
     sample), as faiss does."""
     x = as_rows(x)
     if len(x) < k:
-        raise ValueError(f"k-means of {len(x)} vectors into {k} clusters: need at least {k} vectors")
+        raise InputMismatch(f"k-means of {len(x)} vectors into {k} clusters: need at least {k} vectors")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=use_gpu(),
                       max_points_per_centroid=max_points_per_centroid, verbose=False)
     km.train(x)
@@ -74,7 +75,7 @@ class KnnIndex:
     def __init__(self, x: np.ndarray, config: IndexConfig | None = None) -> None:
         config = config or IndexConfig()
         if config.kind not in INDEX_KINDS:
-            raise ValueError(f"index kind {config.kind!r}: expected one of {', '.join(INDEX_KINDS)}")
+            raise OptionError(f"index kind {config.kind!r}: expected one of {', '.join(INDEX_KINDS)}")
         self.config = config
         self.x = as_rows(x)
         self.ntotal, self.dim = self.x.shape
@@ -95,8 +96,8 @@ class KnnIndex:
         quantizer = faiss.IndexFlatIP(self.dim)
         if self.kind == "ivfpq":
             if self.dim % self.config.pq_m:
-                raise ValueError(f"IVF-PQ: {self.config.pq_m} sub-quantisers do not divide "
-                                 f"{self.dim} dimensions")
+                raise OptionError(f"IVF-PQ: {self.config.pq_m} sub-quantisers do not divide "
+                                  f"{self.dim} dimensions")
             index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.config.pq_m, 8,
                                      faiss.METRIC_INNER_PRODUCT)
         else:
@@ -112,13 +113,14 @@ class KnnIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the search structure: inverted lists (codes and ids) and centroids; the
-        flat kind searches the caller's array and holds nothing of its own."""
+        """Memory of the search structure: inverted lists (codes and ids), centroids and, for
+        IVF-PQ, the sub-quantisers' codebooks; the flat kind searches the caller's array and
+        holds nothing of its own."""
         if self.index is None:
             return 0
-        invlists = self.index.invlists
-        codes = self.ntotal * (invlists.code_size + 8)
-        return codes + self.nlist * self.dim * 4
+        codes = self.ntotal * (self.index.invlists.code_size + 8)
+        pq = self.index.pq.centroids.size() * 4 if self.kind == "ivfpq" else 0
+        return codes + self.nlist * self.dim * 4 + pq
 
     def search(self, q: np.ndarray, k: int, nprobe: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +128,7 @@ class KnnIndex:
         row ids (n, k) int64; -1 and similarity -inf where fewer than k were found)."""
         q = as_rows(q, self.dim)
         if q.shape[1] != self.dim:
-            raise ValueError(f"query vectors are {q.shape[1]}-d, the index's {self.dim}-d")
+            raise InputMismatch(f"query vectors are {q.shape[1]}-d, the index's {self.dim}-d")
         if len(q) == 0 or self.ntotal == 0 or k <= 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
         if self.index is None:

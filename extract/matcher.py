@@ -17,6 +17,7 @@ import argparse
 from typing import Any, Sequence
 
 from extract.config import MatchConfig
+from extract.errors import OptionError, UserError
 from extract.extractor import add_extraction_args, extractor_from_args
 from extract.features import FeatureFileError, read_features
 from extract.images import BadImage, load_image
@@ -52,7 +53,7 @@ def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:
         if args.output is None:
             return feats, None
         if args.images_root is None:
-            raise ValueError("--output with --features needs --images_root (to draw the images)")
+            raise OptionError("--output with --features needs --images_root (to draw the images)")
         paths = [args.images_root / name for name in args.images]
     else:
         paths = [Path(p) for p in args.images]
@@ -61,7 +62,7 @@ def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:
         try:
             images.append(load_image(path))
         except BadImage as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise UserError(f"{path}: {e}") from None
     if args.features is None:
         extractor = extractor_from_args(args)
         feats = [extractor(img) for img in images]
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         feats, images = _load(args)
-    except (FeatureFileError, CheckpointError, PcaError, ValueError) as e:
+    except (FeatureFileError, CheckpointError, PcaError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     res = match_features(feats[0], feats[1], config_from_args(MatchConfig, args))

@@ -12,9 +12,12 @@ count a count of real correspondences:
   image-1 keypoint, only its closest match makes every keypoint of either image appear at most
   once. It is done before RANSAC rather than after so that RANSAC fits and scores distinct
   correspondences: a hub can neither vote several times for a model nor pull the fit towards it.
-- **Degenerate fits count 0.** An affine model that squeezes many points into a small region
-  (a singular value of its linear part outside [1/``max_scale_change``, ``max_scale_change``])
-  is not a viewpoint change the image pyramid can explain.
+- **Degenerate fits count 0** (:func:`degenerate`). A model that mirrors the image, or that
+  squeezes or stretches some direction by more than ``max_scale_change`` (a singular value of its
+  local linear map outside [1/``max_scale_change``, ``max_scale_change``]), is not a viewpoint
+  change the image pyramid can explain. An affine's local linear map is its linear part; a
+  homography's varies over the image (its projective row can squeeze one part of it while its
+  linear part looks harmless), so it is checked at every inlier.
 
 RANSAC is OpenCV's USAC (``cv2.USAC_ACCURATE``: RANSAC with local optimisation), run with a
 confidence high enough that ``max_iters`` governs. Classic ``cv2.RANSAC`` with 1000 iterations
@@ -31,6 +34,7 @@ import cv2
 import numpy as np
 
 from extract.config import MODELS, MatchConfig
+from extract.errors import InputMismatch, OptionError
 from train.runtime import limit_threads
 
 MIN_SAMPLES = {"affine": 3, "homography": 4}
@@ -64,7 +68,7 @@ def match_descriptors(d1: np.ndarray, d2: np.ndarray, conf: MatchConfig | None =
     if len(d1) == 0 or len(d2) == 0:
         return np.empty((0, 2), dtype=np.int64)
     if d1.ndim != 2 or d2.ndim != 2 or d1.shape[1] != d2.shape[1]:
-        raise ValueError(f"descriptor shapes do not match: {d1.shape} vs {d2.shape}")
+        raise InputMismatch(f"descriptor shapes do not match: {d1.shape} vs {d2.shape}")
     sq1 = np.einsum("ij,ij->i", d1, d1)
     sq2 = np.einsum("ij,ij->i", d2, d2)
     # [d2, 1] . [-2 d1, |d1|^2] = |d1_i - d2_j|^2 - |d2_j|^2: one product, no extra pass
@@ -99,16 +103,32 @@ def one_to_one(matches: np.ndarray, d1: np.ndarray, d2: np.ndarray) -> np.ndarra
     return matches[np.sort(order[first])]
 
 
-def degenerate(transform: np.ndarray, max_scale_change: float) -> bool:
-    """Whether the linear part of a 2x3 affine (or of a 3x3 homography, normalised by H[2, 2])
-    has a singular value outside [1/max_scale_change, max_scale_change]."""
+def local_linear_maps(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The local linear map (Jacobian d(x', y') / d(x, y)) (n, 2, 2) of a 2x3 affine or 3x3
+    homography at image-1 points (n, 2) (x, y); for an affine its linear part (1, 2, 2), the same
+    everywhere. For H = [[A, t], [g^T, c]] at p: (A - p' g^T) / w, where w = g.p + c and
+    p' = (A p + t) / w is the mapped point (any scaling of H gives the same maps)."""
     t = np.asarray(transform, dtype=np.float64)
-    if t.shape == (3, 3):
-        if abs(t[2, 2]) < 1e-12:
-            return True
-        t = t / t[2, 2]
-    s = np.linalg.svd(t[:2, :2], compute_uv=False)
-    return bool(s.min() < 1.0 / max_scale_change or s.max() > max_scale_change)
+    if t.shape == (2, 3):
+        return t[None, :, :2]
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = p @ t[2, :2] + t[2, 2]
+        mapped = (p @ t[:2, :2].T + t[:2, 2]) / w[:, None]
+        return (t[None, :2, :2] - mapped[:, :, None] * t[2, :2][None, None, :]) / w[:, None, None]
+
+
+def degenerate(transform: np.ndarray, max_scale_change: float, points: np.ndarray) -> bool:
+    """Whether a fitted 2x3 affine or 3x3 homography is no viewpoint change: at some of
+    ``points`` (n, 2), the image-1 inliers, its local linear map (:func:`local_linear_maps`)
+    mirrors (determinant <= 0), sends the point to infinity, or has a singular value outside
+    [1/max_scale_change, max_scale_change]."""
+    jac = local_linear_maps(transform, points)
+    if not np.isfinite(jac).all():
+        return True
+    s = np.linalg.svd(jac, compute_uv=False)
+    return bool((np.linalg.det(jac) <= 0).any() or s.min(initial=np.inf) < 1.0 / max_scale_change
+                or s.max(initial=0.0) > max_scale_change)
 
 
 def verify(kp1: np.ndarray, kp2: np.ndarray, matches: np.ndarray,
@@ -121,7 +141,7 @@ def verify(kp1: np.ndarray, kp2: np.ndarray, matches: np.ndarray,
     """
     conf = conf or MatchConfig()
     if conf.model not in MODELS:
-        raise ValueError(f"unknown model {conf.model!r}: expected one of {MODELS}")
+        raise OptionError(f"unknown model {conf.model!r}: expected one of {MODELS}")
     inliers = np.zeros(len(matches), dtype=bool)
     if len(matches) < MIN_SAMPLES[conf.model]:
         return inliers, None
@@ -134,9 +154,12 @@ def verify(kp1: np.ndarray, kp2: np.ndarray, matches: np.ndarray,
     else:
         transform, mask = cv2.findHomography(p1, p2, cv2.USAC_ACCURATE, conf.residual,
                                              maxIters=conf.max_iters, confidence=conf.confidence)
-    if transform is None or mask is None or degenerate(transform, conf.max_scale_change):
+    if transform is None or mask is None:
         return inliers, None
-    return mask.ravel().astype(bool), transform
+    mask = mask.ravel().astype(bool)
+    if degenerate(transform, conf.max_scale_change, p1[mask]):
+        return inliers, None
+    return mask, transform
 
 
 def match_features(f1: Mapping[str, Any], f2: Mapping[str, Any], conf: MatchConfig | None = None) -> MatchResult:

@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from extract.errors import InputMismatch
+
 PROTOCOLS = ("easy", "medium", "hard")
 KAPPAS = (1, 5, 10)
 
@@ -76,19 +78,19 @@ def protocol_gnd(gnd: Sequence[Mapping[str, np.ndarray]], protocol: str) -> list
 
 def check_ranks(ranks: np.ndarray, db_size: int, nq: int) -> np.ndarray:
     """``ranks`` as int64 (db_size, nq), each column a permutation of the database; else
-    ValueError saying what is wrong."""
+    InputMismatch saying what is wrong."""
     ranks = np.asarray(ranks)
     if ranks.shape != (db_size, nq):
-        raise ValueError(f"ranks have shape {ranks.shape}, expected (database size, number of "
-                         f"queries) = ({db_size}, {nq})")
+        raise InputMismatch(f"ranks have shape {ranks.shape}, expected (database size, number of "
+                            f"queries) = ({db_size}, {nq})")
     if not np.issubdtype(ranks.dtype, np.integer):
-        raise ValueError(f"ranks must be integer database indices, got {ranks.dtype}")
+        raise InputMismatch(f"ranks must be integer database indices, got {ranks.dtype}")
     ranks = ranks.astype(np.int64)
     expected = np.arange(db_size)[:, None]
     bad = np.flatnonzero((np.sort(ranks, axis=0) != expected).any(axis=0))
     if bad.size:
-        raise ValueError(f"ranks column {bad[0]} (query {bad[0]}) is not a permutation of "
-                         f"0..{db_size - 1} ({bad.size} such columns)")
+        raise InputMismatch(f"ranks column {bad[0]} (query {bad[0]}) is not a permutation of "
+                            f"0..{db_size - 1} ({bad.size} such columns)")
     return ranks
 
 

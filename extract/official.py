@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from extract.datum import DatumError, read_datum
+from extract.errors import UserError
 from extract.pca import save_pca
 from train.checkpoint import atomic_path, checkpoint_dict, file_sha256
 from train.delf import Delf
@@ -55,7 +56,7 @@ RELEASES = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The source is not a convertible release, or the output may not be written; the message is
     one line naming the file and the reason."""
 

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.config import ExtractionConfig, with_recorded
+from extract.errors import OptionError
 from extract.images import fit_size, resize_tf1, shrink, to_rgb
 from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
 from train.checkpoint import file_sha256, load_model
@@ -157,9 +158,9 @@ class DelfExtractor:
                  global_descriptor: bool = True) -> None:
         conf = conf or ExtractionConfig()
         if not conf.scale_list or min(conf.scale_list) <= 0:
-            raise ValueError(f"scales must be positive, got {list(conf.scale_list)}")
+            raise OptionError(f"scales must be positive, got {list(conf.scale_list)}")
         if conf.top_k < 1 or 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
-            raise ValueError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE} (or 0: no limit)")
+            raise OptionError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE} (or 0: no limit)")
         if pca is not None and not 1 <= conf.pca_dims <= len(pca["pca_mean"]):
             raise PcaError(f"pca_dims {conf.pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from extract.config import MatchConfig
+from extract.errors import InputMismatch
 from extract.index import IndexConfig, KnnIndex, as_rows
 from extract.matching import match_features
 
@@ -30,7 +31,7 @@ class DescriptorIndex:
         self.image_offsets = np.concatenate([[0], np.cumsum(counts)])
         dims = {np.shape(d)[1] for d in descriptors if len(d)}
         if len(dims) > 1:
-            raise ValueError(f"database descriptors have different dimensions: {sorted(dims)}")
+            raise InputMismatch(f"database descriptors have different dimensions: {sorted(dims)}")
         self.dim = dims.pop() if dims else 0
         self.x = np.concatenate([as_rows(d, self.dim) for d in descriptors]) if descriptors \
             else np.empty((0, 0), np.float32)

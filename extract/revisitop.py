@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from extract.errors import InputMismatch
 from extract.metrics import check_ranks
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -84,5 +85,5 @@ def load_ranks(path: str | Path, ds: Dataset) -> np.ndarray:
         raise EvalError(f"{path}: cannot read a .npy ranking ({e})") from None
     try:
         return check_ranks(ranks, len(ds.imlist), len(ds.qimlist))
-    except ValueError as e:
+    except InputMismatch as e:
         raise EvalError(f"{path}: {e}") from None

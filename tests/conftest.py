@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from tests.utils import make_gldv2, make_image_folder, save_keypoint_checkpoint
+from tests.utils import make_gldv2, make_image_folder, make_uniform_image_folder, save_keypoint_checkpoint
 from train.delf import Delf
 from train.runtime import PROJECT_ROOT, REPO_DIR_ENV, limit_threads
 
@@ -25,12 +25,33 @@ def temporary_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield root
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests not marked ``cuda`` run on the CPU on every machine, as they expect (bit-exact
+    resumes, bf16 autocast, several processes on one machine): device "auto" sees no CUDA, in
+    this process and in the scripts they start (CUDA_VISIBLE_DEVICES empty; this process's CUDA
+    runtime started at collection, with the machine's GPUs, so ``cuda`` tests keep them)."""
+    if request.node.get_closest_marker("cuda") is not None:
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def image_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(train, val) ImageFolders: 3 classes, 4 + 2 JPEGs of 80 px per class."""
     root = tmp_path_factory.mktemp("images")
     return (make_image_folder(root / "train", classes=3, per_class=4, size=80, seed=0),
             make_image_folder(root / "val", classes=3, per_class=2, size=80, seed=1))
+
+
+@pytest.fixture(scope="session")
+def uniform_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train, val) ImageFolders of one symmetric 64 px photo (see :func:`make_uniform_image_folder`):
+    3 classes of 6, 4, 2 training and 3, 2, 1 validation images."""
+    root = tmp_path_factory.mktemp("uniform")
+    return (make_uniform_image_folder(root / "train", (6, 4, 2)),
+            make_uniform_image_folder(root / "val", (3, 2, 1)))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import extract.extraction as extraction_module
 from extract.config import DEFAULT_SCALES, EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import build_parser as evaluate_parser
 from extract.extraction import default_workers, extract_features, fit_pca_file
@@ -114,6 +115,20 @@ def test_pca_needs_enough_descriptors(tmp_path: Path, ckpt: Path, images: Path, 
     assert main(["--load_from", str(ckpt), "--mode", "pca", "--input_path", str(images),
                  "--output_path", str(tmp_path / "pca.h5"), "--top_k", "10"] + FAST) == 1
     assert "at least as many descriptors as dimensions: got 40 descriptors of dimension 256" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path: Path, ckpt: Path, images: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys):
+    base = ["--load_from", str(ckpt), "--input_path", str(images), "--use_pca", "false", "--workers", "0"]
+    assert main(base + ["--output_path", str(tmp_path / "a.h5"), "--scale_list", "0.5", "-1"]) == 1
+    assert capsys.readouterr().err == "error: scales must be positive, got [0.5, -1.0]\n"
+    assert main(base + ["--output_path", str(tmp_path / "b.h5"), "--scale_list", "0.5", "--save_attention"]) == 1
+    assert capsys.readouterr().err == ("error: --save_attention stores the attention map at scale 1.0: add 1.0 "
+                                       "to --scale_list\n")
+    # a ValueError of numpy's (here: a bug placed in the attributes of the feature file) is no user error
+    monkeypatch.setattr(extraction_module, "feature_attrs", lambda *a, **k: np.arange(3).reshape(2, 2))
+    with pytest.raises(ValueError, match="cannot reshape array of size 3"):
+        main(base + ["--output_path", str(tmp_path / "c.h5"), "--scale_list", "1.0"])
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from extract.errors import InputMismatch
 from extract.global_retrieval import global_matrix, global_scores
 from extract.retrieval import rank
 from tests.utils import unit
@@ -24,13 +25,13 @@ def test_ranking_equals_brute_force_with_ties_by_index() -> None:
 
 def test_empty_and_mismatched_inputs() -> None:
     assert global_scores(np.zeros((0, 8)), np.zeros((2, 8))).shape == (2, 0)
-    with pytest.raises(ValueError, match="not \\(n, D\\) of one D"):
+    with pytest.raises(InputMismatch, match="not \\(n, D\\) of one D"):
         global_scores(np.zeros((3, 8)), np.zeros((2, 4)))
 
 
 def test_global_matrix_names_the_missing_descriptor() -> None:
     assert global_matrix([np.ones(4), np.zeros(4)]).shape == (2, 4)
-    with pytest.raises(ValueError, match="query features have no global_descriptor: extract them with a DELG"):
+    with pytest.raises(InputMismatch, match="query features have no global_descriptor: extract them with a DELG"):
         global_matrix([np.ones(4), None], "query")
-    with pytest.raises(ValueError, match="different shapes"):
+    with pytest.raises(InputMismatch, match="different shapes"):
         global_matrix([np.ones(4), np.ones(3)])

@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+import extract.matcher as matcher_module
 from extract.config import MatchConfig
 from extract.drawing import draw_matches
+from extract.errors import InputMismatch, OptionError
 from extract.features import FeatureWriter
 from extract.matcher import main
-from extract.matching import MatchResult, degenerate, match_descriptors, match_features, one_to_one, verify
+from extract.matching import (
+    MatchResult,
+    degenerate,
+    local_linear_maps,
+    match_descriptors,
+    match_features,
+    one_to_one,
+    verify,
+)
 from tests.utils import photo, save_keypoint_checkpoint, unit
 
 matplotlib.use("Agg")
@@ -102,9 +112,9 @@ def test_empty_feature_sets() -> None:
         res = match_features(a, b)
         assert isinstance(res, MatchResult)
         assert res.matches.shape == (0, 2) and res.num_inliers == 0 and res.transform is None
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(InputMismatch, match="shapes"):
         match_descriptors(full["descriptors"], full["descriptors"][:, :20])
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(OptionError, match="unknown model"):
         verify(full["keypoints"], full["keypoints"], np.zeros((5, 2), np.int64), MatchConfig(model="similarity"))
 
 
@@ -165,8 +175,20 @@ def test_draw_matches_figure() -> None:
     plt.close(fig)
 
 
-def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    img1, img2, f1, f2, _ = warped_pair(AFFINE)
+def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """80 keypoints with the same descriptor in both images (80 putative matches: every image-2
+    descriptor's nearest one is its twin, at distance 0), 60 of them exactly where AFFINE sends
+    them and 20 moved 60 to 100 px away from it: 60 inliers."""
+    img1, img2, _, _, _ = warped_pair(AFFINE)
+    rng = np.random.default_rng(3)
+    kp1 = rng.uniform(10, 246, (80, 2))
+    kp2 = apply(AFFINE, kp1)
+    angle = rng.uniform(0, 2 * np.pi, 20)
+    kp2[60:] += rng.uniform(60, 100, (20, 1)) * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    d = unit(rng.normal(size=(80, 40)))
+    f1 = {"keypoints": kp1.astype(np.float32), "descriptors": d}
+    f2 = {"keypoints": kp2.astype(np.float32), "descriptors": d}
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     h5 = tmp_path / "feats.h5"
     with FeatureWriter(h5, {"test": True}) as writer:
@@ -179,13 +201,18 @@ def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["--features", str(h5), "a.jpg", "sub/b.jpg", "--images_root",
                  str(tmp_path / "imgs"), "--output", str(png)]) == 0
     out = capsys.readouterr().out
-    assert f"inliers: {match_features(f1, f2).num_inliers}" in out and png.stat().st_size > 0
+    assert "a.jpg: 80 features\nsub/b.jpg: 80 features\nputative matches: 80\ninliers: 60\n" in out
+    assert png.stat().st_size > 0
     assert main(["--features", str(h5), "a.jpg", "c.jpg"]) == 1
     assert "no features for image 'c.jpg'" in capsys.readouterr().err
     assert main(["--features", str(h5), "a.jpg", "sub/b.jpg", "--output", str(png)]) == 1
     assert "needs --images_root" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.jpg"), str(tmp_path / "imgs" / "a.jpg")]) == 1
     assert "nope.jpg: no such file" in capsys.readouterr().err
+    # a ValueError of numpy's is a bug, not a user error: its traceback is kept
+    monkeypatch.setattr(matcher_module, "read_features", lambda *a: np.arange(3).reshape(2, 2))
+    with pytest.raises(ValueError, match="cannot reshape array of size 3"):
+        main(["--features", str(h5), "a.jpg", "sub/b.jpg"])
 
 
 @pytest.mark.slow
@@ -242,8 +269,51 @@ def test_degenerate_fit_gives_zero_inliers() -> None:
     f1, f2 = {"keypoints": kp1, "descriptors": d}, {"keypoints": kp2, "descriptors": d}
     res = match_features(f1, f2)
     assert len(res.matches) == 60 and res.num_inliers == 0 and res.transform is None
-    assert degenerate(squeeze, 8.0) and not degenerate(AFFINE, 8.0) and not degenerate(HOMOGRAPHY, 8.0)
+    assert degenerate(squeeze, 8.0, kp1)
+    assert not degenerate(AFFINE, 8.0, kp1) and not degenerate(HOMOGRAPHY, 8.0, kp1)
     assert match_features(f1, f2, MatchConfig(max_scale_change=100.0)).num_inliers == 60
+
+
+def exact_pair(transform: np.ndarray, n: int = 60, seed: int = 0) -> tuple[dict, dict]:
+    """``n`` random image-1 keypoints in [0, 300]^2 and their exact images by ``transform``,
+    with the same random descriptors in both images."""
+    rng = np.random.default_rng(seed)
+    kp1 = rng.uniform(0, 300, (n, 2)).astype(np.float32)
+    d = unit(rng.normal(size=(n, 40)))
+    return {"keypoints": kp1, "descriptors": d}, {"keypoints": apply(transform, kp1).astype(np.float32),
+                                                   "descriptors": d}
+
+
+@pytest.mark.parametrize("model", ["affine", "homography"])
+def test_a_mirror_gives_zero_inliers(model: str) -> None:
+    """Two views of a scene are never mirror images: x -> 320 - x (no scale change at all) counts
+    0 inliers, whatever the scale bound; the half-turn x, y -> 320 - x, 310 - y (also no scale
+    change, determinant +1) keeps every match. (For homographies OpenCV's USAC already refuses
+    orientation-reversing samples; the affine fit needs :func:`degenerate`.)"""
+    mirror = np.array([[-1.0, 0.0, 320.0], [0.0, 1.0, 0.0]])
+    half_turn = np.array([[-1.0, 0.0, 320.0], [0.0, -1.0, 310.0]])
+    for bound in (8.0, 1000.0):
+        res = match_features(*exact_pair(mirror), MatchConfig(model=model, max_scale_change=bound))
+        assert len(res.matches) == 60 and res.num_inliers == 0 and res.transform is None
+    assert match_features(*exact_pair(half_turn), MatchConfig(model=model)).num_inliers == 60
+
+
+def test_a_homography_squeezing_part_of_the_image_gives_zero_inliers() -> None:
+    """H = [[1, 0, 0], [0, 1, 0], [0.02, 0, 1]]: its linear part is the identity, but x' = x / w,
+    y' = y / w with w = 1 + 0.02 x squeezes the image's right part (w = 7 at x = 300)."""
+    squeeze = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.02, 0.0, 1.0]])
+    # at (300, 100): w = 7, (x', y') = (300, 100) / 7, Jacobian (I - (x', y')^T (0.02, 0)) / 7
+    np.testing.assert_allclose(local_linear_maps(squeeze, np.array([[300.0, 100.0], [0.0, 0.0]])),
+                               [[[1 / 49, 0], [-2 / 49, 7 / 49]], np.eye(2)], atol=1e-15)
+    # smallest singular value near x = 300: about 1/49 < 1/8; at x = 0: the identity
+    assert degenerate(squeeze, 8.0, np.array([[300.0, 100.0]]))
+    assert not degenerate(squeeze, 8.0, np.array([[0.0, 100.0], [20.0, 250.0]]))
+    res = match_features(*exact_pair(squeeze), MatchConfig(model="homography"))
+    assert len(res.matches) == 60 and res.num_inliers == 0 and res.transform is None
+    assert match_features(*exact_pair(squeeze), MatchConfig(model="homography",
+                                                            max_scale_change=100.0)).num_inliers == 60
+    # a point sent to infinity (w = 0)
+    assert degenerate(squeeze, 1e9, np.array([[-50.0, 0.0]]))
 
 
 def synthetic_putatives(rng: np.random.Generator, n: int, ratio: float, noise: float = 6.0):

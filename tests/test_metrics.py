@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from extract.errors import InputMismatch
 from extract.metrics import check_ranks, compute_map, evaluate, format_table, protocol_gnd
 
 
@@ -118,11 +119,11 @@ def test_protocols_and_percent_table() -> None:
 def test_check_ranks() -> None:
     good = np.stack([np.arange(4), np.arange(4)[::-1]], axis=1)
     assert check_ranks(good, 4, 2).dtype == np.int64
-    with pytest.raises(ValueError, match=r"shape \(2, 4\).*\(4, 2\)"):
+    with pytest.raises(InputMismatch, match=r"shape \(2, 4\).*\(4, 2\)"):
         check_ranks(good.T, 4, 2)
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(InputMismatch, match="integer"):
         check_ranks(good.astype(float), 4, 2)
     bad = good.copy()
     bad[0, 1] = 0
-    with pytest.raises(ValueError, match="column 1 .* not a permutation"):
+    with pytest.raises(InputMismatch, match="column 1 .* not a permutation"):
         check_ranks(bad, 4, 2)

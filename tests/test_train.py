@@ -23,7 +23,13 @@ import torchvision
 import torchvision.transforms as transforms
 from PIL import Image
 
-from tests.utils import assert_resume_is_exact, run_trainer, save_keypoint_checkpoint
+from tests.utils import (
+    assert_resume_is_exact,
+    assert_same_training,
+    run_trainer,
+    save_keypoint_checkpoint,
+    training_conv_dtypes,
+)
 from train.checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
@@ -184,7 +190,12 @@ def test_seed_readme_commands_train_both_stages(image_data: tuple[Path, Path], e
                           "--load_from", str(finetune / "ckpt" / "bestshot.pth.tar"),
                           "--keypoint_train_path", str(train_dir), "--keypoint_val_path", str(val_dir),
                           *TINY, "--keypoint_epoch", "1"], cwd=PROJECT_ROOT / "train")
-    assert "running on CPU" in result.stderr
+    # --gpu_id 6 shows the machine's GPU 6 (it overrides the tests' empty CUDA_VISIBLE_DEVICES): CPU
+    # where there is none
+    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+                           text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "6"}, check=True)
+    on_cpu = "CUDA is not available (--gpu_id 6 shows no GPU): running on CPU" in result.stderr
+    assert on_cpu == (probe.stdout.strip() == "False")
     keypoint = repo_dir() / expr / "keypoint"
     _check_outputs(keypoint, epochs=1)
     model, ckpt = load_model(keypoint / "ckpt" / "bestshot.pth.tar")
@@ -316,32 +327,32 @@ def test_amp_step_runs_in_bf16_with_fp32_weights() -> None:
 
 
 def test_amp_flag_trains_in_bf16(image_data: tuple[Path, Path], expr: str) -> None:
-    training_dtypes = set()
-
-    def record(module: torch.nn.Module, inputs: tuple, output: object) -> None:
-        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
-            training_dtypes.add(output.dtype)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
+    with training_conv_dtypes() as dtypes:
         main(finetune_argv(expr, image_data, "--amp", "true", "--optim", "adam"))
-    finally:
-        handle.remove()
-    assert training_dtypes == {torch.bfloat16}
+    assert dtypes == {torch.bfloat16}
     ckpt = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["amp"] is True
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
-    result = run_trainer(finetune_argv(expr, image_data), nproc=2)
+def test_torchrun_two_cpu_processes_equal_one(uniform_data: tuple[Path, Path], expr: str) -> None:
+    """Two processes of 4 images per step train as one process of 8 (the sampler's shares, DDP's
+    gradient averaging, the metrics' sums over processes); a second run on that folder is then
+    refused by every process."""
+    def argv(name: str, batch: str) -> list[str]:
+        return finetune_argv(name, uniform_data, "--finetune_sample_size", "64", "--finetune_crop_size", "64",
+                             "--train_batch_size", batch)
+
+    run_trainer(argv(expr + "-one", "8"))  # a process of its own, one thread as the two below
+    result = run_trainer(argv(expr, "4"), nproc=2)
     stage_dir = repo_dir() / expr / "finetune"
+    assert_same_training(repo_dir() / (expr + "-one") / "finetune", stage_dir)
     _check_outputs(stage_dir, epochs=1)
     assert sorted(p.name for p in (stage_dir / "ckpt").iterdir()) == ["bestshot.pth.tar", "last.pth.tar"]
     assert load_file(stage_dir / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
 
-    again = run_trainer(finetune_argv(expr, image_data), nproc=2, check=False)
+    again = run_trainer(argv(expr, "4"), nproc=2, check=False)
     assert again.returncode != 0  # every process stops: rank 0 refuses, the others follow
     assert again.stderr.count("holds a run (epoch 1") == 1 and "rank 1: not starting, rank 0 refused" in again.stderr
 

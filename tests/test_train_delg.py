@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import assert_resume_is_exact, run_trainer
+from tests.utils import assert_resume_is_exact, assert_same_training, run_trainer, training_conv_dtypes
 from train.checkpoint import describe, load_file, load_model
 from train.config import TrainConfig, parse_args
 from train.delg import Delg
@@ -129,15 +129,24 @@ def test_gldv2_errors_are_one_line(gld: Path, expr: str, tmp_path: Path, capsys:
 
 
 def test_delg_amp_bf16_on_cpu(image_data: tuple[Path, Path], expr: str) -> None:
-    out = main(delg_argv(expr, image_data, "--amp"))
+    with training_conv_dtypes() as dtypes:
+        out = main(delg_argv(expr, image_data, "--amp"))
+    assert dtypes == {torch.bfloat16}   # backbone, autoencoder and attention convolutions
     for r in rows(out / "log" / "train.log"):
         assert math.isfinite(float(r["loss"]))
     assert load_file(out / "ckpt" / "last.pth.tar")["config"]["amp"] is True
 
 
 @pytest.mark.slow
-def test_delg_torchrun_two_cpu_processes(image_data: tuple[Path, Path], expr: str) -> None:
-    result = run_trainer(delg_argv(expr, image_data), nproc=2)
+def test_delg_torchrun_two_cpu_processes_equal_one(uniform_data: tuple[Path, Path], expr: str) -> None:
+    """Two processes of 4 images per step train as one process of 8 (the ArcFace, attention and
+    reconstruction losses, the clipped gradients, the logged loss parts)."""
+    def argv(name: str, batch: str) -> list[str]:
+        return delg_argv(name, uniform_data, "--delg_sample_size", "64", "--train_batch_size", batch)
+
+    run_trainer(argv(expr + "-one", "8"))  # a process of its own, one thread as the two below
+    result = run_trainer(argv(expr, "4"), nproc=2)
+    assert_same_training(repo_dir() / (expr + "-one") / "delg", repo_dir() / expr / "delg")
     ckpt = load_file(repo_dir() / expr / "delg" / "ckpt" / "last.pth.tar")
     assert ckpt["config"]["world_size"] == 2 and ckpt["stage"] == "delg"
     assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs

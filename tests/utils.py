@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,6 +50,24 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
             Image.fromarray(np.ascontiguousarray(crop)).save(root / name / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def make_uniform_image_folder(root: Path, counts: Sequence[int], size: int = 64) -> Path:
+    """An ImageFolder of ``counts[k]`` copies of one left-right symmetric image (PNG, ``size`` px
+    square) in class k's folder. Trained at sample and crop size ``size``, the augmentation
+    (random crop, flip) leaves every image as it is, so BatchNorm's batch statistics do not
+    depend on how the batch is split between processes: a torchrun run of B per process trains
+    as one process with the whole batch, up to rounding (the labels still differ per sample).
+    The image is random noise: the statistics of identical images are over positions only, and a
+    smooth photo leaves channels of the 2x2 last feature map nearly constant, whose
+    normalisation magnifies rounding."""
+    half = np.random.default_rng(0).integers(0, 256, (size, size // 2, 3), dtype=np.uint8)
+    img = np.ascontiguousarray(np.concatenate([half, half[:, ::-1]], axis=1))
+    for name, n in zip(PHOTOS, counts):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
     return root
 
 
@@ -154,6 +174,28 @@ def assert_resume_is_exact(train: Callable[..., object], expr: str, stage: str) 
         assert list(csv.reader(f)) == list(csv.reader(g))
 
 
+def assert_same_training(one: Path, two: Path) -> None:
+    """Two stage folders (repo/<expr>/<stage>) of runs that trained alike (see
+    :func:`make_uniform_image_folder`): the last checkpoints' weights and the logged training
+    metrics equal to rounding, the validation accuracies equal. BatchNorm's running variances,
+    and the validation losses they enter, within a few per cent: a running variance is the
+    unbiased one, n/(n-1) times the batch's, with n the cells of a process's batch (n = 16 for 4
+    images at layer4 of a 64 px input), which halves when two processes share the batch."""
+    a, b = (load_file(d / "ckpt" / "last.pth.tar") for d in (one, two))
+    assert a["epoch"] == b["epoch"] and a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        tol = {"rtol": 0.1, "atol": 0.0} if key.endswith("running_var") else {"rtol": 1e-4, "atol": 5e-5}
+        torch.testing.assert_close(b["state_dict"][key], value, **tol, msg=lambda m, key=key: f"{key}: {m}")
+    for split in ("train", "val"):
+        with (one / "log" / f"{split}.log").open(newline="") as f, (two / "log" / f"{split}.log").open(newline="") as g:
+            rows_a, rows_b = list(csv.DictReader(f)), list(csv.DictReader(g))
+        assert len(rows_a) == len(rows_b) > 0
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            for column, value in ra.items():
+                rel = 0.02 if split == "val" and column.startswith("loss") else 1e-5
+                assert float(rb[column]) == pytest.approx(float(value), rel=rel), (split, column)
+
+
 # --- training runs ---
 def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600,
                 check: bool = True) -> subprocess.CompletedProcess:
@@ -167,6 +209,23 @@ def run_trainer(args: Sequence[str], nproc: int | None = None, cwd: Path = PROJE
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@contextmanager
+def training_conv_dtypes() -> Iterator[set[torch.dtype]]:
+    """The dtypes of the Conv2d outputs computed with gradients enabled (training steps, not
+    validation) inside the block, in this process."""
+    dtypes: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield dtypes
+    finally:
+        handle.remove()
 
 
 # --- extraction scripts and feature files ---
@@ -201,3 +260,16 @@ def wait_for_groups(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 def unit(x: np.ndarray) -> np.ndarray:
     """The rows (last axis) of ``x`` scaled to unit length, as float32."""
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# --- memory ---
+def held_bytes(obj: object) -> int:
+    """Bytes of every numpy array and torch tensor an object holds (directly or in lists)."""
+    total = 0
+    for value in vars(obj).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, np.ndarray):
+                total += item.nbytes
+            elif isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+    return total
