@@ -232,7 +232,7 @@ def test_converted_checkpoint_records_the_model_and_the_official_settings(refere
 @needs_reference
 def test_block3_and_attention_equal_tensorflow(reference: dict, converted: str) -> None:
     model, _ = load_model(repo_dir() / converted / "keypoint" / "ckpt" / "fix.pth.tar")
-    pixels = np.asarray(Image.open(reference["images"] / "astronaut.png"))
+    pixels = np.array(Image.open(reference["images"] / "astronaut.png"))
     with torch.no_grad():
         features, attention = model.eval().extract(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
     want_f, want_a = reference["outputs"]["block3"], reference["outputs"]["attention"]

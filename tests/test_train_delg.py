@@ -64,7 +64,7 @@ def test_delg_stage_trains_and_checkpoints(image_data: tuple[Path, Path], expr: 
     assert (out / "ckpt" / "bestshot.pth.tar").is_file()
     assert describe(ckpt) == {"attn_batchnorm": True, "arch": "resnet18", "target_layer": "layer3", "ncls": 3,
                               "stage": "delg", "global_dim": 32, "autoencoder_dim": 16, "attention_pool": "mean",
-                              "block3_strides": True}
+                              "block3_strides": True, "layout": "torchvision", "input_norm": "imagenet"}
     train_log = rows(out / "log" / "train.log")
     assert [r["epoch"] for r in train_log] == ["1", "2"]
     for r in train_log + rows(out / "log" / "val.log"):
