@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev test test-fast lint demo demo-clean bench clean
+.PHONY: install install-dev test test-fast test-min lint demo demo-clean bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,15 @@ test: install-dev
 
 test-fast: install-dev
 	$(PY) -m pytest -m "not slow"
+
+# the lower bounds (requirements-min.txt) installed over .venv's packages, without their
+# dependencies: lint, the quick tests and the notebook
+test-min: install-dev
+	rm -rf $(VENV)/min-bounds
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/min-bounds -r requirements-min.txt
+	$(VENV)/min-bounds/bin/ruff check .
+	PYTHONPATH=$(VENV)/min-bounds $(PY) -m pytest -m "not slow"
+	PYTHONPATH=$(VENV)/min-bounds $(PY) -m pytest tests/test_demo.py -k notebook
 
 lint: install-dev
 	$(PY) -m ruff check .
