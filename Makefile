@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 OFFICIAL_VENV ?= .venv-official
 
-.PHONY: install install-dev install-convert official-env test test-fast lint demo demo-clean bench clean
+.PHONY: install install-dev install-convert official-env test test-fast test-min lint demo demo-clean bench clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,15 @@ test: install-dev
 
 test-fast: install-dev
 	$(PY) -m pytest -m "not slow"
+
+# the lower bounds (requirements-min.txt) installed over .venv's packages, without their
+# dependencies: lint, the quick tests and the notebook
+test-min: install-dev
+	rm -rf $(VENV)/min-bounds
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/min-bounds -r requirements-min.txt
+	$(VENV)/min-bounds/bin/ruff check .
+	PYTHONPATH=$(VENV)/min-bounds $(PY) -m pytest -m "not slow"
+	PYTHONPATH=$(VENV)/min-bounds $(PY) -m pytest tests/test_demo.py -k notebook
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -27,6 +27,16 @@ def requirement_names(name: str) -> set[str]:
     return names
 
 
+def lower_bounds(name: str) -> dict[str, str]:
+    """Distribution name -> the version of its ``>=`` or ``==`` bound in a requirements file."""
+    found = {}
+    for line in (PROJECT_ROOT / name).read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9_.-]+)\s*(?:>=|==)\s*([^\s#,]+)", line.split("#")[0].strip())
+        if match:
+            found[match[1].lower()] = match[2]
+    return found
+
+
 def imported_modules(path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
@@ -62,3 +72,12 @@ def test_every_imported_package_is_a_requirement() -> None:
             if dist not in allowed:
                 missing.append(f"{path.relative_to(PROJECT_ROOT)}: {module}")
     assert missing == []
+
+
+def test_requirements_min_pins_every_lower_bound() -> None:
+    """make test-min tests each lower bound but those the release notes carry (requirements.txt) and
+    asmk's exact pin."""
+    bounds = lower_bounds("requirements.txt") | lower_bounds("requirements-dev.txt")
+    pins = lower_bounds("requirements-min.txt")
+    assert pins == {k: v for k, v in bounds.items() if k in pins}
+    assert set(bounds) - set(pins) == {"torch", "torchvision", "pillow", "asmk"}
