@@ -100,8 +100,8 @@ METHODS = ("asmk", "vote", "global", "global+sp")
 ASSIGNMENTS = ("auto", "hnsw", "exact")
 HAMMING_NORMS = ("asmk", "dim")
 # assignment auto: HNSW from HNSW_MIN_WORDS words for descriptors of at most HNSW_MAX_DIM dimensions
-# on the CPU, else exact (tests/bench/bench_retrieval.py, 65 536 words: HNSW 2-3x faster than exact
-# at 40-D with 98 % of the nearest words equal; at 128-D slower, 63-83 % equal)
+# on the CPU, else exact: on large low-dimensional codebooks HNSW is much faster than exact search and
+# finds nearly all the nearest words; at 128-D it is neither (figures: docs/benchmarks.md)
 HNSW_MIN_WORDS = 8192
 HNSW_MAX_DIM = 64
 
@@ -112,7 +112,7 @@ class IndexConfig:
 
     kind: str = "auto"        # auto: flat up to exact_max rows, else ivf
     nlist: int = 0            # IVF cells; 0: about one per 1000 rows
-    nprobe: int = 64          # IVF cells scanned per query: recall@10 0.97 (tests/bench/bench_retrieval.py)
+    nprobe: int = 64          # IVF cells scanned per query (its recall: docs/benchmarks.md)
     pq_m: int = 8             # IVF-PQ: sub-quantisers (bytes per row); must divide the dimension
     exact_max: int = 1 << 18  # auto: exact search up to this many rows
     train_per_cell: int = 64  # IVF training sample: rows per cell
@@ -137,7 +137,7 @@ class AsmkConfig:
     # built in memory on one thread: deterministic); auto: see HNSW_MIN_WORDS
     assignment: str = "auto"
     # HNSW: graph links per word (faiss's M), candidate lists when building and per query
-    # descriptor (at least m); tuned on tests/bench/bench_retrieval.py (figures: VisualWords)
+    # descriptor (at least m); tuned on tests/bench/bench_retrieval.py (figures: docs/benchmarks.md)
     hnsw_neighbors: int = 48
     hnsw_ef_construction: int = 160
     hnsw_ef_search: int = 32

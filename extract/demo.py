@@ -208,7 +208,7 @@ def run_demo(expr: str = "demo", preset_name: str = "full", arch: str = "resnet1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; exit status 0 (the separation is printed, not judged: see the README)."""
+    """Run the demo; exit status 0 (the separation is printed, not judged: see docs/matching.md)."""
     args = parse_args(argv)
     run_demo(args.expr, args.preset, args.arch, args.seed)
     return 0

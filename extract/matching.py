@@ -23,7 +23,7 @@ RANSAC is OpenCV's USAC (``cv2.USAC_ACCURATE``: RANSAC with local optimisation),
 confidence high enough that ``max_iters`` governs. Classic ``cv2.RANSAC`` with 1000 iterations
 finds a model at a 10 % inlier ratio far less often than the official 1000-trial
 ``skimage.measure.ransac``; USAC finds at least as many inliers as skimage at 10, 30 and 60 %
-(tests/test_matcher.py measures it), in about a millisecond.
+(tests/test_matcher.py measures it).
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def match_descriptors(d1: np.ndarray, d2: np.ndarray, conf: MatchConfig | None =
     # [d2, 1] . [-2 d1, |d1|^2] = |d1_i - d2_j|^2 - |d2_j|^2: one product, no extra pass
     a = np.concatenate([d2, np.ones((len(d2), 1), np.float32)], axis=1)
     b = np.concatenate([-2.0 * d1, sq1[:, None]], axis=1)
-    # One pair is ~40 MFLOP: a single BLAS thread does it in ~1 ms, while OpenBLAS's thread pool
-    # on a busy 2-core machine takes 10-20 ms.
+    # One pair is a small product: a single BLAS thread does it at once, while a BLAS thread pool
+    # on a busy machine waits for its cores (timings: docs/benchmarks.md).
     with limit_threads(1):
         dist = a @ b.T
     rows = np.arange(len(d2))

@@ -119,7 +119,8 @@ def gather_rows(rows: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
 
 def fold_batchnorm(model: Delf) -> Delf:
     """An inference copy of ``model`` with each BatchNorm folded into the conv before it: the same
-    outputs (up to float rounding), about 15 % faster on CPU. ``model`` itself is left untouched."""
+    outputs (up to float rounding), faster: one convolution instead of a convolution and a BatchNorm.
+    ``model`` itself is left untouched."""
     model = copy.deepcopy(model).eval().requires_grad_(False)
     for module in model.modules():
         for conv_name, bn_name in _CONV_BN:

@@ -17,7 +17,7 @@ from threadpoolctl import ThreadpoolController
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPO_DIR_ENV = "DELF_REPO_DIR"
 log = logging.getLogger("delf")
-_pools: ThreadpoolController | None = None  # made once: scanning the loaded libraries takes ms
+_pools: ThreadpoolController | None = None  # made once: it scans the loaded libraries
 
 
 def repo_dir() -> Path:
@@ -29,8 +29,8 @@ def repo_dir() -> Path:
 @contextmanager
 def limit_threads(n: int = 1) -> Iterator[None]:
     """At most ``n`` threads for torch's intra-op pool and the BLAS/OpenMP pools (threadpoolctl)
-    inside the block. Small matrix products on a busy machine run several times faster on one
-    thread than on a pool whose workers wait for a core."""
+    inside the block. Small matrix products on a busy machine run faster on one thread than on a
+    pool whose workers wait for a core."""
     global _pools
     if _pools is None:
         _pools = ThreadpoolController()
