@@ -21,7 +21,9 @@ With a DELG checkpoint, --method global ranks by the global descriptors' inner p
         --use_pca false --method global+sp --output res.json
 
 R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop distributes them
-(extract/revisitop.py). From Python: :func:`evaluate_dataset`, :func:`score_ranking`.
+(extract/revisitop.py). --output's JSON holds the scores and the resolved settings ("config");
+--config FILE reads flags from a TOML file (configs/ holds the published setups). From Python:
+:func:`evaluate_dataset`, :func:`score_ranking`.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -56,7 +58,7 @@ from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
+from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
 from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
@@ -206,27 +208,33 @@ def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
     return evaluate(load_ranks(ranks_path, ds), ds.gnd)
 
 
-def write_json(results: Scores, path: Path, initial: Scores | None = None) -> None:
-    """Scores as JSON (the initial ranking's under "initial"); NaN (no query with positives)
-    becomes null."""
+def write_json(results: Scores, path: Path, initial: Scores | None = None,
+               config: dict[str, Any] | None = None) -> None:
+    """Scores as JSON (the initial ranking's under "initial", the settings that made them under
+    "config"); NaN (no query with positives) becomes null."""
     def clean(scores: Scores) -> dict[str, Any]:
         return {p: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()}
                 for p, row in scores.items()}
 
-    out = clean(results) if initial is None else {**clean(results), "initial": clean(initial)}
+    out = clean(results)
+    if initial is not None:
+        out["initial"] = clean(initial)
+    if config is not None:
+        out["config"] = config
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 # --- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Revisited Oxford/Paris evaluation (mAP, mP@k; E/M/H).")
+    add_config_file_arg(p)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--data_root", type=Path, required=True,
                    help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
     p.add_argument("--ranks", type=Path, help="score this ranking (.npy, database x queries, 0-based)"
                    " instead of running DeLF")
-    p.add_argument("--output", type=Path, help="write the scores (percent) as JSON here")
+    p.add_argument("--output", type=Path, help="write the scores (percent) and the settings as JSON here")
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
     add_bool_flag(p, "--overwrite", default=False,
@@ -243,21 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
-    """The evaluation the flags describe; prints the score tables, returns the final scores and
-    those of the initial ranking (None when scoring a given ranking)."""
+def run(args: argparse.Namespace) -> tuple[Scores, Scores | None, dict[str, Any]]:
+    """The evaluation the flags describe; prints the score tables, returns the final scores,
+    those of the initial ranking (None when scoring a given ranking) and the resolved settings."""
     ds = load_dataset(args.data_root, args.dataset)
+    settings: dict[str, Any] = {"dataset": ds.name, "data_root": args.data_root}
     if args.ranks is not None:
         results = score_ranking(ds, args.ranks)
         print(f"{ds.name}: given ranking\n{format_table(results)}")
-        return results, None
+        return results, None, {**settings, "ranks": args.ranks}
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
     check_images(ds)
     extraction, checkpoint, pca_file, device = extraction_from_args(args)
+    matching = config_from_args(MatchConfig, args)
+    features_dir = args.features_dir or dataset_features_dir(args.load_expr, ds.name)
+    settings.update(checkpoint=checkpoint, pca=pca_file, features_dir=features_dir,
+                    codebook_images=args.codebook_images, distractors=args.distractors, evaluation=asdict(conf),
+                    matching=asdict(matching), extraction=asdict(extraction))
     result = evaluate_dataset(
-        ds, checkpoint, args.features_dir or dataset_features_dir(args.load_expr, ds.name), pca_path=pca_file,
-        extraction=extraction, matching=config_from_args(MatchConfig, args), conf=conf,
+        ds, checkpoint, features_dir, pca_path=pca_file, extraction=extraction, matching=matching, conf=conf,
         codebook_images=args.codebook_images, distractors=args.distractors,
         codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device)
     name = METHOD_NAMES[conf.method]
@@ -271,7 +284,7 @@ def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
         print(f"{where}: {name}+SP (spatial verification of the top {conf.rerank})\n"
               f"{format_table(result.final)}")
     print(f"{where}, as the papers' tables (mAP, mP@10):\n{format_rows(rows)}")
-    return result.final, result.initial
+    return result.final, result.initial, settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,12 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args_given(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        results, initial = run(args)
+        results, initial, settings = run(args)
     except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.output is not None:
-        write_json(results, args.output, initial)
+        write_json(results, args.output, initial, settings)
         print(f"wrote {args.output}")
     return 0
 

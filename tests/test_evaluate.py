@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,7 @@ from PIL import Image
 import extract.asmk_index as asmk_index
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
-from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
+from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
@@ -193,8 +194,9 @@ def test_ranks_mode_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["--dataset", "roxford5k", "--data_root", str(root), "--ranks",
                  str(tmp_path / "ranks.npy"), "--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"easy", "medium", "hard"}
-    assert all(set(row) == {"mAP", "mP@1", "mP@5", "mP@10"} for row in res.values())
+    assert set(res) == {"easy", "medium", "hard", "config"}
+    assert res["config"] == {"dataset": "roxford5k", "data_root": str(root), "ranks": str(tmp_path / "ranks.npy")}
+    assert all(set(res[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} for p in PROTOCOLS)
     with open(root / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
         expected = evaluate(ranks, pickle.load(f)["gnd"])
     for protocol, row in expected.items():
@@ -318,7 +320,14 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
             "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats), "--method", "vote"]
     assert main(args + ["--output", str(out)]) == 0
     reranked = json.loads(out.read_text())
-    assert set(reranked) == {"easy", "medium", "hard", "initial"}
+    assert set(reranked) == {"easy", "medium", "hard", "initial", "config"}
+    # the settings that made the scores, as resolved
+    assert {k: reranked["config"][k] for k in ("dataset", "checkpoint", "pca", "features_dir")} == {
+        "dataset": "roxford5k", "checkpoint": str(tiny["ckpt"]), "pca": str(tiny["pca"]), "features_dir": str(feats)}
+    assert reranked["config"]["evaluation"] == asdict(EvalConfig(method="vote"))
+    assert reranked["config"]["matching"] == asdict(MatchConfig())
+    assert reranked["config"]["extraction"] == json.loads(json.dumps(asdict(ExtractionConfig(
+        attn_thres=0.0, scale_list=tuple(map(float, SCALES))))))
     assert all(0 <= v <= 100 for table in (reranked, reranked["initial"]) for p in PROTOCOLS
                for v in table[p].values())
     printed = capsys.readouterr().out
@@ -406,7 +415,8 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
             "--codebook_size", "32", "--codebook_images", str(codebook_images)]
     assert main(args + ["--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"easy", "medium", "hard", "initial"}
+    assert set(res) == {"easy", "medium", "hard", "initial", "config"}
+    assert res["config"]["evaluation"]["codebook_size"] == 32
     assert all(0 <= v <= 100 for table in (res, res["initial"]) for p in PROTOCOLS for v in table[p].values())
     assert res["medium"]["mAP"] > 80.0 and res["medium"]["mAP"] >= res["initial"]["medium"]["mAP"]
     printed = capsys.readouterr().out
@@ -451,7 +461,9 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
 
     monkeypatch.setattr(evaluate_module, "AsmkIndex", spy)
     assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
-    assert kinds == ["hnsw"] and json.loads(out.read_text()) == res
+    hnsw = json.loads(out.read_text())
+    assert kinds == ["hnsw"] and hnsw["config"]["evaluation"]["assignment"] == "hnsw"
+    assert {k: v for k, v in hnsw.items() if k != "config"} == {k: v for k, v in res.items() if k != "config"}
     monkeypatch.undo()
 
     # an identical copy of each query ranks first among the database images
@@ -554,7 +566,7 @@ def test_delg_global_and_global_sp_end_to_end(tiny: dict[str, Path], one_thread:
             "--attn_thres", "0", "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
     assert main(args + ["--method", "global", "--output", str(out)]) == 0
     glob = json.loads(out.read_text())
-    assert set(glob) == {"easy", "medium", "hard", "initial"}
+    assert set(glob) == {"easy", "medium", "hard", "initial", "config"}
     assert glob["initial"] == {p: glob[p] for p in PROTOCOLS}  # --method global re-ranks nothing
     assert all(0 <= v <= 100 for p in PROTOCOLS for v in glob[p].values())
     printed = capsys.readouterr().out
