@@ -22,7 +22,8 @@ With a DELG checkpoint, --method global ranks by the global descriptors' inner p
 
 R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop distributes them
 (extract/revisitop.py). --output's JSON holds the scores and the resolved settings ("config");
---config FILE reads flags from a TOML file (configs/ holds the published setups). From Python:
+--figures DIR draws each query's top 10 and the per-query AP (extract/figures.py); --config FILE
+reads flags from a TOML file (configs/ holds the published setups). From Python:
 :func:`evaluate_dataset`, :func:`score_ranking`.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,7 +51,9 @@ from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
 from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs
+from extract.figures import make_folder, write_figures
 from extract.global_retrieval import global_matrix, global_scores
+from extract.images import image_path
 from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
 from extract.paths import dataset_features_dir
@@ -72,13 +75,18 @@ METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", 
 @dataclass
 class Evaluation:
     """Scores of the initial ranking and of the final (re-ranked) one (equal when nothing is
-    re-ranked), and the size of what was searched."""
+    re-ranked), the size of what was searched, and the rankings: ``initial_ranks`` (database
+    size, queries) and ``final_ranks`` per protocol; database image i >= len(imlist) is
+    distractor ``distractor_names[i - len(imlist)]`` (names as extract.images.list_images)."""
 
     initial: Scores
     final: Scores
     database_size: int = 0
     distractors: int = 0
     index_bytes: int = 0
+    initial_ranks: np.ndarray | None = None
+    final_ranks: dict[str, np.ndarray] = field(default_factory=dict)
+    distractor_names: Sequence[str] = ()
 
 
 def require_codebook_images(conf: EvalConfig, codebook_images: str | Path | None) -> None:
@@ -186,9 +194,11 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
         db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
         parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
+        distractor_names: Sequence[str] = ()
         if distractors is not None:
             parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
                                          overwrite, device))
+            distractor_names = parts[-1][1]
         centroids = None
         if conf.method == "asmk":
             assert codebook_images is not None
@@ -200,7 +210,8 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
         with FeatureStore(parts) as store:
             initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
             size = len(store)
-    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes)
+    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes,
+                      initial, final, distractor_names)
 
 
 def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
@@ -235,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=Path, help="score this ranking (.npy, database x queries, 0-based)"
                    " instead of running DeLF")
     p.add_argument("--output", type=Path, help="write the scores (percent) and the settings as JSON here")
+    p.add_argument("--figures", type=Path, metavar="DIR",
+                   help="draw each query's crop and top 10 before and after spatial verification (frames: green "
+                        "positive, red negative, grey junk; Medium protocol) and a chart of per-query AP into DIR")
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
     add_bool_flag(p, "--overwrite", default=False,
@@ -251,40 +265,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[Scores, Scores | None, dict[str, Any]]:
-    """The evaluation the flags describe; prints the score tables, returns the final scores,
-    those of the initial ranking (None when scoring a given ranking) and the resolved settings."""
+@dataclass
+class Outcome:
+    """What one command computed: the final scores, the initial ranking's (None for a given
+    ranking), the resolved settings, and the rankings to draw (label -> (database size, queries);
+    after re-ranking, the Medium protocol's); database image i >= len(imlist) is distractor
+    ``distractor_names[i - len(imlist)]``."""
+
+    final: Scores
+    initial: Scores | None
+    settings: dict[str, Any]
+    rankings: dict[str, np.ndarray]
+    distractor_names: Sequence[str] = ()
+
+
+def run(args: argparse.Namespace) -> None:
+    """The evaluation the flags describe: prints the score tables, writes --output (scores and
+    the resolved settings) and --figures."""
     ds = load_dataset(args.data_root, args.dataset)
-    settings: dict[str, Any] = {"dataset": ds.name, "data_root": args.data_root}
-    if args.ranks is not None:
-        results = score_ranking(ds, args.ranks)
-        print(f"{ds.name}: given ranking\n{format_table(results)}")
-        return results, None, {**settings, "ranks": args.ranks}
+    if args.figures is not None:  # before the work, not after it
+        check_images(ds)
+        make_folder(args.figures)
+    out = score_given(args, ds) if args.ranks is not None else run_delf(args, ds)
+    if args.output is not None:
+        write_json(out.final, args.output, out.initial, out.settings)
+        print(f"wrote {args.output}")
+    if args.figures is not None:
+        n = len(ds.imlist)
+
+        def database_image(i: int) -> Path:
+            return ds.path(ds.imlist[i]) if i < n else image_path(args.distractors, out.distractor_names[i - n])
+
+        written = write_figures(ds, out.rankings, args.figures, database_image)
+        print(f"wrote {len(written)} figures to {args.figures}")
+
+
+def score_given(args: argparse.Namespace, ds: Dataset) -> Outcome:
+    """The scores of the --ranks ranking; prints the table."""
+    ranks = load_ranks(args.ranks, ds)
+    results = evaluate(ranks, ds.gnd)
+    print(f"{ds.name}: given ranking\n{format_table(results)}")
+    return Outcome(results, None, {"dataset": ds.name, "data_root": args.data_root, "ranks": args.ranks},
+                   {"given ranking": ranks})
+
+
+def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
+    """DeLF end to end as the flags describe; prints the tables."""
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
     check_images(ds)
     extraction, checkpoint, pca_file, device = extraction_from_args(args)
     matching = config_from_args(MatchConfig, args)
     features_dir = args.features_dir or dataset_features_dir(args.load_expr, ds.name)
-    settings.update(checkpoint=checkpoint, pca=pca_file, features_dir=features_dir,
-                    codebook_images=args.codebook_images, distractors=args.distractors, evaluation=asdict(conf),
-                    matching=asdict(matching), extraction=asdict(extraction))
+    settings = {"dataset": ds.name, "data_root": args.data_root, "checkpoint": checkpoint, "pca": pca_file,
+                "features_dir": features_dir, "codebook_images": args.codebook_images,
+                "distractors": args.distractors, "evaluation": asdict(conf), "matching": asdict(matching),
+                "extraction": asdict(extraction)}
     result = evaluate_dataset(
         ds, checkpoint, features_dir, pca_path=pca_file, extraction=extraction, matching=matching, conf=conf,
         codebook_images=args.codebook_images, distractors=args.distractors,
         codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device)
+    assert result.initial_ranks is not None
     name = METHOD_NAMES[conf.method]
     where = ds.name + (f" + {result.distractors} distractors" if result.distractors else "")
     print(f"{where}: {name} index {result.index_bytes / 2**20:.1f} MiB, "
           f"{result.index_bytes / max(result.database_size, 1) / 1e3:.1f} kB per database image")
     rows = {name: result.initial}
+    rankings = {name: result.initial_ranks}
     print(f"{where}: {name} (initial ranking)\n{format_table(result.initial)}")
     if conf.reranks:
         rows[f"{name}+SP"] = result.final
+        rankings[f"{name}+SP"] = result.final_ranks["medium"]
         print(f"{where}: {name}+SP (spatial verification of the top {conf.rerank})\n"
               f"{format_table(result.final)}")
     print(f"{where}, as the papers' tables (mAP, mP@10):\n{format_rows(rows)}")
-    return result.final, result.initial, settings
+    return Outcome(result.final, result.initial, settings, rankings, result.distractor_names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,13 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args_given(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        results, initial, settings = run(args)
+        run(args)
     except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.output is not None:
-        write_json(results, args.output, initial, settings)
-        print(f"wrote {args.output}")
     return 0
 
 

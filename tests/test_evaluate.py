@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -23,6 +24,8 @@ from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
+from extract.figures import write_figures
+from extract.images import list_images
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
@@ -318,9 +321,26 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from",
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
             "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats), "--method", "vote"]
-    assert main(args + ["--output", str(out)]) == 0
+    drawn: dict[str, np.ndarray] = {}
+
+    def spy(ds: Dataset, rankings: dict[str, np.ndarray], *a: object) -> list[Path]:
+        drawn.update(rankings)
+        return write_figures(ds, rankings, *a)
+
+    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    figures = tiny["tmp"] / "figures"
+    assert main(args + ["--output", str(out), "--figures", str(figures)]) == 0
     reranked = json.loads(out.read_text())
     assert set(reranked) == {"easy", "medium", "hard", "initial", "config"}
+    # figures of the initial ranking and of the re-ranked one (Medium protocol's), one per query
+    assert sorted(p.name for p in figures.iterdir()) == ["000_q_astronaut.png", "001_q_coffee.png",
+                                                         "002_q_chelsea.png", "ap_medium.png"]
+    assert list(drawn) == ["k-NN votes", "k-NN votes+SP"]
+    gnd = load_dataset(tiny["root"], "roxford5k").gnd
+    assert evaluate(drawn["k-NN votes"], gnd)["medium"]["mAP"] == pytest.approx(
+        reranked["initial"]["medium"]["mAP"], abs=1e-4)
+    assert evaluate(drawn["k-NN votes+SP"], gnd)["medium"]["mAP"] == pytest.approx(
+        reranked["medium"]["mAP"], abs=1e-4)
     # the settings that made the scores, as resolved
     assert {k: reranked["config"][k] for k in ("dataset", "checkpoint", "pca", "features_dir")} == {
         "dataset": "roxford5k", "checkpoint": str(tiny["ckpt"]), "pca": str(tiny["pca"]), "features_dir": str(feats)}
@@ -479,7 +499,18 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     # distractors join the database; their features are cached next to the dataset's
     distractors = image_set(tmp / "distractors", ("hubble_deep_field", "camera"), 2, 2)
     capsys.readouterr()
-    assert main(args + ["--distractors", str(distractors), "--output", str(out)]) == 0
+    images: list[Path] = []
+
+    def spy(ds: Dataset, rankings: dict[str, np.ndarray], out_dir: Path, database_image: Callable) -> list[Path]:
+        images.extend(database_image(i) for i in range(len(next(iter(rankings.values())))))
+        return write_figures(ds, rankings, out_dir, database_image)
+
+    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    assert main(args + ["--distractors", str(distractors), "--output", str(out), "--figures", str(tmp / "fig")]) == 0
+    monkeypatch.undo()
+    # the figures find every database image, the distractors' in their folder
+    assert images[-4:] == [path for _, path in list_images(distractors)] and all(p.is_file() for p in images)
+    assert len(list((tmp / "fig").glob("*.png"))) == 4
     assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
     assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
