@@ -21,7 +21,10 @@ With a DELG checkpoint, --method global ranks by the global descriptors' inner p
         --use_pca false --method global+sp --output res.json
 
 R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop distributes them
-(extract/revisitop.py). From Python: :func:`evaluate_dataset`, :func:`score_ranking`.
+(extract/revisitop.py). --output's JSON holds the scores and the resolved settings ("config");
+--figures DIR draws each query's top 10 and the per-query AP (extract/figures.py); --config FILE
+reads flags from a TOML file (configs/ holds the published setups). From Python:
+:func:`evaluate_dataset`, :func:`score_ranking`.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,7 +52,9 @@ from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
 from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
 from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs
+from extract.figures import make_folder, write_figures
 from extract.global_retrieval import global_matrix, global_scores
+from extract.images import image_path
 from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
 from extract.paths import dataset_features_dir
@@ -57,7 +62,7 @@ from extract.pca import PcaError
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
+from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
 from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
@@ -71,13 +76,18 @@ METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", 
 @dataclass
 class Evaluation:
     """Scores of the initial ranking and of the final (re-ranked) one (equal when nothing is
-    re-ranked), and the size of what was searched."""
+    re-ranked), the size of what was searched, and the rankings: ``initial_ranks`` (database
+    size, queries) and ``final_ranks`` per protocol; database image i >= len(imlist) is
+    distractor ``distractor_names[i - len(imlist)]`` (names as extract.images.list_images)."""
 
     initial: Scores
     final: Scores
     database_size: int = 0
     distractors: int = 0
     index_bytes: int = 0
+    initial_ranks: np.ndarray | None = None
+    final_ranks: dict[str, np.ndarray] = field(default_factory=dict)
+    distractor_names: Sequence[str] = ()
 
 
 def require_codebook_images(conf: EvalConfig, codebook_images: str | Path | None) -> None:
@@ -187,9 +197,11 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
         db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
         parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
+        distractor_names: Sequence[str] = ()
         if distractors is not None:
             parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
                                          overwrite, device))
+            distractor_names = parts[-1][1]
         centroids = None
         if conf.method == "asmk":
             assert codebook_images is not None
@@ -201,7 +213,8 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
         with FeatureStore(parts) as store:
             initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
             size = len(store)
-    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes)
+    return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes,
+                      initial, final, distractor_names)
 
 
 def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
@@ -209,27 +222,36 @@ def score_ranking(ds: Dataset, ranks_path: str | Path) -> Scores:
     return evaluate(load_ranks(ranks_path, ds), ds.gnd)
 
 
-def write_json(results: Scores, path: Path, initial: Scores | None = None) -> None:
-    """Scores as JSON (the initial ranking's under "initial"); NaN (no query with positives)
-    becomes null."""
+def write_json(results: Scores, path: Path, initial: Scores | None = None,
+               config: dict[str, Any] | None = None) -> None:
+    """Scores as JSON (the initial ranking's under "initial", the settings that made them under
+    "config"); NaN (no query with positives) becomes null."""
     def clean(scores: Scores) -> dict[str, Any]:
         return {p: {k: (None if math.isnan(v) else round(v, 4)) for k, v in row.items()}
                 for p, row in scores.items()}
 
-    out = clean(results) if initial is None else {**clean(results), "initial": clean(initial)}
+    out = clean(results)
+    if initial is not None:
+        out["initial"] = clean(initial)
+    if config is not None:
+        out["config"] = config
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 # --- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Revisited Oxford/Paris evaluation (mAP, mP@k; E/M/H).")
+    add_config_file_arg(p)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--data_root", type=Path, required=True,
                    help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
     p.add_argument("--ranks", type=Path, help="score this ranking (.npy, database x queries, 0-based)"
                    " instead of running DeLF")
-    p.add_argument("--output", type=Path, help="write the scores (percent) as JSON here")
+    p.add_argument("--output", type=Path, help="write the scores (percent) and the settings as JSON here")
+    p.add_argument("--figures", type=Path, metavar="DIR",
+                   help="draw each query's crop and top 10 before and after spatial verification (frames: green "
+                        "positive, red negative, grey junk; Medium protocol) and a chart of per-query AP into DIR")
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
     add_bool_flag(p, "--overwrite", default=False,
@@ -246,35 +268,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[Scores, Scores | None]:
-    """The evaluation the flags describe; prints the score tables, returns the final scores and
-    those of the initial ranking (None when scoring a given ranking)."""
+@dataclass
+class Outcome:
+    """What one command computed: the final scores, the initial ranking's (None for a given
+    ranking), the resolved settings, and the rankings to draw (label -> (database size, queries);
+    after re-ranking, the Medium protocol's); database image i >= len(imlist) is distractor
+    ``distractor_names[i - len(imlist)]``."""
+
+    final: Scores
+    initial: Scores | None
+    settings: dict[str, Any]
+    rankings: dict[str, np.ndarray]
+    distractor_names: Sequence[str] = ()
+
+
+def run(args: argparse.Namespace) -> None:
+    """The evaluation the flags describe: prints the score tables, writes --output (scores and
+    the resolved settings) and --figures."""
     ds = load_dataset(args.data_root, args.dataset)
-    if args.ranks is not None:
-        results = score_ranking(ds, args.ranks)
-        print(f"{ds.name}: given ranking\n{format_table(results)}")
-        return results, None
+    if args.figures is not None:  # before the work, not after it
+        check_images(ds)
+        make_folder(args.figures)
+    out = score_given(args, ds) if args.ranks is not None else run_delf(args, ds)
+    if args.output is not None:
+        write_json(out.final, args.output, out.initial, out.settings)
+        print(f"wrote {args.output}")
+    if args.figures is not None:
+        n = len(ds.imlist)
+
+        def database_image(i: int) -> Path:
+            return ds.path(ds.imlist[i]) if i < n else image_path(args.distractors, out.distractor_names[i - n])
+
+        written = write_figures(ds, out.rankings, args.figures, database_image)
+        print(f"wrote {len(written)} figures to {args.figures}")
+
+
+def score_given(args: argparse.Namespace, ds: Dataset) -> Outcome:
+    """The scores of the --ranks ranking; prints the table."""
+    ranks = load_ranks(args.ranks, ds)
+    results = evaluate(ranks, ds.gnd)
+    print(f"{ds.name}: given ranking\n{format_table(results)}")
+    return Outcome(results, None, {"dataset": ds.name, "data_root": args.data_root, "ranks": args.ranks},
+                   {"given ranking": ranks})
+
+
+def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
+    """DeLF end to end as the flags describe; prints the tables."""
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
     check_images(ds)
     extraction, checkpoint, pca_file, device = extraction_from_args(args)
+    matching = config_from_args(MatchConfig, args)
+    features_dir = args.features_dir or dataset_features_dir(args.load_expr, ds.name)
+    settings = {"dataset": ds.name, "data_root": args.data_root, "checkpoint": checkpoint, "pca": pca_file,
+                "features_dir": features_dir, "codebook_images": args.codebook_images,
+                "distractors": args.distractors, "evaluation": asdict(conf), "matching": asdict(matching),
+                "extraction": asdict(extraction)}
     result = evaluate_dataset(
-        ds, checkpoint, args.features_dir or dataset_features_dir(args.load_expr, ds.name), pca_path=pca_file,
-        extraction=extraction, matching=config_from_args(MatchConfig, args), conf=conf,
+        ds, checkpoint, features_dir, pca_path=pca_file, extraction=extraction, matching=matching, conf=conf,
         codebook_images=args.codebook_images, distractors=args.distractors,
         codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device)
+    assert result.initial_ranks is not None
     name = METHOD_NAMES[conf.method]
     where = ds.name + (f" + {result.distractors} distractors" if result.distractors else "")
     print(f"{where}: {name} index {result.index_bytes / 2**20:.1f} MiB, "
           f"{result.index_bytes / max(result.database_size, 1) / 1e3:.1f} kB per database image")
     rows = {name: result.initial}
+    rankings = {name: result.initial_ranks}
     print(f"{where}: {name} (initial ranking)\n{format_table(result.initial)}")
     if conf.reranks:
         rows[f"{name}+SP"] = result.final
+        rankings[f"{name}+SP"] = result.final_ranks["medium"]
         print(f"{where}: {name}+SP (spatial verification of the top {conf.rerank})\n"
               f"{format_table(result.final)}")
     print(f"{where}, as the papers' tables (mAP, mP@10):\n{format_rows(rows)}")
-    return result.final, result.initial
+    return Outcome(result.final, result.initial, settings, rankings, result.distractor_names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,13 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args_given(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        results, initial = run(args)
+        run(args)
     except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.output is not None:
-        write_json(results, args.output, initial)
-        print(f"wrote {args.output}")
     return 0
 
 

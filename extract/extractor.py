@@ -3,6 +3,7 @@
     cd extract && python extractor.py --load_expr delf --mode pca --input_path <train images>
     cd extract && python extractor.py --load_expr delf --mode delf --input_path <images>
     torchrun --nproc_per_node=N extract/extractor.py --mode delf ...   # images split over processes
+    python extract/extractor.py --config configs/extract_delf_gld.toml --input_path <images>
 
 The seed README's flags work as written. Defaults (extract/paths.py): the model is repo/<load_expr>/
 keypoint/ckpt/fix.pth.tar, the PCA file repo/<load_expr>/pca/pca.h5, the features repo/<load_expr>/
@@ -31,7 +32,7 @@ from extract.pipeline import DelfExtractor
 from extract.report import Report
 from extract.workshare import WorkShare
 from train.checkpoint import CheckpointError, load_file
-from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
+from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
 from train.locking import OutputInUse
 from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
@@ -72,6 +73,7 @@ def extractor_from_args(args: argparse.Namespace) -> DelfExtractor:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_file_arg(p)
     p.add_argument("--mode", choices=("pca", "delf"), default="delf", help="fit the PCA, or extract features")
     p.add_argument("--input_path", required=True, help="image folder (recursive) or a text file of image paths")
     p.add_argument("--output_path", help="pca: the PCA file (default: --pca_parameters_path); delf: the feature file")

@@ -46,6 +46,13 @@ def list_images(input_path: str | Path) -> list[tuple[str, Path]]:
     return sorted(items)
 
 
+def image_path(input_path: str | Path, name: str) -> Path:
+    """The file of image ``name`` of :func:`list_images`'s ``input_path`` (a folder, or an image
+    list whose names are relative to its folder)."""
+    root = Path(input_path)
+    return (root if root.is_dir() else root.parent) / name
+
+
 def _read_list(list_file: Path) -> list[tuple[str, Path]]:
     items = {}
     for number, line in enumerate(list_file.read_text().splitlines(), 1):

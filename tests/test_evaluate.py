@@ -7,7 +7,9 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import faiss
@@ -19,11 +21,13 @@ from PIL import Image
 import extract.asmk_index as asmk_index
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
-from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
+from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import InputMismatch
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
+from extract.figures import write_figures
+from extract.images import list_images
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
 from extract.pipeline import DelfExtractor
@@ -184,8 +188,9 @@ def test_ranks_mode_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["--dataset", "roxford5k", "--data_root", str(root), "--ranks",
                  str(tmp_path / "ranks.npy"), "--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"easy", "medium", "hard"}
-    assert all(set(row) == {"mAP", "mP@1", "mP@5", "mP@10"} for row in res.values())
+    assert set(res) == {"easy", "medium", "hard", "config"}
+    assert res["config"] == {"dataset": "roxford5k", "data_root": str(root), "ranks": str(tmp_path / "ranks.npy")}
+    assert all(set(res[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} for p in PROTOCOLS)
     with open(root / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
         expected = evaluate(ranks, pickle.load(f)["gnd"])
     for protocol, row in expected.items():
@@ -317,9 +322,33 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
     args = ["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from",
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
             "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats), "--method", "vote"]
-    assert main(args + ["--output", str(out)]) == 0
+    drawn: dict[str, np.ndarray] = {}
+
+    def spy(ds: Dataset, rankings: dict[str, np.ndarray], *a: object) -> list[Path]:
+        drawn.update(rankings)
+        return write_figures(ds, rankings, *a)
+
+    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    figures = tiny["tmp"] / "figures"
+    assert main(args + ["--output", str(out), "--figures", str(figures)]) == 0
     reranked = json.loads(out.read_text())
-    assert set(reranked) == {"easy", "medium", "hard", "initial"}
+    assert set(reranked) == {"easy", "medium", "hard", "initial", "config"}
+    # figures of the initial ranking and of the re-ranked one (Medium protocol's), one per query
+    assert sorted(p.name for p in figures.iterdir()) == ["000_q_astronaut.png", "001_q_coffee.png",
+                                                         "002_q_chelsea.png", "ap_medium.png"]
+    assert list(drawn) == ["k-NN votes", "k-NN votes+SP"]
+    gnd = load_dataset(tiny["root"], "roxford5k").gnd
+    assert evaluate(drawn["k-NN votes"], gnd)["medium"]["mAP"] == pytest.approx(
+        reranked["initial"]["medium"]["mAP"], abs=1e-4)
+    assert evaluate(drawn["k-NN votes+SP"], gnd)["medium"]["mAP"] == pytest.approx(
+        reranked["medium"]["mAP"], abs=1e-4)
+    # the settings that made the scores, as resolved
+    assert {k: reranked["config"][k] for k in ("dataset", "checkpoint", "pca", "features_dir")} == {
+        "dataset": "roxford5k", "checkpoint": str(tiny["ckpt"]), "pca": str(tiny["pca"]), "features_dir": str(feats)}
+    assert reranked["config"]["evaluation"] == asdict(EvalConfig(method="vote"))
+    assert reranked["config"]["matching"] == asdict(MatchConfig())
+    assert reranked["config"]["extraction"] == json.loads(json.dumps(asdict(ExtractionConfig(
+        attn_thres=0.0, scale_list=tuple(map(float, SCALES))))))
     assert all(0 <= v <= 100 for table in (reranked, reranked["initial"]) for p in PROTOCOLS
                for v in table[p].values())
     printed = capsys.readouterr().out
@@ -412,7 +441,8 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
             "--codebook_size", "32", "--codebook_images", str(codebook_images)]
     assert main(args + ["--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"easy", "medium", "hard", "initial"}
+    assert set(res) == {"easy", "medium", "hard", "initial", "config"}
+    assert res["config"]["evaluation"]["codebook_size"] == 32
     assert all(0 <= v <= 100 for table in (res, res["initial"]) for p in PROTOCOLS for v in table[p].values())
     assert res["medium"]["mAP"] > 80.0 and res["medium"]["mAP"] >= res["initial"]["medium"]["mAP"]
     printed = capsys.readouterr().out
@@ -457,7 +487,9 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
 
     monkeypatch.setattr(evaluate_module, "AsmkIndex", spy)
     assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
-    assert kinds == ["hnsw"] and json.loads(out.read_text()) == res
+    hnsw = json.loads(out.read_text())
+    assert kinds == ["hnsw"] and hnsw["config"]["evaluation"]["assignment"] == "hnsw"
+    assert {k: v for k, v in hnsw.items() if k != "config"} == {k: v for k, v in res.items() if k != "config"}
     monkeypatch.undo()
 
     # an identical copy of each query ranks first among the database images
@@ -473,7 +505,18 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     # distractors join the database; their features are cached next to the dataset's
     distractors = image_set(tmp / "distractors", ("hubble_deep_field", "camera"), 2, 2)
     capsys.readouterr()
-    assert main(args + ["--distractors", str(distractors), "--output", str(out)]) == 0
+    images: list[Path] = []
+
+    def spy(ds: Dataset, rankings: dict[str, np.ndarray], out_dir: Path, database_image: Callable) -> list[Path]:
+        images.extend(database_image(i) for i in range(len(next(iter(rankings.values())))))
+        return write_figures(ds, rankings, out_dir, database_image)
+
+    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    assert main(args + ["--distractors", str(distractors), "--output", str(out), "--figures", str(tmp / "fig")]) == 0
+    monkeypatch.undo()
+    # the figures find every database image, the distractors' in their folder
+    assert images[-4:] == [path for _, path in list_images(distractors)] and all(p.is_file() for p in images)
+    assert len(list((tmp / "fig").glob("*.png"))) == 4
     assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
     assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
@@ -560,7 +603,7 @@ def test_delg_global_and_global_sp_end_to_end(tiny: dict[str, Path], one_thread:
             "--attn_thres", "0", "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats)]
     assert main(args + ["--method", "global", "--output", str(out)]) == 0
     glob = json.loads(out.read_text())
-    assert set(glob) == {"easy", "medium", "hard", "initial"}
+    assert set(glob) == {"easy", "medium", "hard", "initial", "config"}
     assert glob["initial"] == {p: glob[p] for p in PROTOCOLS}  # --method global re-ranks nothing
     assert all(0 <= v <= 100 for p in PROTOCOLS for v in glob[p].values())
     printed = capsys.readouterr().out

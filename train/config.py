@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from .cli import add_config_args, config_from_args
+from .cli import add_config_args, add_config_file_arg, config_from_args, parse_args_given
 from .dataloader import MAX_WORKERS
 from .delf import ARCHS, LAYOUTS, TARGET_LAYERS
 from .layers import ATTENTION_POOLS, INPUT_NORMS
@@ -260,15 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py", description="Train DeLF in two stages (finetune, then keypoint: attention), or DELG in "
                                     "one (--stage delg: global descriptor + attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_file_arg(p)
     add_config_args(p, TrainConfig)
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The trainer's command line as a checked :class:`TrainConfig`; errors exit with
-    argparse's message (exit code 2)."""
+    """The trainer's command line (and its ``--config`` file) as a checked :class:`TrainConfig`;
+    errors exit with argparse's message (exit code 2)."""
     parser = build_parser()
-    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    cfg = config_from_args(TrainConfig, parse_args_given(parser, argv))
     problem = cfg.problem()
     if problem:
         parser.error(problem)

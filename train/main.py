@@ -2,6 +2,7 @@
 
     python train/main.py --stage finetune --finetune_train_path T --finetune_val_path V ...
     python train/main.py --stage keypoint --load_from FINETUNE.pth.tar --keypoint_train_path T ...
+    python train/main.py --config configs/delf_finetune.toml --finetune_train_path T ...   # a named setup
 
 Also ``cd train && python main.py ...`` and ``torchrun --nproc_per_node=N train/main.py ...``.
 Outputs: ``<repo>/<expr>/<stage>/{ckpt,log}``, ``<repo>`` being ``$DELF_REPO_DIR`` (default
