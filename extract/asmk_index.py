@@ -88,14 +88,16 @@ def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConfig | None = None,
-             attrs: Mapping[str, Any] | None = None) -> np.ndarray:
+             attrs: Mapping[str, Any] | None = None, legacy: Mapping[str, Any] | None = None) -> np.ndarray:
     """The codebook stored at ``path`` when it was made the same way (``config``'s training
     parameters and ``attrs``, e.g. the descriptors' extraction parameters), else trained on
-    ``descriptors()`` and stored there. A stored codebook made otherwise is refused."""
+    ``descriptors()`` and stored there. A stored codebook made otherwise is refused; ``legacy``
+    gives the value of attributes that files written before they existed lack."""
     config = config or AsmkConfig()
     wanted = {**codebook_attrs(config), **(attrs or {})}
     if path.is_file():
         centroids, stored = load_codebook(path)
+        stored = {**(legacy or {}), **stored}
         now = {k: plain_attr(storable_attr(v)) for k, v in wanted.items()}
         diffs = [f"{k}: {stored.get(k)!r} in the file, {v!r} now" for k, v in now.items() if stored.get(k) != v]
         if diffs:

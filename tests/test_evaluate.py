@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from PIL import Image
 
 import extract.asmk_index as asmk_index
+import extract.asmk_store as asmk_store
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
+from extract.asmk_store import StoredIndex
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.errors import InputMismatch
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
@@ -410,7 +413,12 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
             "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats),
             "--codebook_size", "32", "--codebook_images", str(codebook_images)]
+    loads: list[object] = []
+    load = DelfExtractor.from_checkpoint
+    monkeypatch.setattr(DelfExtractor, "from_checkpoint", lambda *a, **k: loads.append(a) or load(*a, **k))
     assert main(args + ["--output", str(out)]) == 0
+    assert len(loads) == 1   # one model for the dataset and the codebook's images
+    monkeypatch.undo()
     res = json.loads(out.read_text())
     assert set(res) == {"easy", "medium", "hard", "initial"}
     assert all(0 <= v <= 100 for table in (res, res["initial"]) for p in PROTOCOLS for v in table[p].values())
@@ -428,18 +436,41 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert len(feature_names(cb_feats)) == 12 and attrs["num_descriptors"] == sum(
         len(f["descriptors"]) for _, f in iter_features(cb_feats))
 
-    # reused as stored; deleted, the same seed trains the same codebook and ranks the same
+    # the index: plain arrays beside the codebook
+    index_dir = stored.parent / f"index_{stored.stem}_roxford5k"
+    assert sorted(p.name for p in (index_dir / "inverted").iterdir()) == [
+        "codes.npy", "counts.npy", "id_offsets.npy", "ids.npy", "meta.json", "offsets.npy"]
+    num_db = len(load_dataset(tiny["root"], "roxford5k").imlist)
+    assert np.load(index_dir / "inverted" / "counts.npy").shape == (num_db,)
+
+    # reused as stored; with --rerank 0 the database's features are never opened
     monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
+    monkeypatch.setattr(asmk_store, "build_inverted", lambda *a: pytest.fail("index rebuilt"))
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
+    monkeypatch.setattr(FeatureStore, "__init__", lambda *a: pytest.fail("database features opened"))
+    assert main(args + ["--rerank", "0", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == {**res["initial"], "initial": res["initial"]}
     monkeypatch.undo()
+
+    # a corrupt index: one line naming the file; --overwrite rebuilds it
+    (index_dir / "inverted" / "codes.npy").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(args) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith(f"error: {index_dir / 'inverted' / 'codes.npy'}: unreadable (")
+    assert main(args + ["--overwrite", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+
+    # deleted, the same seed trains the same codebook and ranks the same
     stored.unlink()
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
     np.testing.assert_array_equal(load_codebook(stored)[0], centroids)
 
-    # another process building the same codebook, or extracting the same image set: refused at once
-    for held, advice in ((stored, "wait for it or choose another --load_expr"), (cb_feats, "wait for it")):
+    # another process building the same codebook or index, or extracting the same image set: refused at once
+    for held, advice in ((stored, "wait for it or choose another --load_expr"), (cb_feats, "wait for it"),
+                         (index_dir, "wait for it or choose another --load_expr")):
         with OutputLock(held):
             capsys.readouterr()
             assert main(args) == 1
@@ -447,18 +478,22 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         assert len(error) == 1 and f"{held}: in use by another process (pid {os.getpid()}" in error[0]
         assert error[0].endswith(advice) or advice + " (" in error[0]
 
-    # --assignment hnsw reaches the index; on 32 words the graph finds the exact words
+    # --assignment hnsw: the index of exact words is refused; rebuilt, on 32 words the graph finds the exact words
+    assert main(args + ["--assignment", "hnsw"]) == 1
+    assert "(assignment: 'exact' in the index, 'hnsw' now" in capsys.readouterr().err
+    shutil.rmtree(index_dir)
     kinds: list[str] = []
 
-    def spy(*a: object, **k: object) -> AsmkIndex:
-        index = AsmkIndex(*a, **k)
+    def spy(*a: object, **k: object) -> StoredIndex:
+        index = StoredIndex(*a, **k)
         kinds.append(index.words.kind)
         return index
 
-    monkeypatch.setattr(evaluate_module, "AsmkIndex", spy)
+    monkeypatch.setattr(asmk_store, "StoredIndex", spy)
     assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
     assert kinds == ["hnsw"] and json.loads(out.read_text()) == res
     monkeypatch.undo()
+    shutil.rmtree(index_dir)
 
     # an identical copy of each query ranks first among the database images
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
@@ -476,6 +511,8 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert main(args + ["--distractors", str(distractors), "--output", str(out)]) == 0
     assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
     assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
+    grown = stored.parent / f"index_{stored.stem}_roxford5k_{set_name(distractors)}"
+    assert np.load(grown / "inverted" / "counts.npy").shape == (len(cfg["imlist"]) + 4,)
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
     assert main(args + ["--distractors", str(tmp / "nowhere")]) == 1
     assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
