@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -25,7 +26,7 @@ from extract.asmk_store import StoredIndex
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig
 from extract.errors import InputMismatch
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
-from extract.feature_cache import FeatureStore, cache_features, set_name
+from extract.feature_cache import FeatureStore, cache_features, read_all, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.metrics import PROTOCOLS, evaluate
 from extract.pca import fit_pca, save_pca
@@ -632,3 +633,47 @@ def test_delg_global_and_global_sp_end_to_end(tiny: dict[str, Path], one_thread:
             "--features_dir", str(tmp / "delf"), "--method", "global"]
     assert main(delf) == 1
     assert "features have no global_descriptor: extract them with a DELG" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_float16_features_verify_and_rank_as_float32(tiny: dict[str, Path], tmp_path: Path, one_thread: None) -> None:
+    """The tiny dataset extracted with --descriptor_dtype float16 and float32: the float16 files
+    hold the float32 descriptors rounded; RANSAC inliers of all (query, database image) pairs
+    agree within 1 % (a pair by one inlier at most), and the ASMK* and k-NN vote rankings are the
+    same."""
+    ds = load_dataset(tiny["root"], "roxford5k")
+    conf = ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES)))
+    paths = {}
+    for dtype in ("float32", "float16"):
+        ex = DelfExtractor.from_checkpoint(tiny["ckpt"], tiny["pca"], replace(conf, descriptor_dtype=dtype))
+        paths[dtype] = cache_features(ds, ex, tiny["ckpt"], tiny["pca"], tmp_path / dtype)
+    db = {}
+    for dtype, (db_path, _) in paths.items():
+        with FeatureStore([(db_path, ds.imlist)]) as store:
+            db[dtype] = [store.features(i) for i in range(len(store))]
+    queries = {dtype: read_all(paths[dtype][1], ds.qimlist) for dtype in paths}
+    for a, b in zip(db["float32"] + queries["float32"], db["float16"] + queries["float16"], strict=True):
+        assert b["descriptors"].dtype == np.float32
+        np.testing.assert_array_equal(b["descriptors"], a["descriptors"].astype(np.float16))
+    inliers = {dtype: np.array([[Verifier(q, db[dtype].__getitem__)(i) for i in range(len(ds.imlist))]
+                                for q in queries[dtype]]) for dtype in paths}
+    assert inliers["float32"].max() > 20
+    # a putative match at the distance bound may flip: one inlier of a pair at most, 1 % of all
+    diff = np.abs(inliers["float16"] - inliers["float32"])
+    assert (diff <= np.maximum(1, 0.01 * inliers["float32"])).all()
+    assert diff.sum() <= 0.01 * inliers["float32"].sum()
+    # rankings: k-NN votes the same; ASMK* the same up to swaps of images of near-equal scores (a sign
+    # bit of a residual sum close to 0 flips), with the same revisitop scores
+    x = np.concatenate([f["descriptors"] for f in db["float32"]])
+    centroids = asmk_index.train_codebook(x, AsmkConfig(codebook_size=32))
+    asmk, votes = {}, {}
+    for dtype in paths:
+        index = AsmkIndex(centroids, [f["descriptors"] for f in db[dtype]], AsmkConfig(codebook_size=32))
+        asmk[dtype] = index.scores(q["descriptors"] for q in queries[dtype])
+        knn = Database([f["keypoints"] for f in db[dtype]], DescriptorIndex([f["descriptors"] for f in db[dtype]]))
+        votes[dtype] = np.stack([rank(s) for s in knn.initial_scores([q["descriptors"] for q in queries[dtype]],
+                                                                     10, 64)], axis=1)
+    np.testing.assert_array_equal(votes["float16"], votes["float32"])
+    initial = {dtype: np.stack([rank(s) for s in asmk[dtype]], axis=1) for dtype in paths}
+    assert evaluate(initial["float16"], ds.gnd) == evaluate(initial["float32"], ds.gnd)
+    assert np.abs(asmk["float16"] - asmk["float32"]).max() <= 0.03 * asmk["float32"].max()
