@@ -37,7 +37,7 @@ import numpy as np
 
 from extract.asmk_index import (
     VisualWords,
-    code_columns,
+    code_record,
     concat_ranges,
     image_norms,
     kernel_scores,
@@ -333,6 +333,11 @@ class StoredIndex:
                     "ids.npy": (np.uint8, None)}
         arrays = {name: self._load(name, dtype, shape) for name, (dtype, shape) in expected.items()}
         self.codes, self.ids = arrays["codes.npy"], arrays["ids.npy"]
+        # plain ndarray views of the maps, gathered with np.take (several times faster than a
+        # memmap's or a 2-D array's fancy indexing); gathered codes are viewed as records whose
+        # fields are code_columns' words
+        self._code_rows, self._id_bytes = np.asarray(self.codes), np.asarray(self.ids)
+        self._record = code_record(code_bytes)
         self.offsets, self.id_offsets = np.array(arrays["offsets.npy"]), np.array(arrays["id_offsets.npy"])
         counts = np.array(arrays["counts.npy"], np.int64)
         checks = {"offsets.npy": self.offsets[-1] == self.num_entries and (np.diff(self.offsets) >= 0).all(),
@@ -369,13 +374,15 @@ class StoredIndex:
         lengths = self.offsets[words + 1] - lo
         entry = concat_ranges(lo, lengths)
         byte_lo = self.id_offsets[words]
-        data = self.ids[concat_ranges(byte_lo, self.id_offsets[words + 1] - byte_lo)]
+        data = np.take(self._id_bytes, concat_ranges(byte_lo, self.id_offsets[words + 1] - byte_lo))
         total = np.cumsum(decode_varints(data))
         # each list's ids: the running sum of its deltas (its first delta is its first id)
         ends = np.cumsum(lengths)
         before = np.concatenate([[0], total])[np.repeat(ends - lengths, lengths)]
         images = total - before
-        return kernel_scores(codes, lengths, code_columns(self.codes[entry]), images, self.kernel, self.norm)
+        records = np.take(self._code_rows, entry, axis=0).view(self._record)[:, 0]
+        return kernel_scores(codes, lengths, [records[name] for name in records.dtype.names], images,
+                             self.kernel, self.norm)
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors."""
