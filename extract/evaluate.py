@@ -9,7 +9,8 @@ best first):
 or run DeLF end to end: database and cropped-query features (cached in HDF5, resumable), initial
 ranking by ASMK* (codebook trained on --codebook_images, e.g. the other dataset's images) or by
 k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by RANSAC inliers
-(each protocol's junk removed first), then the scores; --distractors adds images to the database:
+(each protocol's junk removed first), then the scores; --distractors adds images to the database.
+The ASMK* index is stored beside the codebook (extract/asmk_store.py), built once and reused:
 
     python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
         --codebook_images R/rparis6k/jpg --output res.json
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
     add_bool_flag(p, "--overwrite", default=False,
-                  help="extract again, replacing cached features made with other parameters")
+                  help="extract again, replacing cached features made with other parameters, and rebuild the "
+                       "ASMK* index (e.g. a corrupt one)")
     r = p.add_argument_group("ranking and re-ranking")
     add_config_args(r, EvalConfig)
     r.add_argument("--codebook_images", type=Path,
