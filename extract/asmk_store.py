@@ -105,6 +105,15 @@ def _read_json(path: Path, fmt: str, folder: Path) -> dict[str, Any]:
     return data
 
 
+def _counts(data: Mapping[str, Any], keys: Sequence[str], path: Path, folder: Path) -> tuple[int, ...]:
+    """The non-negative integers ``data[k]`` of ``keys``; AsmkIndexError naming ``path`` when one
+    is missing or not such a number."""
+    values = tuple(data.get(k) for k in keys)
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        raise AsmkIndexError(f"{path}: lacks the counts {', '.join(keys)}; {fix_hint(folder)}")
+    return values
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -165,7 +174,8 @@ class ForwardStore:
             if diffs:
                 raise AsmkIndexError(f"{self.manifest}: index made from another codebook or other features ("
                                      + "; ".join(diffs) + f"): {fix_hint(self.folder.parent)}")
-            self.num_images, self.num_entries, keys_bytes = state["images"], state["entries"], state["keys_bytes"]
+            self.num_images, self.num_entries, keys_bytes = _counts(state, ("images", "entries", "keys_bytes"),
+                                                                    self.manifest, self.folder.parent)
         else:
             self.num_images = self.num_entries = keys_bytes = 0
         committed = {"words.bin": 4 * self.num_entries, "codes.bin": code_bytes * self.num_entries,
@@ -177,7 +187,11 @@ class ForwardStore:
                                      f"{fix_hint(self.folder.parent)}")
             with open(path, "ab") as f:   # drop what the last commit did not cover
                 f.truncate(size)
-        self.keys = (self.folder / "keys.txt").read_bytes().decode().splitlines()
+        try:
+            self.keys = (self.folder / "keys.txt").read_bytes().decode().split("\n")[:-1]
+        except UnicodeDecodeError as e:
+            raise AsmkIndexError(f"{self.folder / 'keys.txt'}: not UTF-8 text ({e.reason}); "
+                                 f"{fix_hint(self.folder.parent)}") from None
         if len(self.keys) != self.num_images:
             raise AsmkIndexError(f"{self.folder / 'keys.txt'}: {len(self.keys)} keys, {self.manifest} records "
                                  f"{self.num_images} images; {fix_hint(self.folder.parent)}")
@@ -189,7 +203,7 @@ class ForwardStore:
     def append(self, key: str, codes: np.ndarray, words: np.ndarray) -> None:
         """Add one image (``codes`` (W, B) uint8, ``words`` (W,) increasing) under ``key``;
         kept by the next :meth:`commit`."""
-        if "\n" in key or "\r" in key:
+        if "\n" in key:
             raise AsmkIndexError(f"{key!r}: an image key with a line break cannot be stored")
         line = (key + "\n").encode()
         self._files["words.bin"].write(np.asarray(words, np.uint32).tobytes())
@@ -325,7 +339,8 @@ class StoredIndex:
             if diffs:
                 raise AsmkIndexError(f"{self.folder / 'meta.json'}: index made from another codebook or other "
                                      "features (" + "; ".join(diffs) + f"): {fix_hint(self.folder.parent)}")
-        self.num_images, self.num_entries = int(meta["images"]), int(meta["entries"])
+        self.num_images, self.num_entries = _counts(meta, ("images", "entries"), self.folder / "meta.json",
+                                                    self.folder.parent)
         code_bytes = (self.dim + 7) // 8
         lists = (words.size + 1,)
         expected = {"codes.npy": (np.uint8, (self.num_entries, code_bytes)), "offsets.npy": (np.int64, lists),

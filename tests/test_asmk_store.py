@@ -161,7 +161,8 @@ def test_appended_images_equal_one_build(tmp_path: Path) -> None:
     grown, order, report = update_index(tmp_path / "grown", words, cfg, keys, reader(db, read))
     assert (report.added, report.reused) == (len(keys) - 10, 10) and read == keys[10:] and order == keys
     assert files(tmp_path / "grown") == files(tmp_path / "whole")
-    # new keys come after the stored ones, whatever their place in the list
+    # new keys come after the stored ones, whatever their place in the list; any character but a line
+    # feed may be in a key
     shuffled = keys[10:] + keys[:10]
     _, order, _ = update_index(tmp_path / "grown", words, cfg, shuffled, reader({}))
     assert order == keys
@@ -193,7 +194,7 @@ def test_changed_codebook_features_or_database_are_refused(tmp_path: Path) -> No
         update_index(folder, VisualWords(centroids, cfg), cfg, keys, reader(db), {"pca_dims": 40})
 
 
-@pytest.mark.parametrize("damage", ["codes", "offsets", "meta", "manifest", "words"])
+@pytest.mark.parametrize("damage", ["codes", "offsets", "meta", "manifest", "words", "counts"])
 def test_corrupt_files_are_named_in_one_line(tmp_path: Path, damage: str) -> None:
     cfg = AsmkConfig(codebook_size=64)
     centroids, db = database(5)
@@ -205,8 +206,11 @@ def test_corrupt_files_are_named_in_one_line(tmp_path: Path, damage: str) -> Non
         "meta": (folder / "inverted" / "meta.json", "unreadable"),
         "manifest": (folder / "forward" / "manifest.json", "unreadable"),
         "words": (folder / "forward" / "words.bin", "shorter than"),
+        "counts": (folder / "forward" / "manifest.json", "lacks the counts images, entries, keys_bytes"),
     }[damage]
-    if damage == "offsets":
+    if damage == "counts":
+        path.write_text(path.read_text().replace('"entries"', '"entry"'))
+    elif damage == "offsets":
         np.save(path, np.zeros(65, np.int64))
     elif damage == "words":
         with open(path, "r+b") as f:
@@ -240,3 +244,15 @@ def test_entry_bytes_on_clustered_data(tmp_path: Path) -> None:
     per_entry = index.nbytes / index.num_entries
     assert index.num_entries > 30 * images
     assert dim / 8 < per_entry <= dim / 8 + 1.5, per_entry
+
+
+def test_keys_keep_any_character_but_a_line_feed(tmp_path: Path) -> None:
+    cfg = AsmkConfig(codebook_size=64)
+    centroids, db = database(7, images=3)
+    odd = dict(zip(["a\u2028b", "c\rd", "e\tf é"], list(db.values())[:3], strict=True))
+    words = VisualWords(centroids, cfg)
+    update_index(tmp_path / "ix", words, cfg, list(odd), reader(odd))
+    _, order, report = update_index(tmp_path / "ix", words, cfg, list(odd), reader({}))
+    assert order == list(odd) and report.reused == 3
+    with pytest.raises(AsmkIndexError, match=r"^'x\\ny': an image key with a line break cannot be stored"):
+        update_index(tmp_path / "ix", words, cfg, [*odd, "x\ny"], reader({"x\ny": db["i00"]}))
