@@ -146,13 +146,16 @@ def encode_varints(values: np.ndarray) -> np.ndarray:
 def decode_varints(data: np.ndarray) -> np.ndarray:
     """The int64 values of concatenated LEB128 encodings (:func:`encode_varints`)."""
     data = np.asarray(data, np.uint8)
-    last = data < 128
-    if not len(data):
-        return np.empty(0, np.int64)
-    group = np.cumsum(last) - last          # the value each byte belongs to
-    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
-    shift = 7 * (np.arange(len(data)) - starts[group])
-    return np.add.reduceat((data & 127).astype(np.int64) << shift, starts)
+    ends = np.flatnonzero(data < 128)      # each value's last byte
+    if len(ends) == len(data):             # one byte each (most of an index's differences)
+        return data.astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    sizes = ends - starts + 1
+    values = (data[starts] & 127).astype(np.int64)
+    for k in range(1, int(sizes.max())):
+        longer = np.flatnonzero(sizes > k)
+        values[longer] |= (data[starts[longer] + k] & 127).astype(np.int64) << (7 * k)
+    return values
 
 
 # --- forward store -------------------------------------------------------------------------------
