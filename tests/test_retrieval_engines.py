@@ -340,6 +340,14 @@ def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
     with pytest.raises(CodebookError, match="codebook_size: 32 in the file, 64 now"):
         codebook(path, descriptors, AsmkConfig(codebook_size=64), {"pca_dims": 16,
                                                                   "source": "/data/rparis6k"})
+    # an attribute the file predates: its legacy value is compared (e.g. float32 descriptors)
+    legacy = {"features.descriptor_dtype": "float32"}
+    attrs = {"pca_dims": 16, "source": "/data/rparis6k"}
+    np.testing.assert_array_equal(codebook(path, descriptors, cfg, {**attrs, **legacy}, legacy), c)
+    with pytest.raises(CodebookError, match="features.descriptor_dtype: 'float32' in the file, 'float16' now"):
+        codebook(path, descriptors, cfg, {**attrs, "features.descriptor_dtype": "float16"}, legacy)
+    with pytest.raises(CodebookError, match="features.descriptor_dtype: None in the file, 'float32' now"):
+        codebook(path, descriptors, cfg, {**attrs, **legacy})
 
 
 def test_codebook_file_errors_and_atomic_write(tmp_path: Path) -> None:
