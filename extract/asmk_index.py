@@ -88,14 +88,16 @@ def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConfig | None = None,
-             attrs: Mapping[str, Any] | None = None) -> np.ndarray:
+             attrs: Mapping[str, Any] | None = None, legacy: Mapping[str, Any] | None = None) -> np.ndarray:
     """The codebook stored at ``path`` when it was made the same way (``config``'s training
     parameters and ``attrs``, e.g. the descriptors' extraction parameters), else trained on
-    ``descriptors()`` and stored there. A stored codebook made otherwise is refused."""
+    ``descriptors()`` and stored there. A stored codebook made otherwise is refused; ``legacy``
+    gives the value of attributes that files written before they existed lack."""
     config = config or AsmkConfig()
     wanted = {**codebook_attrs(config), **(attrs or {})}
     if path.is_file():
         centroids, stored = load_codebook(path)
+        stored = {**(legacy or {}), **stored}
         now = {k: plain_attr(storable_attr(v)) for k, v in wanted.items()}
         diffs = [f"{k}: {stored.get(k)!r} in the file, {v!r} now" for k, v in now.items() if stored.get(k) != v]
         if diffs:
@@ -132,6 +134,21 @@ def code_columns(codes: np.ndarray) -> list[np.ndarray]:
             columns.append(np.ascontiguousarray(codes[:, start:start + width]).view(dtype)[:, 0])
             start += width
     return columns
+
+
+def code_record(code_bytes: int) -> np.dtype:
+    """A structured dtype of ``code_bytes`` bytes whose fields are :func:`code_columns`' words
+    (same offsets and types): a (n, B) uint8 array viewed with it gives the columns as fields
+    without a copy."""
+    names, formats, offsets, start = [], [], [], 0
+    for dtype in WORD_DTYPES:
+        width = np.dtype(dtype).itemsize
+        while code_bytes - start >= width:
+            names.append(f"c{len(names)}")
+            formats.append(dtype)
+            offsets.append(start)
+            start += width
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": code_bytes})
 
 
 class VisualWords:
@@ -202,6 +219,49 @@ def aggregate(x: np.ndarray, words: np.ndarray, centroids: np.ndarray
     return np.packbits(sums > 0, axis=1), uniq.astype(np.int64)
 
 
+def represent(words: VisualWords, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`aggregate` of the (n, D) descriptors ``d`` assigned to their ``m`` nearest words;
+    InputMismatch naming ``what`` when D is not the codebook's."""
+    d = as_rows(d, words.dim)
+    if d.shape[1] != words.dim:
+        raise InputMismatch(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {words.dim}-d")
+    return aggregate(d, words.assign(d, m), words.centroids)
+
+
+def similarity_kernel(dim: int, config: AsmkConfig) -> np.ndarray:
+    """The kernel (dim + 1,) float64 of each Hamming distance h = 0..dim: s = 1 - 2 h / B
+    (:func:`hamming_bits`), s^alpha where s >= the similarity threshold, else 0."""
+    sim = 1.0 - 2.0 * np.arange(dim + 1) / hamming_bits(dim, config.hamming_norm)
+    return np.where(sim >= config.similarity_threshold, sim ** config.alpha, 0.0)
+
+
+def image_norms(word_counts: np.ndarray) -> np.ndarray:
+    """sqrt(number of words) of each image (at least 1): without IDF, its self-similarity."""
+    return np.sqrt(np.maximum(word_counts, 1))
+
+
+def concat_ranges(lo: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices lo[j] .. lo[j] + lengths[j] - 1 of every j, concatenated (int64)."""
+    lengths = np.asarray(lengths, np.int64)
+    index = np.arange(int(lengths.sum()), dtype=np.int64)
+    return index + np.repeat(np.asarray(lo, np.int64) - (np.cumsum(lengths) - lengths), lengths)
+
+
+def kernel_scores(codes: np.ndarray, lengths: np.ndarray, entry_columns: list[np.ndarray],
+                  entry_images: np.ndarray, kernel: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """ASMK* similarity (len(norm),) float64 of a query's words: ``codes`` (W, B) uint8 its
+    binary residuals, ``lengths`` (W,) the entries of each word's list, concatenated in
+    ``entry_columns`` (:func:`code_columns` of their residuals) and ``entry_images``; per entry
+    ``kernel`` of the Hamming distance, summed per image and divided by ``norm`` and
+    sqrt(W)."""
+    if not len(entry_images):
+        return np.zeros(len(norm))
+    hamming = sum(np.bitwise_count(np.repeat(q, lengths) ^ c).astype(np.intp)
+                  for q, c in zip(code_columns(codes), entry_columns, strict=True))
+    scores = np.bincount(entry_images, kernel[hamming], minlength=len(norm))
+    return scores / norm / np.sqrt(len(codes))
+
+
 class AsmkIndex:
     """ASMK* inverted file of database images: per visual word, the (image, binary residual)
     pairs of the images that have it, stored contiguously (entries sorted by word)."""
@@ -217,7 +277,7 @@ class AsmkIndex:
         codes, word_ids, images = [], [], []
         self.num_images = 0
         for i, d in enumerate(descriptors):
-            c, w = self._represent(d, self.config.db_assignments, f"database image {i}")
+            c, w = represent(self.words, d, self.config.db_assignments, f"database image {i}")
             codes.append(c)
             word_ids.append(w)
             images.append(np.full(len(w), i, np.int32))
@@ -230,18 +290,12 @@ class AsmkIndex:
         self.offsets = np.concatenate([[0], np.cumsum(np.bincount(word_ids_all,
                                                                   minlength=self.words.size))])
         # no IDF: an image's self-similarity is its number of words
-        self.norm = np.sqrt(np.maximum(np.bincount(self.images, minlength=self.num_images), 1))
-        # the kernel of each Hamming distance h = 0..D: s = 1 - 2 h / B, s^alpha where s >= the
-        # similarity threshold, else 0
+        self.norm = image_norms(np.bincount(self.images, minlength=self.num_images))
         self.bits = hamming_bits(self.dim, self.config.hamming_norm)
-        sim = 1.0 - 2.0 * np.arange(self.dim + 1) / self.bits
-        self.kernel = np.where(sim >= self.config.similarity_threshold, sim ** self.config.alpha, 0.0)
+        self.kernel = similarity_kernel(self.dim, self.config)
 
     def _represent(self, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-        d = as_rows(d, self.dim)
-        if d.shape[1] != self.dim:
-            raise InputMismatch(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {self.dim}-d")
-        return aggregate(d, self.words.assign(d, m), self.words.centroids)
+        return represent(self.words, d, m, what)
 
     @property
     def num_entries(self) -> int:
@@ -264,20 +318,11 @@ class AsmkIndex:
         ``words`` as :func:`aggregate` returns them): per shared word, s = 1 - 2 hamming / B
         (:func:`hamming_bits`), kept where s >= the threshold and raised to alpha, summed per
         image and divided by sqrt(words of the query * words of the image)."""
-        scores = np.zeros(self.num_images)
-        if not len(words):
-            return scores
         lo = self.offsets[words]
         lengths = self.offsets[words + 1] - lo
-        # entries of the query's words: the concatenated ranges lo[j] .. lo[j] + lengths[j]
-        entry = np.arange(int(lengths.sum()))
-        if not len(entry):
-            return scores
-        entry += np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
-        hamming = sum(np.bitwise_count(np.repeat(q, lengths) ^ c[entry]).astype(np.intp)
-                      for q, c in zip(code_columns(codes), self.codes, strict=True))
-        scores = np.bincount(self.images[entry], self.kernel[hamming], minlength=self.num_images)
-        return scores / self.norm / np.sqrt(len(words))
+        entry = concat_ranges(lo, lengths)
+        return kernel_scores(codes, lengths, [c[entry] for c in self.codes], self.images[entry],
+                             self.kernel, self.norm)
 
     def scores(self, queries: Iterable[np.ndarray]) -> np.ndarray:
         """ASMK* similarities (num queries, num database images) float64 of queries' (n, D)

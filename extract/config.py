@@ -25,6 +25,7 @@ DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MODELS = ("affine", "homography")
 RESIZES = ("antialias", "tf1")
 BOX_CONVENTIONS = ("half_pixel", "official")
+DESCRIPTOR_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class ExtractionConfig:
         "help": "delf: divide the PCA projections by sqrt(variance) before the final L2 (official DeLF: false)"})
     amp: bool = field(default=False,
                       metadata={"help": "bf16 autocast on CPU (fast only with avx512_bf16/AMX), fp16 on CUDA"})
+    descriptor_dtype: str = field(default="float32", metadata={"choices": DESCRIPTOR_DTYPES, "help": (
+        "how the feature file stores descriptors: float16 halves them (e.g. 1M distractors kept for spatial "
+        "verification); readers return float32 either way")})
 
 
 def with_recorded(conf: ExtractionConfig, recorded: Mapping[str, Any], given: Collection[str] = ()

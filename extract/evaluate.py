@@ -9,7 +9,8 @@ best first):
 or run DeLF end to end: database and cropped-query features (cached in HDF5, resumable), initial
 ranking by ASMK* (codebook trained on --codebook_images, e.g. the other dataset's images) or by
 k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by RANSAC inliers
-(each protocol's junk removed first), then the scores; --distractors adds images to the database:
+(each protocol's junk removed first), then the scores; --distractors adds images to the database.
+The ASMK* index is stored beside the codebook (extract/asmk_store.py), built once and reused:
 
     python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
         --codebook_images R/rparis6k/jpg --output res.json
@@ -37,15 +38,17 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.asmk_index import AsmkIndex, CodebookError, codebook
+from extract.asmk_index import AsmkIndex, CodebookError, VisualWords, codebook, hamming_bits
+from extract.asmk_store import AsmkIndexError, StoredIndex, fix_hint, update_index
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import UserError
 from extract.extraction import INFORMATIONAL, load_extractor
@@ -59,6 +62,7 @@ from extract.matcher import add_match_args
 from extract.metrics import PROTOCOLS, evaluate, format_rows, format_table, protocol_gnd
 from extract.paths import dataset_features_dir
 from extract.pca import PcaError
+from extract.pipeline import DelfExtractor
 from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank
 from extract.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
 from train.checkpoint import CheckpointError
@@ -70,6 +74,8 @@ Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@
 
 
 # as the papers' tables name them ("+SP" is added to the re-ranked row)
+# codebook attributes that codebooks made before they existed lack, and the value they had
+CODEBOOK_LEGACY = {"features.descriptor_dtype": "float32"}
 METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", "global+sp": "DELG global"}
 
 
@@ -106,15 +112,14 @@ def asmk_config(conf: EvalConfig, codebook_size: int | None = None) -> AsmkConfi
 
 
 def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir: Path, conf: AsmkConfig,
-                  extraction: ExtractionConfig, checkpoint: str | Path, pca_path: str | Path | None,
-                  overwrite: bool = False, device: str | torch.device = "cpu") -> np.ndarray:
-    """The codebook's centroids: <codebook_dir>/codebook_<size>_<set name>.h5 when it exists and
-    was made from these features, else k-means of every descriptor of ``codebook_images``
-    (extracted into <features_root>/<set name>.h5, cached), stored there."""
-    features, names = cache_image_set(codebook_images, features_root, extraction, checkpoint, pca_path,
-                                      overwrite, device)
-    attrs = {f"features.{k}": v for k, v in file_attrs(features).items()
-             if k not in (*INFORMATIONAL, "format")}
+                  ex: DelfExtractor, checkpoint: str | Path, pca_path: str | Path | None,
+                  overwrite: bool = False) -> tuple[Path, np.ndarray]:
+    """(file, centroids) of the codebook: <codebook_dir>/codebook_<size>_<set name>.h5 when it
+    exists and was made from these features, else k-means of every descriptor of
+    ``codebook_images`` (extracted by ``ex`` into <features_root>/<set name>.h5, cached), stored
+    there."""
+    features, names = cache_image_set(codebook_images, features_root, ex, checkpoint, pca_path, overwrite)
+    attrs = {f"features.{k}": v for k, v in feature_identity(features).items()}
     path = codebook_dir / f"codebook_{conf.codebook_size}_{set_name(codebook_images)}.h5"
 
     def descriptors() -> np.ndarray:
@@ -126,30 +131,72 @@ def asmk_codebook(codebook_images: str | Path, features_root: Path, codebook_dir
 
     # one process trains and writes a codebook
     with hold_cache(path, hint="choose another --load_expr (codebooks are stored under repo/<expr>/asmk/)"):
-        return codebook(path, descriptors, conf, attrs)
+        return path, codebook(path, descriptors, conf, attrs, CODEBOOK_LEGACY)
 
 
-def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.ndarray]],
+def feature_identity(path: Path) -> dict[str, Any]:
+    """The attributes of a feature file compared on reuse (those that say how, and from which
+    images, its features were made)."""
+    return {k: v for k, v in file_attrs(path).items() if k not in (*INFORMATIONAL, "format")}
+
+
+def asmk_database(ds: Dataset, parts: Sequence[tuple[Path, Sequence[str]]], centroids: np.ndarray,
+                  codebook_path: Path, conf: AsmkConfig, overwrite: bool = False
+                  ) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
+    """The stored ASMK* index of the database ``parts`` (the dataset's feature file and images,
+    then the distractors'), in <codebook's folder>/index_<codebook name>_<database name>/: built
+    when missing, completed when a build was killed, grown by new images, else loaded as stored
+    (then the database's descriptors are not read); ``overwrite`` builds it afresh. Returns it
+    and the parts in its image order."""
+    labels = [path.stem for path, _ in parts]
+    folder = codebook_path.parent / ("index_" + "_".join([codebook_path.stem, ds.name, *labels[1:]]))
+    if overwrite and folder.exists():
+        with hold_cache(folder, hint="choose another --load_expr"):
+            shutil.rmtree(folder)
+    keys = [f"{label}\t{name}" for label, (_, names) in zip(labels, parts, strict=True) for name in names]
+    words = VisualWords(centroids, conf)
+
+    def descriptors(todo: Sequence[str]) -> Iterator[np.ndarray]:
+        if not todo:   # the index holds every image: the features are not opened
+            return
+        wanted = [(path, [k.split("\t", 1)[1] for k in todo if k.split("\t", 1)[0] == label])
+                  for label, (path, _) in zip(labels, parts, strict=True)]
+        with FeatureStore([(path, names) for path, names in wanted if names]) as store:
+            yield from tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img",
+                            dynamic_ncols=True)
+
+    t = time.perf_counter()
+    # the dataset's and the distractors' features are made alike (compared apart when extracted)
+    index, order, report = update_index(folder, words, conf, keys, descriptors, feature_identity(parts[0][0]))
+    if order[:len(ds.imlist)] != keys[:len(ds.imlist)]:
+        raise AsmkIndexError(f"{folder}: holds the images of {ds.name} in another order; {fix_hint(folder)}")
+    log.info("ASMK* index %s: %d images (%d aggregated now, %d stored), %.1f words each on average, %.1f s; "
+             "Hamming distances of %d-bit residuals divided by %d (--hamming_norm %s)", folder, index.num_images,
+             report.added, report.reused, index.num_entries / max(index.num_images, 1), time.perf_counter() - t,
+             index.dim, hamming_bits(index.dim, conf.hamming_norm), conf.hamming_norm)
+    ordered = [(path, [k.split("\t", 1)[1] for k in order if k.split("\t", 1)[0] == label])
+               for label, (path, _) in zip(labels, parts, strict=True)]
+    return index, ordered
+
+
+def retrieve(ds: Dataset, store: FeatureStore | None, queries: Sequence[dict[str, np.ndarray]],
              conf: EvalConfig | None = None, matching: MatchConfig | None = None,
-             centroids: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+             asmk: StoredIndex | AsmkIndex | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     """Initial ranks, re-ranked ranks per protocol (each (database size, queries)), and the
-    initial ranking's index memory (bytes). Database image i is ``store``'s image i (the
-    dataset's images first, then distractors); ASMK* needs the codebook's ``centroids``."""
+    initial ranking's index size (bytes). Database image i is ``store``'s image i (the dataset's
+    images first, then distractors); ASMK* ranks with the ``asmk`` index (its images in
+    ``store``'s order) and needs ``store`` only to re-rank."""
     conf = conf or EvalConfig()
     t = time.perf_counter()
-    database = store.features  # what re-ranking verifies against
+    database = store.features if store is not None else None  # what re-ranking verifies against
     if conf.method == "asmk":
-        if centroids is None:
-            raise ValueError("ASMK* ranking needs the codebook's centroids")
-        images = tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img", dynamic_ncols=True)
-        asmk = AsmkIndex(centroids, images, asmk_config(conf))
+        if asmk is None:
+            raise ValueError("ASMK* ranking needs its index")
         nbytes = asmk.nbytes
-        log.info("ASMK* index of %d images (%d words each on average) built in %.1f s; Hamming distances "
-                 "of %d-bit residuals divided by %d (--hamming_norm %s)", asmk.num_images,
-                 asmk.num_entries / max(asmk.num_images, 1), time.perf_counter() - t, asmk.dim, asmk.bits,
-                 asmk.config.hamming_norm)
         scores = asmk.scores(q["descriptors"] for q in tqdm(queries, desc="ASMK* queries", unit="query",
                                                             dynamic_ncols=True))
+    elif store is None:
+        raise ValueError(f"--method {conf.method} needs the database's features")
     elif conf.method in ("global", "global+sp"):
         db_global = global_matrix(list(store.global_descriptors()))
         scores = global_scores(db_global, global_matrix([q.get(GLOBAL_KEY) for q in queries], "query"))
@@ -167,6 +214,8 @@ def retrieve(ds: Dataset, store: FeatureStore, queries: Sequence[dict[str, np.nd
     initial = np.stack([rank(s) for s in scores], axis=1)
     final = {p: initial.copy() for p in PROTOCOLS}
     if conf.reranks:
+        if database is None:
+            raise ValueError("re-ranking needs the database's features")
         gnds = {p: protocol_gnd(ds.gnd, p) for p in PROTOCOLS}
         for qi in tqdm(range(len(queries)), desc="re-ranking", unit="query", dynamic_ncols=True):
             inliers = Verifier(queries[qi], database, matching)
@@ -193,26 +242,28 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     require_codebook_images(conf, codebook_images)
     check_images(ds)
     features_dir = Path(features_dir)
-    ex = load_extractor(extraction, checkpoint, pca_path, device)
+    ex = load_extractor(extraction, checkpoint, pca_path, device)   # once, for every image set
     with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
         db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
         parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
-        distractor_names: Sequence[str] = ()
         if distractors is not None:
-            parts.append(cache_image_set(distractors, features_dir.parent, extraction, checkpoint, pca_path,
-                                         overwrite, device))
-            distractor_names = parts[-1][1]
-        centroids = None
+            parts.append(cache_image_set(distractors, features_dir.parent, ex, checkpoint, pca_path, overwrite))
+        queries = read_all(query_path, ds.qimlist)
+        asmk = None
         if conf.method == "asmk":
             assert codebook_images is not None
-            centroids = asmk_codebook(codebook_images, features_dir.parent,
-                                      Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk",
-                                      asmk_config(conf), extraction, checkpoint, pca_path,
-                                      overwrite, device)
-        queries = read_all(query_path, ds.qimlist)
-        with FeatureStore(parts) as store:
-            initial, final, nbytes = retrieve(ds, store, queries, conf, matching, centroids)
-            size = len(store)
+            folder = Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk"
+            path, centroids = asmk_codebook(codebook_images, features_dir.parent, folder, asmk_config(conf), ex,
+                                            checkpoint, pca_path, overwrite)
+            asmk, parts = asmk_database(ds, parts, centroids, path, asmk_config(conf), overwrite)
+            size = asmk.num_images
+        distractor_names: Sequence[str] = parts[1][1] if len(parts) > 1 else ()  # in the database's order
+        if conf.method == "asmk" and not conf.reranks:   # the database's features are not opened
+            initial, final, nbytes = retrieve(ds, None, queries, conf, matching, asmk)
+        else:
+            with FeatureStore(parts) as store:
+                initial, final, nbytes = retrieve(ds, store, queries, conf, matching, asmk)
+                size = len(store)
     return Evaluation(evaluate(initial, ds.gnd), evaluate(final, ds.gnd), size, size - len(ds.imlist), nbytes,
                       initial, final, distractor_names)
 
@@ -255,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features_dir", type=Path,
                    help="feature cache (default repo/<load_expr>/features/<dataset>)")
     add_bool_flag(p, "--overwrite", default=False,
-                  help="extract again, replacing cached features made with other parameters")
+                  help="extract again, replacing cached features made with other parameters, and rebuild the "
+                       "ASMK* index (e.g. a corrupt one)")
     r = p.add_argument_group("ranking and re-ranking")
     add_config_args(r, EvalConfig)
     r.add_argument("--codebook_images", type=Path,
@@ -351,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         run(args)
-    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
+    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, AsmkIndexError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

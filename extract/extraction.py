@@ -45,8 +45,9 @@ INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batc
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
 # were whitened whenever the PCA was applied; the device type was part of the informational
 # "device"; CUDA ran with PyTorch's default TF32 convolutions; the pyramid and boxes had this
-# project's conventions.
-LEGACY = {"use_whitening": lambda stored: bool(stored.get("use_pca", False)),
+# project's conventions; descriptors were float32.
+LEGACY = {"descriptor_dtype": lambda stored: "float32",
+          "use_whitening": lambda stored: bool(stored.get("use_pca", False)),
           "resize": lambda stored: "antialias",
           "boxes": lambda stored: "half_pixel",
           "device_type": lambda stored: str(stored.get("device", "cpu")).split(":")[0],
@@ -150,18 +151,19 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size
 def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
                      workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
-                     share: WorkShare | None = None) -> Report:
+                     share: WorkShare | None = None, extractor: DelfExtractor | None = None) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
     paths) into the feature file ``output_path``; images already there are skipped. PCA when
     ``conf.use_pca`` and ``pca_path`` is given. An existing file made with other parameters is
     refused unless ``overwrite``; so is one made on another device type or TF32 setting. ``workers``
     decoding processes (default :func:`default_workers`). Returns the report (``report.output`` is
-    the file)."""
+    the file). ``extractor``: the extractor of ``conf``, ``checkpoint`` and ``pca_path`` on ``device``
+    when the caller has it loaded already (evaluate.py loads the model once for all its image sets)."""
     share = share or WorkShare()
     workers = default_workers(device) if workers is None else workers
     output = Path(output_path)
     items = list_images(input_path)
-    ex = load_extractor(conf, checkpoint, pca_path, device)
+    ex = extractor or load_extractor(conf, checkpoint, pca_path, device)
     if save_attention and 1.0 not in ex.scales:
         raise OptionError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
@@ -306,7 +308,8 @@ def _save_pca_file(output: Path, ex: DelfExtractor, reservoir: Reservoir, report
             for p in parts:
                 p.unlink()
     if share.is_main:
-        extraction = {k: v for k, v in asdict(ex.conf).items() if k not in ("use_pca", "pca_dims", "use_whitening")}
+        extraction = {k: v for k, v in asdict(ex.conf).items()
+                      if k not in ("use_pca", "pca_dims", "use_whitening", "descriptor_dtype")}
         save_pca(output, fit_pca_params(sample), {
             "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
             "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),

@@ -14,12 +14,10 @@ from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from extract.config import ExtractionConfig
 from extract.extraction import OutputWriteError, extract_features, feature_attrs, feature_writer, write_failure
-from extract.features import GLOBAL_KEY, FeatureFileError, feature_names, iter_features, open_features
+from extract.features import GLOBAL_KEY, FeatureFileError, feature_names, iter_features, open_features, read_array
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
 from extract.revisitop import Dataset, EvalError
@@ -90,16 +88,17 @@ def set_name(source: str | Path) -> str:
     return "_".join("".join(c if c.isalnum() or c in "-." else "-" for c in p) for p in parts)
 
 
-def cache_image_set(source: str | Path, features_root: str | Path, extraction: ExtractionConfig,
-                    checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
-                    device: str | torch.device = "cpu") -> tuple[Path, list[str]]:
+def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor,
+                    checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False
+                    ) -> tuple[Path, list[str]]:
     """Features of every image of a folder (recursive) or image list -- the codebook's training
-    images, distractors -- in <features_root>/<set_name>.h5, resumable; returns the file and its
-    image names in list order (unusable images are skipped and logged)."""
+    images, distractors -- in <features_root>/<set_name>.h5, extracted by ``ex`` (made from
+    ``checkpoint`` and ``pca_path``: recorded), resumable; returns the file and its image names
+    in list order (unusable images are skipped and logged)."""
     output = Path(features_root) / f"{set_name(source)}.h5"
     try:
-        report = extract_features(extraction, checkpoint, source, output, pca_path=pca_path,
-                                  overwrite=overwrite, device=device)
+        report = extract_features(ex.conf, checkpoint, source, output, pca_path=pca_path,
+                                  overwrite=overwrite, device=ex.device, extractor=ex)
     except OutputInUse as e:  # another evaluation extracts the same image set: nothing else to choose
         raise EvalError(f"{e.output}: in use by another process ({e.holder}); wait for it") from None
     except (InputError, OutputWriteError) as e:
@@ -132,7 +131,7 @@ class FeatureStore:
         """Keypoints and descriptors of database image ``i``."""
         k, name = self._entries[i]
         group = self._files[k][name]
-        return {key: group[key][()] for key in ("keypoints", "descriptors")}
+        return {key: read_array(group, key) for key in ("keypoints", "descriptors")}
 
     def global_descriptors(self) -> Iterator[np.ndarray | None]:
         """The global descriptor of image 0, 1, ... (None where the file has none: DeLF features)."""
@@ -143,10 +142,10 @@ class FeatureStore:
     def arrays(self, key: str) -> Iterator[np.ndarray]:
         """Array ``key`` (e.g. "keypoints") of image 0, 1, ... read one image at a time."""
         for k, name in self._entries:
-            yield self._files[k][name][key][()]
+            yield read_array(self._files[k][name], key)
 
     def descriptors(self) -> Iterator[np.ndarray]:
-        """The descriptors of image 0, 1, ... read one image at a time."""
+        """The (n, D) float32 descriptors of image 0, 1, ... read one image at a time."""
         return self.arrays("descriptors")
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The feature file: one HDF5 group per image, written image by image, resumable.
 
 Layout: group ``<name>`` ('/' in a name makes nested groups) with datasets ``keypoints`` (N, 2)
-float32 x, y; ``descriptors`` (N, D) float32; ``scores`` (N,) float32; ``scales`` (N,) float32;
+float32 x, y; ``descriptors`` (N, D) float32, or float16 when the root attribute
+``descriptor_dtype`` says so (readers return float32); ``scores`` (N,) float32; ``scales`` (N,) float32;
 ``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0; with a DELG
 model, ``global_descriptor`` (D,) float32, unit length (zero for an image too small). Root attributes:
 ``format`` and the extraction parameters (extract/extraction.py, ``feature_attrs``: the
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import h5py
 import numpy as np
 
+from extract.config import DESCRIPTOR_DTYPES
 from extract.errors import OptionError
 
 FEATURE_KEYS = ("keypoints", "descriptors", "scores", "scales", "image_size")
@@ -102,6 +104,7 @@ class FeatureWriter:
             raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({first_line(e)}); "
                                    "delete it or pass --overwrite") from None
         self._inode = _inode(self.path)
+        self._descriptor_dtype = descriptor_dtype(attrs)
         try:
             self._check_or_set_attrs({"format": FORMAT, **attrs}, set(informational), legacy or {})
         except BaseException:
@@ -145,6 +148,7 @@ class FeatureWriter:
         """
         self._check_in_place()
         arrays = {key: np.asarray(feats[key], dtype=DTYPES[key]) for key in FEATURE_KEYS}
+        arrays["descriptors"] = arrays["descriptors"].astype(self._descriptor_dtype)
         if GLOBAL_KEY in feats:
             arrays[GLOBAL_KEY] = np.asarray(feats[GLOBAL_KEY], dtype=np.float32)
         if save_attention:
@@ -219,8 +223,23 @@ def plain_attr(value: Any) -> Any:
     return value
 
 
+def descriptor_dtype(attrs: Mapping[str, Any]) -> np.dtype:
+    """The dtype a feature file with root attributes ``attrs`` stores descriptors in (its
+    ``descriptor_dtype``; files without it: float32)."""
+    name = plain_attr(attrs.get("descriptor_dtype", "float32"))
+    if name not in DESCRIPTOR_DTYPES:
+        raise OptionError(f"descriptor dtype {name!r}: expected one of {', '.join(DESCRIPTOR_DTYPES)}")
+    return np.dtype(name)
+
+
+def read_array(group: h5py.Group, key: str) -> np.ndarray:
+    """Array ``key`` of an image group; descriptors as float32 whatever their stored dtype."""
+    data = group[key][()]
+    return data.astype(np.float32, copy=False) if key == "descriptors" else data
+
+
 def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
-    return {key: group[key][()] for key in (*FEATURE_KEYS, "attention", GLOBAL_KEY) if key in group}
+    return {key: read_array(group, key) for key in (*FEATURE_KEYS, "attention", GLOBAL_KEY) if key in group}
 
 
 def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:

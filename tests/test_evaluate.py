@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +20,14 @@ import torch
 from PIL import Image
 
 import extract.asmk_index as asmk_index
+import extract.asmk_store as asmk_store
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
+from extract.asmk_store import StoredIndex
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import InputMismatch
 from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
-from extract.feature_cache import FeatureStore, cache_features, set_name
+from extract.feature_cache import FeatureStore, cache_features, read_all, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.figures import write_figures
 from extract.images import list_images
@@ -439,7 +442,12 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
             str(tiny["ckpt"]), "--pca_parameters_path", str(tiny["pca"]), "--attn_thres", "0",
             "--scale_list", *SCALES, "--device", "cpu", "--features_dir", str(feats),
             "--codebook_size", "32", "--codebook_images", str(codebook_images)]
+    loads: list[object] = []
+    load = DelfExtractor.from_checkpoint
+    monkeypatch.setattr(DelfExtractor, "from_checkpoint", lambda *a, **k: loads.append(a) or load(*a, **k))
     assert main(args + ["--output", str(out)]) == 0
+    assert len(loads) == 1   # one model for the dataset and the codebook's images
+    monkeypatch.undo()
     res = json.loads(out.read_text())
     assert set(res) == {"easy", "medium", "hard", "initial", "config"}
     assert res["config"]["evaluation"]["codebook_size"] == 32
@@ -458,18 +466,41 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert len(feature_names(cb_feats)) == 12 and attrs["num_descriptors"] == sum(
         len(f["descriptors"]) for _, f in iter_features(cb_feats))
 
-    # reused as stored; deleted, the same seed trains the same codebook and ranks the same
+    # the index: plain arrays beside the codebook
+    index_dir = stored.parent / f"index_{stored.stem}_roxford5k"
+    assert sorted(p.name for p in (index_dir / "inverted").iterdir()) == [
+        "codes.npy", "counts.npy", "id_offsets.npy", "ids.npy", "meta.json", "offsets.npy"]
+    num_db = len(load_dataset(tiny["root"], "roxford5k").imlist)
+    assert np.load(index_dir / "inverted" / "counts.npy").shape == (num_db,)
+
+    # reused as stored; with --rerank 0 the database's features are never opened
     monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
+    monkeypatch.setattr(asmk_store, "build_inverted", lambda *a: pytest.fail("index rebuilt"))
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
+    monkeypatch.setattr(FeatureStore, "__init__", lambda *a: pytest.fail("database features opened"))
+    assert main(args + ["--rerank", "0", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == {**res["initial"], "initial": res["initial"]}
     monkeypatch.undo()
+
+    # a corrupt index: one line naming the file; --overwrite rebuilds it
+    (index_dir / "inverted" / "codes.npy").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(args) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith(f"error: {index_dir / 'inverted' / 'codes.npy'}: unreadable (")
+    assert main(args + ["--overwrite", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == res
+
+    # deleted, the same seed trains the same codebook and ranks the same
     stored.unlink()
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
     np.testing.assert_array_equal(load_codebook(stored)[0], centroids)
 
-    # another process building the same codebook, or extracting the same image set: refused at once
-    for held, advice in ((stored, "wait for it or choose another --load_expr"), (cb_feats, "wait for it")):
+    # another process building the same codebook or index, or extracting the same image set: refused at once
+    for held, advice in ((stored, "wait for it or choose another --load_expr"), (cb_feats, "wait for it"),
+                         (index_dir, "wait for it or choose another --load_expr")):
         with OutputLock(held):
             capsys.readouterr()
             assert main(args) == 1
@@ -477,20 +508,24 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         assert len(error) == 1 and f"{held}: in use by another process (pid {os.getpid()}" in error[0]
         assert error[0].endswith(advice) or advice + " (" in error[0]
 
-    # --assignment hnsw reaches the index; on 32 words the graph finds the exact words
+    # --assignment hnsw: the index of exact words is refused; rebuilt, on 32 words the graph finds the exact words
+    assert main(args + ["--assignment", "hnsw"]) == 1
+    assert "(assignment: 'exact' in the index, 'hnsw' now" in capsys.readouterr().err
+    shutil.rmtree(index_dir)
     kinds: list[str] = []
 
-    def spy(*a: object, **k: object) -> AsmkIndex:
-        index = AsmkIndex(*a, **k)
+    def spy(*a: object, **k: object) -> StoredIndex:
+        index = StoredIndex(*a, **k)
         kinds.append(index.words.kind)
         return index
 
-    monkeypatch.setattr(evaluate_module, "AsmkIndex", spy)
+    monkeypatch.setattr(asmk_store, "StoredIndex", spy)
     assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
     hnsw = json.loads(out.read_text())
     assert kinds == ["hnsw"] and hnsw["config"]["evaluation"]["assignment"] == "hnsw"
     assert {k: v for k, v in hnsw.items() if k != "config"} == {k: v for k, v in res.items() if k != "config"}
     monkeypatch.undo()
+    shutil.rmtree(index_dir)
 
     # an identical copy of each query ranks first among the database images
     with open(tiny["root"] / "roxford5k" / "gnd_roxford5k.pkl", "rb") as f:
@@ -519,6 +554,8 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert len(list((tmp / "fig").glob("*.png"))) == 4
     assert "roxford5k + 4 distractors: ASMK* index" in capsys.readouterr().out
     assert len(feature_names(feats.parent / f"{set_name(distractors)}.h5")) == 4
+    grown = stored.parent / f"index_{stored.stem}_roxford5k_{set_name(distractors)}"
+    assert np.load(grown / "inverted" / "counts.npy").shape == (len(cfg["imlist"]) + 4,)
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
     assert main(args + ["--distractors", str(tmp / "nowhere")]) == 1
     assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
@@ -638,3 +675,47 @@ def test_delg_global_and_global_sp_end_to_end(tiny: dict[str, Path], one_thread:
             "--features_dir", str(tmp / "delf"), "--method", "global"]
     assert main(delf) == 1
     assert "features have no global_descriptor: extract them with a DELG" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_float16_features_verify_and_rank_as_float32(tiny: dict[str, Path], tmp_path: Path, one_thread: None) -> None:
+    """The tiny dataset extracted with --descriptor_dtype float16 and float32: the float16 files
+    hold the float32 descriptors rounded; RANSAC inliers of all (query, database image) pairs
+    agree within 1 % (a pair by one inlier at most), and the ASMK* and k-NN vote rankings are the
+    same."""
+    ds = load_dataset(tiny["root"], "roxford5k")
+    conf = ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES)))
+    paths = {}
+    for dtype in ("float32", "float16"):
+        ex = DelfExtractor.from_checkpoint(tiny["ckpt"], tiny["pca"], replace(conf, descriptor_dtype=dtype))
+        paths[dtype] = cache_features(ds, ex, tiny["ckpt"], tiny["pca"], tmp_path / dtype)
+    db = {}
+    for dtype, (db_path, _) in paths.items():
+        with FeatureStore([(db_path, ds.imlist)]) as store:
+            db[dtype] = [store.features(i) for i in range(len(store))]
+    queries = {dtype: read_all(paths[dtype][1], ds.qimlist) for dtype in paths}
+    for a, b in zip(db["float32"] + queries["float32"], db["float16"] + queries["float16"], strict=True):
+        assert b["descriptors"].dtype == np.float32
+        np.testing.assert_array_equal(b["descriptors"], a["descriptors"].astype(np.float16))
+    inliers = {dtype: np.array([[Verifier(q, db[dtype].__getitem__)(i) for i in range(len(ds.imlist))]
+                                for q in queries[dtype]]) for dtype in paths}
+    assert inliers["float32"].max() > 20
+    # a putative match at the distance bound may flip: one inlier of a pair at most, 1 % of all
+    diff = np.abs(inliers["float16"] - inliers["float32"])
+    assert (diff <= np.maximum(1, 0.01 * inliers["float32"])).all()
+    assert diff.sum() <= 0.01 * inliers["float32"].sum()
+    # rankings: k-NN votes the same; ASMK* the same up to swaps of images of near-equal scores (a sign
+    # bit of a residual sum close to 0 flips), with the same revisitop scores
+    x = np.concatenate([f["descriptors"] for f in db["float32"]])
+    centroids = asmk_index.train_codebook(x, AsmkConfig(codebook_size=32))
+    asmk, votes = {}, {}
+    for dtype in paths:
+        index = AsmkIndex(centroids, [f["descriptors"] for f in db[dtype]], AsmkConfig(codebook_size=32))
+        asmk[dtype] = index.scores(q["descriptors"] for q in queries[dtype])
+        knn = Database([f["keypoints"] for f in db[dtype]], DescriptorIndex([f["descriptors"] for f in db[dtype]]))
+        votes[dtype] = np.stack([rank(s) for s in knn.initial_scores([q["descriptors"] for q in queries[dtype]],
+                                                                     10, 64)], axis=1)
+    np.testing.assert_array_equal(votes["float16"], votes["float32"])
+    initial = {dtype: np.stack([rank(s) for s in asmk[dtype]], axis=1) for dtype in paths}
+    assert evaluate(initial["float16"], ds.gnd) == evaluate(initial["float32"], ds.gnd)
+    assert np.abs(asmk["float16"] - asmk["float32"]).max() <= 0.03 * asmk["float32"].max()

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from extract.extraction import feature_writer
 from extract.features import (
     INCOMPLETE,
     FeatureFileError,
@@ -101,3 +102,35 @@ def test_legacy_attributes_of_older_files(tmp_path: Path):
         assert w.has("x.jpg")
     with pytest.raises(FeatureFileError, match=r"use_whitening: None in the file, True now"):
         FeatureWriter(path, {**ATTRS, "use_pca": True, "use_whitening": True})  # no legacy rule: missing differs
+
+
+def test_float16_descriptors_halve_the_file_and_read_as_float32(tmp_path: Path):
+    """``descriptor_dtype`` float16: descriptors stored as float16 (the rest as float32), read back
+    as float32 equal to the rounded values; the attribute is compared on resume, and a file
+    without it holds float32."""
+    wide, narrow = tmp_path / "f32.h5", tmp_path / "f16.h5"
+    images = {f"i{k}": feats(500, 128, seed=k) for k in range(4)}
+    for path, dtype in ((wide, "float32"), (narrow, "float16")):
+        with feature_writer(path, {**ATTRS, "descriptor_dtype": dtype}) as w:
+            for name, f in images.items():
+                w.write(name, f)
+    with h5py.File(narrow, "r") as f:
+        assert f["i0"]["descriptors"].dtype == np.float16 and f["i0"]["keypoints"].dtype == np.float32
+        assert f.attrs["descriptor_dtype"] == "float16"
+    got = read_features(narrow, "i2")["descriptors"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.float32(images["i2"]["descriptors"]).astype(np.float16))
+    assert np.abs(got - images["i2"]["descriptors"]).max() < 1e-3
+    assert all(f["descriptors"].dtype == np.float32 for _, f in iter_features(narrow))
+    # 128-d descriptors are most of the file: float16 takes a little over half the bytes
+    assert 0.5 < narrow.stat().st_size / wide.stat().st_size < 0.6
+    with pytest.raises(FeatureFileError, match="descriptor_dtype: 'float16' in the file, 'float32' now"):
+        feature_writer(narrow, {**ATTRS, "descriptor_dtype": "float32"})
+    legacy = tmp_path / "legacy.h5"
+    with FeatureWriter(legacy, ATTRS) as w:
+        w.write("x", feats(3))
+    assert read_features(legacy, "x")["descriptors"].dtype == np.float32
+    feature_writer(legacy, {**ATTRS, "descriptor_dtype": "float32"}).close()   # files without it: float32
+    with pytest.raises(FeatureFileError, match=r"descriptor_dtype: 'float32' in the file \(not recorded: the value "
+                                               r"of files written before descriptor_dtype was\), 'float16' now"):
+        feature_writer(legacy, {**ATTRS, "descriptor_dtype": "float16"})

@@ -20,6 +20,7 @@ from extract.asmk_index import (
     VisualWords,
     aggregate,
     code_columns,
+    code_record,
     codebook,
     load_codebook,
     save_codebook,
@@ -139,6 +140,14 @@ def test_code_columns_keep_bits_and_bytes() -> None:
     hamming = sum(np.bitwise_count(x ^ y).astype(int) for x, y in zip(ca, cb, strict=True))
     np.testing.assert_array_equal(hamming, np.unpackbits(a ^ b, axis=1).sum(1))
     assert [c.dtype for c in code_columns(a[:, :5])] == [np.uint32, np.uint8]
+    # the same words as fields of a record view, without a copy
+    for width in (5, 12, 15):
+        records = a[:, :width].copy().view(code_record(width))[:, 0]
+        fields = [records[name] for name in records.dtype.names]
+        assert code_record(width).itemsize == width
+        for field, column in zip(fields, code_columns(a[:, :width]), strict=True):
+            assert field.dtype == column.dtype
+            np.testing.assert_array_equal(field, column)
 
 
 # D -> B of the Hamming similarity 1 - 2 h / B: asmk packs D sign bits into 32-bit words
@@ -331,6 +340,14 @@ def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
     with pytest.raises(CodebookError, match="codebook_size: 32 in the file, 64 now"):
         codebook(path, descriptors, AsmkConfig(codebook_size=64), {"pca_dims": 16,
                                                                   "source": "/data/rparis6k"})
+    # an attribute the file predates: its legacy value is compared (e.g. float32 descriptors)
+    legacy = {"features.descriptor_dtype": "float32"}
+    attrs = {"pca_dims": 16, "source": "/data/rparis6k"}
+    np.testing.assert_array_equal(codebook(path, descriptors, cfg, {**attrs, **legacy}, legacy), c)
+    with pytest.raises(CodebookError, match="features.descriptor_dtype: 'float32' in the file, 'float16' now"):
+        codebook(path, descriptors, cfg, {**attrs, "features.descriptor_dtype": "float16"}, legacy)
+    with pytest.raises(CodebookError, match="features.descriptor_dtype: None in the file, 'float32' now"):
+        codebook(path, descriptors, cfg, {**attrs, **legacy})
 
 
 def test_codebook_file_errors_and_atomic_write(tmp_path: Path) -> None:

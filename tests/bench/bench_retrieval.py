@@ -10,6 +10,13 @@ descriptors) on synthetic clustered descriptors.
   inverted-file scan apart) with exact and with HNSW word assignment, database assignment time,
   HNSW's words against the exact ones (m = 1 and 5) and its rankings against exact assignment's
   (top-1, top-10 overlap), index memory per image, extrapolation to ROxf+1M.
+- stored: the ASMK* index on disk (extract/asmk_store.py) of a synthetic database whose images
+  share visual words as real ones do (each image draws its words from one of a few hundred
+  scenes' pools of Zipf-popular words; the distinct words per image are printed), built to the
+  first --stored_images size, queried, then grown to the next: build and growth time, size on
+  disk and bytes per (image, word), query time (HNSW assignment, 40-D) and the querying
+  process's RSS (a fresh process: the index memory-mapped), extrapolated to ROxf+1M; and the
+  feature file's size with float32 and float16 descriptors.
 
 faiss's OpenMP threads follow --threads; the BLAS behind exact search and word assignment
 follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as set when the script starts.
@@ -26,7 +33,7 @@ removal on the knn part's data (40-D, one thread, shared 2-core AMD EPYC, load 3
   338 / 1,048 us (recall 0.75 / 0.84 / 0.91 / 0.96). At equal recall faiss is ~2.5x faster
   (0.88: ~250 us vs 606 us); its build is slower (11.9 s vs 2.5 s CPU: one flat k-means level).
 
-    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk]
+    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk|stored]
 """
 from __future__ import annotations
 
@@ -36,13 +43,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
+import multiprocessing
+import tempfile
 from dataclasses import replace
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
 
 from extract.asmk_index import AsmkIndex, VisualWords, aggregate
+from extract.asmk_store import StoredIndex, update_index
 from extract.config import AsmkConfig, IndexConfig
+from extract.features import FeatureWriter
 from extract.index import KnnIndex, faiss_threads, kmeans
 from extract.retrieval import rank
 from tests.bench.common import machine_report, timed, unit
@@ -219,9 +231,149 @@ def bench_asmk(args: argparse.Namespace) -> None:
                       f"of the exact 5 found")
 
 
+# --- stored index ------------------------------------------------------------------------------
+class SceneDatabase:
+    """Synthetic images that share visual words as real ones do: word popularity is Zipf-like
+    (exponent 0.8 over the codebook); each of ``scenes`` scenes has a pool of 1,500 words drawn by
+    popularity; image i shows scene i mod ``scenes`` and draws its 1,000 descriptors' words from
+    that pool (bursts: a word recurs), each descriptor its word's centroid plus noise. Image i is
+    generated from the seed and i alone."""
+
+    def __init__(self, centroids: np.ndarray, scenes: int = 400, seed: int = 7) -> None:
+        self.centroids, self.seed = centroids, seed
+        rng = np.random.default_rng(seed)
+        popularity = 1.0 / np.arange(1, len(centroids) + 1) ** 0.8
+        popularity = popularity[rng.permutation(len(centroids))]
+        self.pools = [rng.choice(len(centroids), 1500, replace=False, p=popularity / popularity.sum())
+                      for _ in range(scenes)]
+
+    def image(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(words (1000,), descriptors (1000, D)) of image ``i``."""
+        rng = np.random.default_rng((self.seed, i))
+        words = rng.choice(self.pools[i % len(self.pools)], PER_IMAGE)
+        return words, noisy(self.centroids[words], 0.5, rng)
+
+    def reader(self, words: GivenWords) -> Callable[[Sequence[str]], Iterator[np.ndarray]]:
+        """update_index's reader of images by key (str(i)); sets each image's words in ``words``."""
+        def descriptors(keys: Sequence[str]) -> Iterator[np.ndarray]:
+            for key in keys:
+                words.pending, x = self.image(int(key))
+                yield x
+        return descriptors
+
+
+class GivenWords(VisualWords):
+    """Exact assignment in name (the stored index records it), but the word of each database
+    descriptor is the one it was generated from (``pending``): exact assignment of 100M
+    descriptors to 65,536 words would take days here; its cost per image is measured apart."""
+
+    pending: np.ndarray
+
+    def assign(self, x: np.ndarray, m: int) -> np.ndarray:
+        return self.pending[:, None]
+
+
+def rss_mib() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process, MiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def query_stored(folder: str, centroids: np.ndarray, queries: list[np.ndarray], cfg: AsmkConfig,
+                 threads: int) -> dict[str, float | np.ndarray]:
+    """In a fresh process: the index memory-mapped, HNSW query assignment; times (s per query)
+    and RSS (MiB) before and after the queries."""
+    with faiss_threads(threads):
+        words = VisualWords(centroids, replace(cfg, assignment="hnsw"))
+        index = StoredIndex(Path(folder), words, cfg)
+        before = rss_mib()[0]
+        assigned, t_assign, _ = timed(assign_all, words, queries, cfg.query_assignments)
+        aggregated, t_agg, _ = timed(aggregate_all, queries, assigned, centroids)
+        scores, t_scan, _ = timed(search_all, index, aggregated)
+    after, peak = rss_mib()
+    n = len(queries)
+    return {"assign": t_assign / n, "aggregate": t_agg / n, "scan": t_scan / n, "rss_before": before,
+            "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1)}
+
+
+def bench_stored(args: argparse.Namespace) -> None:
+    cfg = AsmkConfig(codebook_size=args.codebook_size)
+    for dim in args.stored_dims:
+        centroids = clustered(cfg.codebook_size, dim, seed=4)
+        data = SceneDatabase(centroids)
+        words = GivenWords(centroids, AsmkConfig(assignment="exact"))
+        rng = np.random.default_rng(8)
+        targets = rng.choice(min(args.stored_images), args.queries, replace=False)
+        queries = [np.concatenate([noisy(data.image(int(i))[1][:PER_IMAGE // 2], 0.3, rng),
+                                   clustered(PER_IMAGE // 2, dim, seed=50 + j)]) for j, i in enumerate(targets)]
+        print(f"\n[stored] {dim}-d, {cfg.codebook_size} words, {PER_IMAGE} descriptors per image, "
+              f"{len(data.pools)} scenes; faiss threads {args.threads}")
+        with faiss_threads(args.threads):
+            hnsw = VisualWords(centroids, replace(cfg, assignment="hnsw"))
+            sample = [data.image(i)[1] for i in range(args.assign_images)]
+            _, _, c_assign = timed(assign_all, hnsw, sample, cfg.db_assignments)
+        assign_cpu = c_assign / len(sample)
+        print(f"database word assignment (HNSW, measured on {len(sample)} images): {assign_cpu * 1e3:.0f} ms CPU "
+              "per image (not part of the build times below: the words are given)")
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            folder, built = Path(tmp) / "index", 0
+            for size in sorted(args.stored_images):
+                keys = [str(i) for i in range(size)]
+                (index, _, report), t, c = timed(update_index, folder, words, cfg, keys, data.reader(words))
+                forward = sum(p.stat().st_size for p in (folder / "forward").iterdir())
+                per_entry = index.nbytes / index.num_entries
+                words_per_image = index.num_entries / index.num_images
+                print(f"{size} images: {'built' if not built else f'grown from {built}'} in {t:.0f} s (CPU {c:.0f} s;"
+                      f" {report.added} images aggregated and appended, the inverted file made from all); "
+                      f"{words_per_image:.0f} distinct words per image; inverted file {index.nbytes / 2**20:.0f} MiB "
+                      f"= {per_entry:.2f} B per (image, word) (bound D/8 + 1.5 = {dim / 8 + 1.5:.1f}: "
+                      f"{'met' if per_entry <= dim / 8 + 1.5 else 'NOT met'}); forward store "
+                      f"{forward / 2**20:.0f} MiB")
+                ctx = multiprocessing.get_context("spawn")
+                with ctx.Pool(1) as pool:
+                    q = pool.apply(query_stored, (str(folder / "inverted"), centroids, queries, cfg, args.threads))
+                total = q["assign"] + q["aggregate"] + q["scan"]
+                print(f"  query (HNSW x{cfg.query_assignments}): {total * 1e3:.0f} ms = assignment "
+                      f"{q['assign'] * 1e3:.0f} + aggregation {q['aggregate'] * 1e3:.1f} + memory-mapped scan "
+                      f"{q['scan'] * 1e3:.1f} ms; top-1 {np.mean(q['top1'] == targets):.0%}; RSS {q['rss_before']:.0f}"
+                      f" MiB loaded, {q['rss_after']:.0f} MiB after {len(queries)} queries (peak {q['rss_peak']:.0f})")
+                built = size
+            grow = ROXF_1M / size
+            append_cpu = c / max(report.added, 1)
+            disk = (per_entry * words_per_image * ROXF_1M / 2**30, forward / size * ROXF_1M / 2**30)
+            build_h = (assign_cpu * ROXF_1M / 3600, append_cpu * ROXF_1M / 3600)
+            query_ms = (q["assign"] + q["aggregate"] + q["scan"] * grow) * 1e3
+            rss = q["rss_before"] + (q["rss_after"] - q["rss_before"]) * grow
+            print(f"ROxf+1M (linear in the database from {size} images): inverted file {disk[0]:.1f} GiB + forward "
+                  f"store {disk[1]:.1f} GiB on disk; build ~{sum(build_h):.0f} CPU h (word assignment "
+                  f"{build_h[0]:.0f} h + aggregation, append and inverted file {build_h[1]:.1f} h); query "
+                  f"~{query_ms:.0f} ms (the scan grows with the lists); RSS ~{rss:.0f} MiB after the queries (the "
+                  "touched lists grow with the database)")
+        bench_feature_files(dim, args)
+
+
+def bench_feature_files(dim: int, args: argparse.Namespace) -> None:
+    """Feature-file bytes per image with float32 and float16 descriptors (100 images)."""
+    rng = np.random.default_rng(9)
+    sizes = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for dtype in ("float32", "float16"):
+            path = Path(tmp) / f"{dtype}.h5"
+            with FeatureWriter(path, {"descriptor_dtype": dtype}) as w:
+                for i in range(100):
+                    w.write(f"img{i:03d}.jpg", {
+                        "keypoints": rng.random((PER_IMAGE, 2)) * 1000,
+                        "descriptors": clustered(PER_IMAGE, dim, seed=i, centres=100), "scores": rng.random(PER_IMAGE),
+                        "scales": rng.random(PER_IMAGE), "image_size": [1024, 768]})
+            sizes[dtype] = path.stat().st_size / 100
+    print(f"feature file, {PER_IMAGE} {dim}-d features per image: float32 {sizes['float32'] / 1e3:.0f} kB, "
+          f"float16 {sizes['float16'] / 1e3:.0f} kB per image ({sizes['float16'] / sizes['float32']:.0%}); "
+          f"1M distractors: {sizes['float32'] * 1e6 / 1e9:.0f} GB vs {sizes['float16'] * 1e6 / 1e9:.0f} GB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk"), default="all")
+    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk", "stored"), default="all")
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--dim", type=int, default=40, help="descriptor dimension for knn")
     p.add_argument("--asmk_dims", type=int, nargs="+", default=[40, 128])
@@ -235,9 +387,13 @@ def main() -> None:
     p.add_argument("--assign_images", type=int, default=50, help="database images timed for word assignment")
     p.add_argument("--kmeans_iters", type=int, default=AsmkConfig.kmeans_iters)
     p.add_argument("--sample_iters", type=int, default=1)
+    p.add_argument("--stored_images", type=int, nargs="+", default=[5000, 100_000],
+                   help="stored: database sizes, built then grown in turn")
+    p.add_argument("--stored_dims", type=int, nargs="+", default=[40])
+    p.add_argument("--tmp", help="stored: folder for the index (default: the system's temporary folder)")
     args = p.parse_args()
     print(f"{machine_report()}; faiss {faiss.__version__}")
-    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk)):
+    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk), ("stored", bench_stored)):
         if args.part in ("all", part):
             f(args)
 
