@@ -114,10 +114,8 @@ def test_the_docs_hold_commands() -> None:
 def test_documented_script_exists_and_takes_its_flags(command: Command) -> None:
     script = command.script
     assert (PROJECT_ROOT / script).is_file(), f"{command}: no such script {script}"
-    flags = {w.split("=")[0] for w in command.words if w.startswith("--")}
-    if command.words[0] == "torchrun":  # torchrun's own flags come before the script
-        flags = {f for f in flags if command.words.index(f.split("=")[0]) > command.words.index(
-            next(w for w in command.words if w.endswith(".py")))}
+    after_script = command.words[command.words.index(next(w for w in command.words if w.endswith(".py"))) + 1:]
+    flags = {w.split("=")[0] for w in after_script if w.startswith("--")}  # torchrun's own flags come before
     unknown = sorted(flags - help_flags(script))
     assert not unknown, f"{command}: {script} --help does not list {', '.join(unknown)}"
 
