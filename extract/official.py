@@ -106,16 +106,23 @@ def variables_prefix(source: str | Path) -> Path:
     return prefix
 
 
-def list_variables(source: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every variable of a release's checkpoint."""
+def _reader(source: str | Path) -> Any:
+    """TensorFlow's checkpoint reader of a release's variables."""
     prefix = variables_prefix(source)
     tf = _tensorflow()
     try:
-        reader = tf.train.load_checkpoint(str(prefix))
-        shapes = reader.get_variable_to_shape_map()
+        return tf.train.load_checkpoint(str(prefix))
     except Exception as e:  # tf.errors.* (DataLossError, NotFoundError, ...)
         raise ConversionError(f"{prefix}.index: unreadable TensorFlow checkpoint ({_first_line(e)})") from None
-    return {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+
+
+def _shapes(reader: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(int(d) for d in shape) for name, shape in reader.get_variable_to_shape_map().items()}
+
+
+def list_variables(source: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every variable of a release's checkpoint."""
+    return _shapes(_reader(source))
 
 
 def format_variables(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -129,7 +136,7 @@ def tf_name(key: str) -> str | None:
     conv1's bias, which slim does not have before a BatchNorm)."""
     module, _, param = key.rpartition(".")
     parts = module.split(".")
-    if parts[-1] == "num_batches_tracked" or param == "num_batches_tracked" or parts[0] == "logits":
+    if param == "num_batches_tracked" or parts[0] == "logits":
         return None
     bn = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
     conv = {"weight": "weights", "bias": "biases"}
@@ -176,7 +183,8 @@ def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list
     """The :func:`new_model` state_dict from a release's variables, and the release's variables
     that it does not use (global_step, optimiser slots, the training classifier). A variable the
     model needs and the release lacks is a ConversionError listing them."""
-    shapes = list_variables(source)
+    reader = _reader(source)
+    shapes = _shapes(reader)
     model = new_model()
     state = model.state_dict()
     wanted = {key: tf_name(key) for key in state}
@@ -191,9 +199,7 @@ def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list
         if known:
             raise ConversionError(message)
         raise UnknownModel(message, shapes)
-    tf = _tensorflow()
     prefix = variables_prefix(source)
-    reader = tf.train.load_checkpoint(str(prefix))
     converted: dict[str, torch.Tensor] = {}
     for key, like in state.items():
         name = wanted[key]
