@@ -415,10 +415,100 @@ class StoredIndex:
 # --- build and reuse ----------------------------------------------------------------------------
 @dataclass
 class BuildReport:
-    """What :func:`update_index` did: images aggregated now, images found in the store."""
+    """What a build (:class:`IndexBuild`, :func:`update_index`) did: images aggregated now,
+    images found in the store."""
 
     added: int
     reused: int
+
+
+class IndexBuild:
+    """The index folder ``folder`` held by this process (its lock) with its forward store open
+    (resumed from its last commit): images are aggregated and appended as they come, committed
+    every ``commit_every``; :meth:`finish` makes the inverted file. A context manager. Refused
+    (AsmkIndexError) when the index was made from another codebook, assignment or ``features``,
+    or when another process holds ``folder``."""
+
+    def __init__(self, folder: str | Path, words: VisualWords, config: AsmkConfig,
+                 features: Mapping[str, Any] | None = None, commit_every: int = 1000) -> None:
+        self.folder, self.words, self.config, self.commit_every = Path(folder), words, config, commit_every
+        self.identity = index_identity(words, config, features or {})
+        try:
+            self._lock = OutputLock(self.folder, hint="choose another --load_expr")
+        except OutputInUse as e:
+            raise AsmkIndexError(str(e)) from None
+        try:
+            self.store = ForwardStore(self.folder / "forward", self.identity, (words.dim + 7) // 8)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.stored = set(self.store.keys)
+        self.reused, self.added = self.store.num_images, 0
+        if len(self.stored) != len(self.store.keys):
+            self.close()
+            raise AsmkIndexError(f"{self.store.folder / 'keys.txt'}: an image key appears twice; "
+                                 f"{fix_hint(self.folder)}")
+
+    def check(self, keys: Sequence[str]) -> None:
+        """Refuse an index holding images not in ``keys`` (the database now)."""
+        wanted = set(keys)
+        gone = [k for k in self.store.keys if k not in wanted]
+        if gone:
+            raise AsmkIndexError(f"{self.folder}: holds {len(gone)} images that the database does not have now "
+                                 f"(e.g. {gone[0]!r}); {fix_hint(self.folder)}")
+
+    def append(self, key: str, descriptors: np.ndarray) -> None:
+        """Aggregate one image's (n, D) descriptors and append them under ``key`` (not stored yet)."""
+        self.store.append(key, *represent(self.words, descriptors, self.config.db_assignments,
+                                          f"database image {key!r}"))
+        self.stored.add(key)
+        self.added += 1
+        if self.added % self.commit_every == 0:
+            self.store.commit()
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The images of ``keys`` not stored, in ``keys`` order."""
+        return [k for k in keys if k not in self.stored]
+
+    def append_missing(self, keys: Sequence[str], descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]]
+                       ) -> None:
+        """Append the images of ``keys`` not stored, in ``keys`` order (``descriptors(missing keys)``
+        yields their (n, D) descriptors in that order; not called when none is missing), then commit."""
+        missing = self.missing(keys)
+        if missing:
+            for key, d in zip(missing, descriptors(missing), strict=True):
+                self.append(key, d)
+        self.store.commit()
+
+    def finish(self, keys: Sequence[str], chunk: int = CHUNK_ENTRIES) -> tuple[StoredIndex, list[str], BuildReport]:
+        """The index of the database images ``keys`` (all appended by now): the inverted file (re)made when
+        the forward store grew; returns it, its image order (image i of the scores is key i) and
+        a report."""
+        self.check(keys)
+        self.store.commit()
+        inverted = self.folder / "inverted"
+        current = False
+        if (inverted / "meta.json").exists():
+            meta = _read_json(inverted / "meta.json", INVERTED_FORMAT, self.folder)
+            current = meta.get("images") == self.store.num_images and meta.get("identity") == self.store.identity
+        if not current:
+            build_inverted(self.store, inverted, self.words.size, chunk)
+        # mapped while no other build can move it
+        index = StoredIndex(inverted, self.words, self.config, self.identity)
+        return index, list(self.store.keys), BuildReport(self.added, self.reused)
+
+    def close(self) -> None:
+        """Close the forward store (uncommitted images are dropped by the next build) and release the lock."""
+        try:
+            self.store.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> IndexBuild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def update_index(folder: str | Path, words: VisualWords, config: AsmkConfig, keys: Sequence[str],
@@ -430,38 +520,8 @@ def update_index(folder: str | Path, words: VisualWords, config: AsmkConfig, key
     appended, committed every ``commit_every`` images; then the inverted file is (re)made when
     the forward store grew. Returns the index, its image order (the stored keys, then the new
     ones in ``keys`` order: image i of the scores is key i) and a report. Refused
-    (AsmkIndexError) when the index was made from another codebook, assignment or ``features``,
-    when it holds images not in ``keys``, or when another process holds ``folder``."""
-    folder = Path(folder)
-    identity = index_identity(words, config, features or {})
-    try:
-        lock = OutputLock(folder, hint="choose another --load_expr")
-    except OutputInUse as e:
-        raise AsmkIndexError(str(e)) from None
-    with lock, ForwardStore(folder / "forward", identity, (words.dim + 7) // 8) as store:
-        stored = set(store.keys)
-        if len(stored) != len(store.keys):
-            raise AsmkIndexError(f"{store.folder / 'keys.txt'}: an image key appears twice; {fix_hint(folder)}")
-        wanted = set(keys)
-        gone = [k for k in store.keys if k not in wanted]
-        if gone:
-            raise AsmkIndexError(f"{folder}: holds {len(gone)} images that the database does not have now (e.g. "
-                                 f"{gone[0]!r}); {fix_hint(folder)}")
-        missing = [k for k in keys if k not in stored]
-        reused = store.num_images
-        added = 0
-        for key, d in zip(missing, descriptors(missing), strict=True):
-            store.append(key, *represent(words, d, config.db_assignments, f"database image {key!r}"))
-            added += 1
-            if added % commit_every == 0:
-                store.commit()
-        store.commit()
-        inverted = folder / "inverted"
-        current = False
-        if (inverted / "meta.json").exists():
-            meta = _read_json(inverted / "meta.json", INVERTED_FORMAT, folder)
-            current = meta.get("images") == store.num_images and meta.get("identity") == store.identity
-        if not current:
-            build_inverted(store, inverted, words.size, chunk)
-        index = StoredIndex(inverted, words, config, identity)   # mapped while no other build can move it
-        return index, list(store.keys), BuildReport(added, reused)
+    (AsmkIndexError) as :class:`IndexBuild`, and when the index holds images not in ``keys``."""
+    with IndexBuild(folder, words, config, features, commit_every) as build:
+        build.check(keys)
+        build.append_missing(keys, descriptors)
+        return build.finish(keys, chunk)

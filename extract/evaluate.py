@@ -10,7 +10,8 @@ or run DeLF end to end: database and cropped-query features (cached in HDF5, res
 ranking by ASMK* (codebook trained on --codebook_images, e.g. the other dataset's images) or by
 k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by RANSAC inliers
 (each protocol's junk removed first), then the scores; --distractors adds images to the database.
-The ASMK* index is stored beside the codebook (extract/asmk_store.py), built once and reused:
+The ASMK* index is stored beside the codebook (extract/asmk_store.py), built once and reused;
+distractors that the evaluation extracts are aggregated into it as they are extracted:
 
     python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
         --codebook_images R/rparis6k/jpg --output res.json
@@ -41,19 +42,28 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from extract.asmk_index import AsmkIndex, CodebookError, VisualWords, codebook, hamming_bits
-from extract.asmk_store import AsmkIndexError, StoredIndex, fix_hint, update_index
+from extract.asmk_store import AsmkIndexError, IndexBuild, StoredIndex, fix_hint
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import UserError
 from extract.extraction import INFORMATIONAL, load_extractor
 from extract.extractor import add_extraction_args, extraction_from_args
-from extract.feature_cache import FeatureStore, cache_features, cache_image_set, hold_cache, read_all, set_name
+from extract.feature_cache import (
+    FeatureStore,
+    cache_features,
+    cache_image_set,
+    hold_cache,
+    image_set_file,
+    read_all,
+    set_name,
+)
 from extract.features import GLOBAL_KEY, FeatureFileError, file_attrs
 from extract.figures import make_folder, write_figures
 from extract.global_retrieval import global_matrix, global_scores
@@ -140,34 +150,79 @@ def feature_identity(path: Path) -> dict[str, Any]:
     return {k: v for k, v in file_attrs(path).items() if k not in (*INFORMATIONAL, "format")}
 
 
-def asmk_database(ds: Dataset, parts: Sequence[tuple[Path, Sequence[str]]], centroids: np.ndarray,
-                  codebook_path: Path, conf: AsmkConfig, overwrite: bool = False
-                  ) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
-    """The stored ASMK* index of the database ``parts`` (the dataset's feature file and images,
-    then the distractors'), in <codebook's folder>/index_<codebook name>_<database name>/: built
-    when missing, completed when a build was killed, grown by new images, else loaded as stored
-    (then the database's descriptors are not read); ``overwrite`` builds it afresh. Returns it
-    and the parts in its image order."""
-    labels = [path.stem for path, _ in parts]
-    folder = codebook_path.parent / ("index_" + "_".join([codebook_path.stem, ds.name, *labels[1:]]))
-    if overwrite and folder.exists():
-        with hold_cache(folder, hint="choose another --load_expr"):
-            shutil.rmtree(folder)
-    keys = [f"{label}\t{name}" for label, (_, names) in zip(labels, parts, strict=True) for name in names]
-    words = VisualWords(centroids, conf)
+Reader = Callable[[Sequence[str]], Iterator[np.ndarray]]   # database keys -> their descriptors, in order
 
+
+@dataclass
+class DistractorSet:
+    """Distractor images: their feature file, and ``extract`` that completes it and returns (the
+    file, the names it holds in list order), with ``existing`` and ``written`` called as
+    :func:`extract.feature_cache.cache_image_set` does."""
+
+    path: Path
+    extract: Callable[..., tuple[Path, list[str]]]
+
+
+def database_keys(label: str, names: Sequence[str]) -> list[str]:
+    """The index's keys of images ``names`` of the feature file labelled ``label`` (its stem):
+    "<label>\t<name>" each."""
+    return [f"{label}\t{name}" for name in names]
+
+
+def feature_reader(paths: Mapping[str, Path]) -> Reader:
+    """The reader of the descriptors of database keys (:func:`database_keys`; ``paths``: label ->
+    feature file), in the keys' order (those of each label together, labels in ``paths`` order)."""
     def descriptors(todo: Sequence[str]) -> Iterator[np.ndarray]:
-        if not todo:   # the index holds every image: the features are not opened
-            return
-        wanted = [(path, [k.split("\t", 1)[1] for k in todo if k.split("\t", 1)[0] == label])
-                  for label, (path, _) in zip(labels, parts, strict=True)]
+        split = [k.split("\t", 1) for k in todo]
+        wanted = [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
         with FeatureStore([(path, names) for path, names in wanted if names]) as store:
             yield from tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img",
                             dynamic_ncols=True)
 
+    return descriptors
+
+
+def stream_distractors(build: IndexBuild, distractors: DistractorSet, read: Reader) -> tuple[Path, list[str]]:
+    """Extract the distractors, each image appended to ``build`` once its features are in the
+    file. Those already in the file and not in the index (extracted by another command, or by a
+    run killed before its index caught up) are read back (``read``) first, in list order, so that
+    the index keeps the list's order. Returns the file and its images in list order."""
+    label = distractors.path.stem
+
+    def existing(names: list[str]) -> None:
+        build.append_missing(database_keys(label, names), read)
+
+    def written(name: str, arrays: dict[str, np.ndarray]) -> None:
+        build.append(*database_keys(label, [name]), arrays["descriptors"])
+
+    return distractors.extract(existing=existing, written=written)
+
+
+def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_path: Path, conf: AsmkConfig,
+                  distractors: DistractorSet | None = None, overwrite: bool = False
+                  ) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
+    """The stored ASMK* index of the dataset's images (feature file ``db_path``), then the
+    ``distractors``, in <codebook's folder>/index_<codebook name>_<database name>/: built when
+    missing, completed when a build was killed, grown by new images, else loaded as stored (then
+    the database's descriptors are not read); ``overwrite`` builds it afresh. The distractors are
+    extracted here, each aggregated as it is extracted (:func:`stream_distractors`); those already
+    in their file are read back once. Returns the index and the database's parts (feature file,
+    image names) in its image order."""
+    paths = {db_path.stem: db_path, **({distractors.path.stem: distractors.path} if distractors else {})}
+    folder = codebook_path.parent / ("index_" + "_".join([codebook_path.stem, ds.name, *list(paths)[1:]]))
+    if overwrite and folder.exists():
+        with hold_cache(folder, hint="choose another --load_expr"):
+            shutil.rmtree(folder)
+    read = feature_reader(paths)
+    parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
     t = time.perf_counter()
     # the dataset's and the distractors' features are made alike (compared apart when extracted)
-    index, order, report = update_index(folder, words, conf, keys, descriptors, feature_identity(parts[0][0]))
+    with IndexBuild(folder, VisualWords(centroids, conf), conf, feature_identity(db_path)) as build:
+        build.append_missing(database_keys(db_path.stem, ds.imlist), read)   # first: they keep their places
+        if distractors is not None:
+            parts.append(stream_distractors(build, distractors, read))
+        keys = [k for path, names in parts for k in database_keys(path.stem, names)]
+        index, order, report = build.finish(keys)
     if order[:len(ds.imlist)] != keys[:len(ds.imlist)]:
         raise AsmkIndexError(f"{folder}: holds the images of {ds.name} in another order; {fix_hint(folder)}")
     log.info("ASMK* index %s: %d images (%d aggregated now, %d stored), %.1f words each on average, %.1f s; "
@@ -175,7 +230,7 @@ def asmk_database(ds: Dataset, parts: Sequence[tuple[Path, Sequence[str]]], cent
              report.added, report.reused, index.num_entries / max(index.num_images, 1), time.perf_counter() - t,
              index.dim, hamming_bits(index.dim, conf.hamming_norm), conf.hamming_norm)
     ordered = [(path, [k.split("\t", 1)[1] for k in order if k.split("\t", 1)[0] == label])
-               for label, (path, _) in zip(labels, parts, strict=True)]
+               for label, path in paths.items()]
     return index, ordered
 
 
@@ -236,7 +291,8 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
 
     ASMK* trains its codebook on ``codebook_images`` (a folder or image list) and keeps it in
     ``codebook_dir`` (default: <features_dir>/../../asmk, i.e. repo/<expr>/asmk). ``distractors``
-    (a folder or image list) are added to the database. The features of both image sets are
+    (a folder or image list) are added to the database; with ASMK*, each distractor extracted now
+    is aggregated into the index as soon as it is extracted. The features of both image sets are
     cached next to ``features_dir`` (<features_dir>/../<set name>.h5), shared by both datasets."""
     extraction, conf = extraction or ExtractionConfig(), conf or EvalConfig()
     require_codebook_images(conf, codebook_images)
@@ -245,18 +301,23 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     ex = load_extractor(extraction, checkpoint, pca_path, device)   # once, for every image set
     with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
         db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
-        parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
-        if distractors is not None:
-            parts.append(cache_image_set(distractors, features_dir.parent, ex, checkpoint, pca_path, overwrite))
         queries = read_all(query_path, ds.qimlist)
+        extra = None
+        if distractors is not None:
+            root = features_dir.parent
+            extra = DistractorSet(image_set_file(distractors, root),
+                                  partial(cache_image_set, distractors, root, ex, checkpoint, pca_path, overwrite))
+        parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
         asmk = None
-        if conf.method == "asmk":
+        if conf.method == "asmk":   # the codebook first: the distractors are aggregated as they are extracted
             assert codebook_images is not None
             folder = Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk"
             path, centroids = asmk_codebook(codebook_images, features_dir.parent, folder, asmk_config(conf), ex,
                                             checkpoint, pca_path, overwrite)
-            asmk, parts = asmk_database(ds, parts, centroids, path, asmk_config(conf), overwrite)
+            asmk, parts = asmk_database(ds, db_path, centroids, path, asmk_config(conf), extra, overwrite)
             size = asmk.num_images
+        elif extra is not None:
+            parts.append(extra.extract())
         distractor_names: Sequence[str] = parts[1][1] if len(parts) > 1 else ()  # in the database's order
         if conf.method == "asmk" and not conf.reranks:   # the database's features are not opened
             initial, final, nbytes = retrieve(ds, None, queries, conf, matching, asmk)

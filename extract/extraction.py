@@ -18,7 +18,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from train.locking import OutputLock, OutputWriteError
 from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
+# called with an image's name and its arrays as written to a feature file
+Written = Callable[[str, dict[str, np.ndarray]], None]
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
@@ -151,14 +153,20 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size
 def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
                      workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
-                     share: WorkShare | None = None, extractor: DelfExtractor | None = None) -> Report:
+                     share: WorkShare | None = None, extractor: DelfExtractor | None = None,
+                     existing: Callable[[list[str]], None] | None = None, written: Written | None = None
+                     ) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
     paths) into the feature file ``output_path``; images already there are skipped. PCA when
     ``conf.use_pca`` and ``pca_path`` is given. An existing file made with other parameters is
     refused unless ``overwrite``; so is one made on another device type or TF32 setting. ``workers``
     decoding processes (default :func:`default_workers`). Returns the report (``report.output`` is
     the file). ``extractor``: the extractor of ``conf``, ``checkpoint`` and ``pca_path`` on ``device``
-    when the caller has it loaded already (evaluate.py loads the model once for all its image sets)."""
+    when the caller has it loaded already (evaluate.py loads the model once for all its image sets).
+    ``existing(names)``: called, the output locked and its attributes checked, with the names of
+    this process's images already in the file (list order) before the others are extracted;
+    ``written(name, arrays)``: after each image this process writes, with its arrays as a reader
+    gets them back from the file (evaluate.py aggregates distractors into its index so)."""
     share = share or WorkShare()
     workers = default_workers(device) if workers is None else workers
     output = Path(output_path)
@@ -175,9 +183,13 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
             target = part_path(output, share.rank, share.size)
         mine = share.share([item for item in items if item[0] not in done])
         with feature_writer(target, attrs, overwrite) as writer:
-            todo = [item for item in mine if not writer.has(item[0])]
+            stored = {name for name, _ in mine if writer.has(name)}
+        todo = [item for item in mine if item[0] not in stored]
+        if existing is not None:
+            existing([name for name, _ in mine if name in stored])
         report = Report(output, existing=len(mine) - len(todo) + (len(done) if share.is_main else 0))
-        failure = _write_all(target, attrs, extract_all(ex, todo, workers, report, share.is_main), save_attention)
+        failure = _write_all(target, attrs, extract_all(ex, todo, workers, report, share.is_main), save_attention,
+                             written)
         results = share.gather((report, failure))  # every process learns of a failure, none waits forever
         failures = [f for _, f in results if f]
         if failures:
@@ -206,16 +218,19 @@ def _claim(output: Path, share: WorkShare) -> Iterator[None]:
 
 
 def _write_all(target: Path, attrs: dict[str, Any], stream: Iterator[tuple[str, dict[str, Any]]],
-               save_attention: bool) -> str | None:
-    """Write the stream into ``target``; None, or on an I/O error the one-line account of it."""
-    written = 0
+               save_attention: bool, written: Written | None = None) -> str | None:
+    """Write the stream into ``target`` (each image then passed to ``written``); None, or on an
+    I/O error the one-line account of it."""
+    count = 0
     try:
         with feature_writer(target, attrs) as writer:
             for name, feats in stream:
-                writer.write(name, feats, save_attention=save_attention)
-                written += 1
+                stored = writer.write(name, feats, save_attention=save_attention)
+                count += 1
+                if written is not None:
+                    written(name, stored)
     except OSError as e:
-        return write_failure(target, e, written)
+        return write_failure(target, e, count)
     return None
 
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from extract.extraction import OutputWriteError, extract_features, feature_attrs, feature_writer, write_failure
+from extract.extraction import (
+    OutputWriteError,
+    Written,
+    extract_features,
+    feature_attrs,
+    feature_writer,
+    write_failure,
+)
 from extract.features import GLOBAL_KEY, FeatureFileError, feature_names, iter_features, open_features, read_array
 from extract.images import BadImage, InputError, list_images, load_image
 from extract.pipeline import DelfExtractor
@@ -88,17 +95,24 @@ def set_name(source: str | Path) -> str:
     return "_".join("".join(c if c.isalnum() or c in "-." else "-" for c in p) for p in parts)
 
 
+def image_set_file(source: str | Path, features_root: str | Path) -> Path:
+    """The feature file of an image folder or list: <features_root>/<set_name>.h5."""
+    return Path(features_root) / f"{set_name(source)}.h5"
+
+
 def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor,
-                    checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False
+                    checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
+                    existing: Callable[[list[str]], None] | None = None, written: Written | None = None
                     ) -> tuple[Path, list[str]]:
     """Features of every image of a folder (recursive) or image list -- the codebook's training
-    images, distractors -- in <features_root>/<set_name>.h5, extracted by ``ex`` (made from
+    images, distractors -- in :func:`image_set_file`, extracted by ``ex`` (made from
     ``checkpoint`` and ``pca_path``: recorded), resumable; returns the file and its image names
-    in list order (unusable images are skipped and logged)."""
-    output = Path(features_root) / f"{set_name(source)}.h5"
+    in list order (unusable images are skipped and logged). ``existing``, ``written``: as
+    :func:`extract.extraction.extract_features`'s."""
+    output = image_set_file(source, features_root)
     try:
-        report = extract_features(ex.conf, checkpoint, source, output, pca_path=pca_path,
-                                  overwrite=overwrite, device=ex.device, extractor=ex)
+        report = extract_features(ex.conf, checkpoint, source, output, pca_path=pca_path, overwrite=overwrite,
+                                  device=ex.device, extractor=ex, existing=existing, written=written)
     except OutputInUse as e:  # another evaluation extracts the same image set: nothing else to choose
         raise EvalError(f"{e.output}: in use by another process ({e.holder}); wait for it") from None
     except (InputError, OutputWriteError) as e:

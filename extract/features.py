@@ -140,8 +140,9 @@ class FeatureWriter:
         obj = self._file.get(name)
         return isinstance(obj, h5py.Group) and isinstance(obj.get("keypoints"), h5py.Dataset)
 
-    def write(self, name: str, feats: Mapping[str, Any], save_attention: bool = False) -> None:
-        """Write one image's features as group ``name`` (replacing an existing one) and flush.
+    def write(self, name: str, feats: Mapping[str, Any], save_attention: bool = False) -> dict[str, np.ndarray]:
+        """Write one image's features as group ``name`` (replacing an existing one) and flush;
+        returns the arrays written as a reader gets them back (:func:`as_read`).
 
         With ``save_attention``, ``feats["attention"]`` is stored as float16: either one (h, w) map
         or the per-scale list, of which the map at scale 1.0 (``feats["attention_scales"]``) is kept.
@@ -164,6 +165,7 @@ class FeatureWriter:
             self._file.require_group(parent)
         self._file.move(tmp.name, "/" + name)
         self._file.flush()
+        return {key: as_read(key, data) for key, data in arrays.items()}
 
     def close(self) -> None:
         """Drop an unfinished group and close. After a failed write (e.g. a full disk) closing is
@@ -232,10 +234,14 @@ def descriptor_dtype(attrs: Mapping[str, Any]) -> np.dtype:
     return np.dtype(name)
 
 
-def read_array(group: h5py.Group, key: str) -> np.ndarray:
-    """Array ``key`` of an image group; descriptors as float32 whatever their stored dtype."""
-    data = group[key][()]
+def as_read(key: str, data: np.ndarray) -> np.ndarray:
+    """Stored array ``key`` as readers return it: descriptors as float32 whatever their stored dtype."""
     return data.astype(np.float32, copy=False) if key == "descriptors" else data
+
+
+def read_array(group: h5py.Group, key: str) -> np.ndarray:
+    """Array ``key`` of an image group (:func:`as_read`)."""
+    return as_read(key, group[key][()])
 
 
 def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import faiss
@@ -23,10 +23,10 @@ import extract.asmk_index as asmk_index
 import extract.asmk_store as asmk_store
 import extract.evaluate as evaluate_module
 from extract.asmk_index import AsmkIndex, load_codebook
-from extract.asmk_store import StoredIndex
+from extract.asmk_store import IndexBuild, StoredIndex
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import InputMismatch
-from extract.evaluate import asmk_config, build_parser, evaluate_dataset, main
+from extract.evaluate import Evaluation, asmk_config, build_parser, evaluate_dataset, main
 from extract.feature_cache import FeatureStore, cache_features, read_all, set_name
 from extract.features import FeatureWriter, feature_names, iter_features
 from extract.figures import write_figures
@@ -561,6 +561,149 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert json.loads(out.read_text())["medium"]["mAP"] > 80.0
     assert main(args + ["--distractors", str(tmp / "nowhere")]) == 1
     assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
+
+
+def asmk_with_distractors(tiny: dict[str, Path], root: Path, dtype: str = "float32") -> Evaluation:
+    """ASMK* (32 words, no re-ranking) on the tiny dataset plus distractors, descriptors stored as
+    ``dtype``, outputs under ``root``; the codebook images and distractors are those of
+    :func:`distractor_sets`."""
+    codebook_images, distractors = distractor_sets(tiny)
+    extraction = ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES)), descriptor_dtype=dtype)
+    return evaluate_dataset(load_dataset(tiny["root"], "roxford5k"), tiny["ckpt"], root / "features" / "roxford5k",
+                            pca_path=tiny["pca"], extraction=extraction, conf=EvalConfig(codebook_size=32, rerank=0),
+                            codebook_images=codebook_images, distractors=distractors, codebook_dir=root / "asmk")
+
+
+def distractor_sets(tiny: dict[str, Path]) -> tuple[Path, Path]:
+    """(codebook images, 6 distractors), made once per module."""
+    folder = tiny["tmp"] / "streamed_sets"
+    if not folder.exists():
+        image_set(folder / "codebook" / "jpg", ("hubble_deep_field", "rocket"), 2, 1)
+        image_set(folder / "distractors" / "jpg", ("camera", "coins", "brick"), 2, 2)
+    return folder / "codebook" / "jpg", folder / "distractors" / "jpg"
+
+
+def opened_files(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
+    """(feature file, image names) of every FeatureStore opened from now on."""
+    opened: list[tuple[Path, list[str]]] = []
+    init = FeatureStore.__init__
+
+    def spy(self: FeatureStore, parts: Sequence[tuple[Path, Sequence[str]]]) -> None:
+        opened.extend((Path(path), list(names)) for path, names in parts)
+        init(self, parts)
+
+    monkeypatch.setattr(FeatureStore, "__init__", spy)
+    return opened
+
+
+def read_back_reference(tiny: dict[str, Path], extracted: Path, root: Path, monkeypatch: pytest.MonkeyPatch,
+                        dtype: str = "float32") -> tuple[Evaluation, list[tuple[Path, list[str]]]]:
+    """The index built the other way, from the complete feature files (and codebook) of the run
+    under ``extracted`` copied under ``root`` (as distractors extracted by extractor.py): nothing
+    is extracted, every distractor is read back. Returns the evaluation and the files read."""
+    shutil.copytree(extracted / "features", root / "features")
+    (root / "asmk").mkdir()
+    for codebook in (extracted / "asmk").glob("codebook_*.h5"):
+        shutil.copy(codebook, root / "asmk")
+    with monkeypatch.context() as m:
+        m.setattr(DelfExtractor, "__call__", lambda *_: pytest.fail("features should come from the files"))
+        opened = opened_files(m)
+        return asmk_with_distractors(tiny, root, dtype), opened
+
+
+def index_folder(root: Path) -> Path:
+    """The one ASMK* index folder under ``root``."""
+    (folder,) = [p for p in (root / "asmk").glob("index_*") if p.is_dir()]
+    return folder
+
+
+def index_files(root: Path) -> dict[str, bytes]:
+    """Every file of the one ASMK* index under ``root``, by path in its folder."""
+    folder = index_folder(root)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def distractor_file(root: Path, tiny: dict[str, Path]) -> Path:
+    return root / "features" / f"{set_name(distractor_sets(tiny)[1])}.h5"
+
+
+@pytest.mark.slow
+def test_asmk_distractors_aggregated_as_extracted_equal_read_back(tiny: dict[str, Path], tmp_path: Path,
+                                                                  one_thread: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distractors extracted by the evaluation go into the index as they are extracted: their
+    feature file is never read for it, and the index's files and scores equal those of an index
+    built from the finished feature files (read back once, as distractors extracted beforehand)."""
+    with monkeypatch.context() as m:
+        opened = opened_files(m)
+        streamed = asmk_with_distractors(tiny, tmp_path / "streamed")
+    distractors = distractor_file(tmp_path / "streamed", tiny)
+    assert len(feature_names(distractors)) == 6 and streamed.distractors == 6
+    assert opened and all(path != distractors for path, _ in opened)   # the dataset's are read back
+    reference, opened = read_back_reference(tiny, tmp_path / "streamed", tmp_path / "read", monkeypatch)
+    copy = distractor_file(tmp_path / "read", tiny)
+    assert [names for path, names in opened if path == copy] == [feature_names(copy)]   # once, all of them
+    assert index_files(tmp_path / "streamed") == index_files(tmp_path / "read")
+    assert list(streamed.distractor_names) == list(reference.distractor_names) == feature_names(copy)
+    np.testing.assert_array_equal(streamed.initial_ranks, reference.initial_ranks)
+    assert streamed.initial == reference.initial
+
+
+@pytest.mark.slow
+def test_asmk_index_behind_the_distractors_file_is_completed(tiny: dict[str, Path], tmp_path: Path,
+                                                            one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while it extracts distractors leaves their file one image ahead of the
+    index's committed forward store: the rerun reads that image back, extracts the others into
+    both, and the index equals one built from the finished feature files (float16 descriptors:
+    those aggregated as extracted are those the file gives back)."""
+    label = distractor_file(tmp_path, tiny).stem
+    append = IndexBuild.append
+    appended: list[str] = []
+
+    def interrupted(self: IndexBuild, key: str, descriptors: np.ndarray) -> None:
+        if key.startswith(f"{label}\t"):
+            if len(appended) == 2:
+                raise KeyboardInterrupt   # the third distractor is in the file, not in the index
+            appended.append(key)
+        append(self, key, descriptors)
+        self.store.commit()
+
+    with monkeypatch.context() as m:
+        m.setattr(IndexBuild, "append", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            asmk_with_distractors(tiny, tmp_path / "killed", "float16")
+    distractors = distractor_file(tmp_path / "killed", tiny)
+    in_file = feature_names(distractors)
+    folder = index_folder(tmp_path / "killed")
+    stored = (folder / "forward" / "keys.txt").read_text().splitlines()
+    num_db = len(load_dataset(tiny["root"], "roxford5k").imlist)
+    assert len(in_file) == 3 and stored[num_db:] == [f"{label}\t{n}" for n in in_file[:2]]
+    assert not (folder / "inverted").exists()
+
+    calls: list[object] = []
+    call = DelfExtractor.__call__
+    aggregated: dict[str, np.ndarray] = {}
+
+    def spy(self: IndexBuild, key: str, descriptors: np.ndarray) -> None:
+        aggregated[key.split("\t")[1]] = descriptors
+        append(self, key, descriptors)
+
+    with monkeypatch.context() as m:
+        m.setattr(DelfExtractor, "__call__", lambda *a, **k: calls.append(a) or call(*a, **k))
+        m.setattr(IndexBuild, "append", spy)
+        opened = opened_files(m)
+        resumed = asmk_with_distractors(tiny, tmp_path / "killed", "float16")
+    assert [names for path, names in opened if path == distractors] == [in_file[2:]]   # the one behind
+    assert len(calls) == 3 and len(feature_names(distractors)) == 6   # the others extracted now
+    # what was aggregated is what the file gives back
+    names = feature_names(distractors)[2:]
+    assert sorted(aggregated) == names
+    for name, features in zip(names, read_all(distractors, names), strict=True):
+        np.testing.assert_array_equal(aggregated[name], features["descriptors"])
+    reference, _ = read_back_reference(tiny, tmp_path / "killed", tmp_path / "read", monkeypatch, "float16")
+    assert index_files(tmp_path / "killed") == index_files(tmp_path / "read")
+    np.testing.assert_array_equal(resumed.initial_ranks, reference.initial_ranks)
+    assert list(resumed.distractor_names) == list(reference.distractor_names)
 
 
 def test_set_name_and_feature_store(tmp_path: Path) -> None:
