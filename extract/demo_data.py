@@ -12,16 +12,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# Distinct scenes among scikit-image's bundled photos; grey ones are used as RGB.
-LANDMARKS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-             "colorwheel", "camera", "brick", "coins")
+# The demo's landmarks: structured scenes among scikit-image's bundled photos (no download), the
+# first ``classes`` of them in a demo run; grey ones are used as RGB.
+LANDMARKS = ("astronaut", "coffee", "chelsea", "motorcycle", "camera", "moon")
 
 
 def landmark_photo(name: str, long_side: int | None = None) -> np.ndarray:
-    """A bundled photo as RGB uint8 (H, W, 3), its longest side resized to ``long_side``."""
+    """A bundled photo (any ``skimage.data`` image, or ``motorcycle``: the left view of
+    ``stereo_motorcycle``) as RGB uint8 (H, W, 3), its longest side resized to ``long_side``."""
     import skimage.data
 
-    img = getattr(skimage.data, name)()
+    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
@@ -74,22 +75,25 @@ class DemoDataset:
 
 
 def build_dataset(root: Path, classes: int = 6, train_per_class: int = 40, val_per_class: int = 8,
-                  query_per_class: int = 2, size: int = 128, query_size: int = 320,
-                  seed: int = 0) -> DemoDataset:
-    """Write ImageFolder train/val/query splits under ``root``; files already there are kept."""
+                  query_per_class: int = 2, size: int = 128, query_size: int = 320, seed: int = 0,
+                  query_strength: float = 0.3) -> DemoDataset:
+    """Write ImageFolder train/val/query splits under ``root``; files already there are kept.
+
+    Training and validation views get the full jitter of :func:`random_view` (augmentation); query
+    views ``query_strength`` of it: two photos of a landmark from nearby viewpoints."""
     if not 1 <= classes <= len(LANDMARKS):
         raise ValueError(f"classes must be in 1..{len(LANDMARKS)}")
     rng = np.random.default_rng(seed)
     names = LANDMARKS[:classes]
-    splits = (("train", train_per_class, size), ("val", val_per_class, size),
-              ("query", query_per_class, query_size))
+    splits = (("train", train_per_class, size, 1.0), ("val", val_per_class, size, 1.0),
+              ("query", query_per_class, query_size, query_strength))
     for name in names:
         photo = landmark_photo(name, long_side=2 * query_size)
-        for split, count, side in splits:
+        for split, count, side, strength in splits:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                view = random_view(photo, side, rng)  # drawn even when the file exists: same data
+                view = random_view(photo, side, rng, strength)  # drawn even when the file exists: same data
                 path = folder / f"{i:03d}.jpg"
                 if not path.exists():
                     Image.fromarray(view).save(path, quality=92)
