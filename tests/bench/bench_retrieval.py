@@ -17,6 +17,13 @@ descriptors) on synthetic clustered descriptors.
   disk and bytes per (image, word), query time (HNSW assignment, 40-D) and the querying
   process's RSS (a fresh process: the index memory-mapped), extrapolated to ROxf+1M; and the
   feature file's size with float32 and float16 descriptors.
+- real: how real extracted features share words within an image, on the outputs of `make demo`
+  (--demo_expr under repo/ or $DELF_REPO_DIR; skipped with a note when they are absent):
+  DeLF features of the demo's training and query images extracted as the demo did (the
+  settings its PCA file records) into a temporary folder, codebooks of a few sizes trained on
+  the training images' descriptors, and per query image its descriptors and distinct words
+  (nearest word, as database images are assigned) beside uniformly random words and the stored
+  part's generator with the same codebook size and descriptor count.
 
 faiss's OpenMP threads follow --threads; the BLAS behind exact search and word assignment
 follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as set when the script starts.
@@ -33,7 +40,7 @@ removal on the knn part's data (40-D, one thread, shared 2-core AMD EPYC, load 3
   338 / 1,048 us (recall 0.75 / 0.84 / 0.91 / 0.96). At equal recall faiss is ~2.5x faster
   (0.88: ~250 us vs 606 us); its build is slower (11.9 s vs 2.5 s CPU: one flat k-means level).
 
-    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk|stored]
+    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk|stored|real]
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
+import dataclasses
 import multiprocessing
 import tempfile
 from dataclasses import replace
@@ -51,13 +59,16 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from extract.asmk_index import AsmkIndex, VisualWords, aggregate
+from extract.asmk_index import AsmkIndex, VisualWords, aggregate, codebook
 from extract.asmk_store import StoredIndex, update_index
-from extract.config import AsmkConfig, IndexConfig
-from extract.features import FeatureWriter
+from extract.config import AsmkConfig, ExtractionConfig, IndexConfig, with_recorded
+from extract.extraction import extract_features, load_extractor
+from extract.features import FeatureWriter, iter_features, plain_attr
 from extract.index import KnnIndex, faiss_threads, kmeans
+from extract.pca import load_pca
 from extract.retrieval import rank
 from tests.bench.common import machine_report, timed, unit
+from train.runtime import repo_dir
 
 PER_IMAGE = 1000
 ROXF_1M = 4993 + 1_000_000
@@ -234,23 +245,26 @@ def bench_asmk(args: argparse.Namespace) -> None:
 # --- stored index ------------------------------------------------------------------------------
 class SceneDatabase:
     """Synthetic images that share visual words as real ones do: word popularity is Zipf-like
-    (exponent 0.8 over the codebook); each of ``scenes`` scenes has a pool of 1,500 words drawn by
-    popularity; image i shows scene i mod ``scenes`` and draws its 1,000 descriptors' words from
-    that pool (bursts: a word recurs), each descriptor its word's centroid plus noise. Image i is
-    generated from the seed and i alone."""
+    (exponent 0.8 over the codebook); each of ``scenes`` scenes has a pool of ``pool`` words
+    (default 1,500) drawn by popularity; image i shows scene i mod ``scenes`` and draws its
+    ``per_image`` descriptors' words (default 1,000) from that pool (bursts: a word recurs), each
+    descriptor its word's centroid plus noise. Image i is generated from the seed and i alone."""
 
-    def __init__(self, centroids: np.ndarray, scenes: int = 400, seed: int = 7) -> None:
-        self.centroids, self.seed = centroids, seed
+    POOL = 1500
+
+    def __init__(self, centroids: np.ndarray, scenes: int = 400, seed: int = 7, pool: int = POOL,
+                 per_image: int = PER_IMAGE) -> None:
+        self.centroids, self.seed, self.per_image = centroids, seed, per_image
         rng = np.random.default_rng(seed)
         popularity = 1.0 / np.arange(1, len(centroids) + 1) ** 0.8
         popularity = popularity[rng.permutation(len(centroids))]
-        self.pools = [rng.choice(len(centroids), 1500, replace=False, p=popularity / popularity.sum())
+        self.pools = [rng.choice(len(centroids), pool, replace=False, p=popularity / popularity.sum())
                       for _ in range(scenes)]
 
     def image(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(words (1000,), descriptors (1000, D)) of image ``i``."""
+        """(words (per_image,), descriptors (per_image, D)) of image ``i``."""
         rng = np.random.default_rng((self.seed, i))
-        words = rng.choice(self.pools[i % len(self.pools)], PER_IMAGE)
+        words = rng.choice(self.pools[i % len(self.pools)], self.per_image)
         return words, noisy(self.centroids[words], 0.5, rng)
 
     def reader(self, words: GivenWords) -> Callable[[Sequence[str]], Iterator[np.ndarray]]:
@@ -371,9 +385,97 @@ def bench_feature_files(dim: int, args: argparse.Namespace) -> None:
           f"1M distractors: {sizes['float32'] * 1e6 / 1e9:.0f} GB vs {sizes['float16'] * 1e6 / 1e9:.0f} GB")
 
 
+# --- real features ----------------------------------------------------------------------------
+def demo_inputs(expr: str) -> tuple[dict[str, Path], list[Path]]:
+    """The outputs of `make demo` for experiment ``expr`` that the real part reads (checkpoint,
+    PCA file, training and query image folders), and those of them that are missing."""
+    root = repo_dir() / expr
+    inputs = {"checkpoint": root / "keypoint" / "ckpt" / "fix.pth.tar", "pca": root / "pca" / "pca.h5",
+              "train": root / "data" / "train", "query": root / "data" / "query"}
+    missing = [p for k, p in inputs.items()
+               if not (any(p.glob("*/*.jpg")) if k in ("train", "query") else p.is_file())]
+    return inputs, missing
+
+
+def demo_extraction(pca: Path) -> ExtractionConfig:
+    """The extraction the demo ran: the settings its PCA file records (the demo fits the PCA and
+    extracts its query features with the same ones), the PCA dimension and the rest by default."""
+    names = {f.name for f in dataclasses.fields(ExtractionConfig)}
+    recorded = {k: plain_attr(v) for k, v in load_pca(pca)["attrs"].items() if k in names}
+    return with_recorded(ExtractionConfig(), recorded)
+
+
+def uniform_distinct(words: int, n: float) -> float:
+    """Expected distinct words of ``n`` descriptors assigned uniformly at random over ``words``."""
+    return words * (1 - (1 - 1 / words) ** n)
+
+
+def synthetic_distinct(words: int, dim: int, per_image: int, images: int) -> tuple[float, int]:
+    """(mean distinct words per image, scene pool size) of the stored part's generator
+    (:class:`SceneDatabase`, its words as generated) over ``images`` images of ``per_image``
+    descriptors, with ``words`` random centroids; a pool holds at most the whole codebook."""
+    rng = np.random.default_rng(10)
+    pool = min(SceneDatabase.POOL, words)
+    data = SceneDatabase(unit(rng.standard_normal((words, dim), dtype=np.float32)), pool=pool, per_image=per_image)
+    return float(np.mean([len(np.unique(data.image(i)[0])) for i in range(images)])), pool
+
+
+def bench_real(args: argparse.Namespace) -> None:
+    inputs, missing = demo_inputs(args.demo_expr)
+    if missing:
+        note = (f"[real] skipped: no `make demo` outputs for experiment {args.demo_expr!r} under {repo_dir()} "
+                f"({missing[0]} missing)")
+        if args.part == "real":
+            raise SystemExit(note)
+        print(f"\n{note}")
+        return
+    conf = demo_extraction(inputs["pca"])
+    cfg = AsmkConfig(assignment="exact")
+    min_per_word = faiss.ClusteringParameters().min_points_per_centroid
+    print(f"\n[real] `make demo` outputs in {repo_dir() / args.demo_expr}, extracted as the demo does (attention "
+          f"threshold {conf.attn_thres}, top {conf.top_k}, {len(conf.scale_list)} scales, PCA {conf.pca_dims}-d); "
+          f"query descriptors get their nearest word, as database ones; faiss threads {args.threads}")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        ex = load_extractor(conf, inputs["checkpoint"], inputs["pca"])
+        feats = {}
+        for part in ("train", "query"):
+            output = Path(tmp) / f"{part}.h5"
+            _, t, _ = timed(extract_features, conf, inputs["checkpoint"], inputs[part], output,
+                            pca_path=inputs["pca"], extractor=ex)
+            feats[part] = [f["descriptors"] for _, f in iter_features(output)]
+            count = sum(len(d) for d in feats[part])
+            print(f"{part}: {len(feats[part])} images, {count} descriptors ({count / len(feats[part]):.0f} per "
+                  f"image), extracted in {t:.0f} s")
+        train = np.concatenate(feats["train"])
+        queries = feats["query"]
+        n = np.array([len(q) for q in queries])
+        with faiss_threads(args.threads):
+            for words in sorted(args.real_words):
+                if len(train) < words * min_per_word:
+                    print(f"{words:5d} words: skipped ({len(train)} training descriptors, fewer than "
+                          f"{min_per_word} per word)")
+                    continue
+                size = replace(cfg, codebook_size=words)
+                centroids = codebook(Path(tmp) / f"codebook_{words}.h5", lambda: train, size)
+                assigned = VisualWords(centroids, size)
+                distinct = np.array([len(np.unique(assigned.assign(q, cfg.db_assignments))) for q in queries])
+                uniform = np.mean([uniform_distinct(words, k) for k in n])
+                synthetic, pool = synthetic_distinct(words, train.shape[1], round(n.mean()), len(queries))
+                print(f"{words:5d} words: {n.mean():.0f} descriptors per query image, {distinct.mean():.0f} distinct "
+                      f"words ({distinct.mean() / n.mean():.2f} of the descriptors; min {distinct.min()}, max "
+                      f"{distinct.max()}); uniformly random words {uniform:.0f} ({uniform / n.mean():.2f}); the "
+                      f"stored part's generator {synthetic:.0f} ({synthetic / n.mean():.2f}; pools of {pool} words"
+                      f"{', the whole codebook' if pool == words else ''})")
+    synthetic, pool = synthetic_distinct(args.codebook_size, train.shape[1], round(n.mean()), len(queries))
+    uniform = uniform_distinct(args.codebook_size, n.mean())
+    print(f"the stored part's generator at {args.codebook_size} words, {n.mean():.0f} descriptors per image: "
+          f"{synthetic:.0f} distinct words ({synthetic / n.mean():.2f}; pools of {pool}); uniformly random "
+          f"{uniform:.0f} ({uniform / n.mean():.2f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk", "stored"), default="all")
+    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk", "stored", "real"), default="all")
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--dim", type=int, default=40, help="descriptor dimension for knn")
     p.add_argument("--asmk_dims", type=int, nargs="+", default=[40, 128])
@@ -390,10 +492,15 @@ def main() -> None:
     p.add_argument("--stored_images", type=int, nargs="+", default=[5000, 100_000],
                    help="stored: database sizes, built then grown in turn")
     p.add_argument("--stored_dims", type=int, nargs="+", default=[40])
-    p.add_argument("--tmp", help="stored: folder for the index (default: the system's temporary folder)")
+    p.add_argument("--tmp", help="stored: folder for the index; real: for the extracted features (default: "
+                   "the system's temporary folder)")
+    p.add_argument("--demo_expr", default="demo", help="real: the `make demo` experiment whose outputs are read")
+    p.add_argument("--real_words", type=int, nargs="+", default=[256, 512, 1024, 4096],
+                   help="real: codebook sizes (those with too few training descriptors per word are skipped)")
     args = p.parse_args()
     print(f"{machine_report()}; faiss {faiss.__version__}")
-    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk), ("stored", bench_stored)):
+    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk), ("stored", bench_stored),
+                    ("real", bench_real)):
         if args.part in ("all", part):
             f(args)
 
