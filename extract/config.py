@@ -35,9 +35,10 @@ class ExtractionConfig:
     scale_list: tuple[float, ...] = field(default=DEFAULT_SCALES, metadata={"help": "image pyramid scales"})
     attn_thres: float = field(default=0.31, metadata={"help": "keep cells with attention >= this"})
     iou_thres: float = field(default=0.92, metadata={"help": (
-        "NMS IoU threshold on receptive boxes. resnet50 layer3 (receptive field 267, stride 16): neighbouring "
-        "cells of one scale overlap with IoU (267-16)/(267+16) = 0.887, cells of adjacent scales at most 0.5, "
-        "so 0.92 removes nothing; 0.85 removes direct neighbours (keeps diagonal ones and cells two apart, IoU 0.79)")})
+        "NMS IoU threshold on receptive boxes. Neighbouring cells of one scale overlap with IoU (R-S)/(R+S) "
+        "for receptive field R and stride S: 0.887 for torchvision's resnet50 layer3 (267, 16), 0.80 for the "
+        "official slim layout's block3 (291, 32), 0.79 for DELG's strided layer3 (267, 32); cells of adjacent "
+        "scales at most 0.5. So 0.92 removes nothing; 0.85 removes direct neighbours at stride 16 only")})
     top_k: int = field(default=1000, metadata={"help": "features kept per image"})
     max_image_size: int = field(default=1024, metadata={
         "help": "larger images are first shrunk to this longest side (0: no limit)"})

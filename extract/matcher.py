@@ -2,6 +2,7 @@
 
     python extract/matcher.py IMG1 IMG2 --load_expr E [--output match.png]
     python extract/matcher.py --features FILE.h5 NAME1 NAME2 [--images_root R --output match.png]
+    python extract/matcher.py --config configs/match_demo.toml ...   # flag values from a TOML file
 
 Matching and verification are extract/matching.py (defaults in extract/config.py, MatchConfig);
 the figure is extract/drawing.py.
@@ -24,7 +25,7 @@ from extract.images import BadImage, load_image
 from extract.matching import match_features
 from extract.pca import PcaError
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, config_from_args, parse_args_given
+from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
 
 
 def add_match_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -32,7 +33,7 @@ def add_match_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     add_config_args(p, MatchConfig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Match two images with DeLF features and RANSAC.")
     p.add_argument("images", nargs=2, metavar="IMG", help="two image paths, or two feature names "
                    "with --features")
@@ -43,7 +44,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_bool_flag(p, "--show_keypoints", default=False, help="draw all keypoints too")
     add_match_args(p)
     add_extraction_args(p.add_argument_group("extraction (as extract/extractor.py)"))
-    return parse_args_given(p, argv)
+    add_config_file_arg(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return parse_args_given(build_parser(), argv)
 
 
 def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:

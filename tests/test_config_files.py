@@ -1,4 +1,4 @@
-"""--config FILE (TOML) for train/main.py, extract/extractor.py and extract/evaluate.py: values reach
+"""--config FILE (TOML) for train/main.py, extract/extractor.py, extract/evaluate.py and extract/matcher.py: values reach
 the typed configs and what the scripts record, flags win, bad files are one-line errors, and every
 published setup in configs/ parses for its script."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract import evaluate, extractor
+from extract import demo, evaluate, extractor, matcher
 from extract.config import EvalConfig, ExtractionConfig, MatchConfig
 from extract.features import file_attrs
 from tests.test_evaluate import small_gnd
@@ -32,7 +32,7 @@ else:
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.toml"))
 PARSERS = {"train/main.py": build_parser, "extract/extractor.py": extractor.build_parser,
-           "extract/evaluate.py": evaluate.build_parser}
+           "extract/evaluate.py": evaluate.build_parser, "extract/matcher.py": matcher.build_parser}
 
 
 def toml(path: Path, text: str) -> Path:
@@ -185,7 +185,15 @@ def documented_command(path: Path) -> tuple[str, list[str]]:
 
 def test_there_are_the_published_setups() -> None:
     assert {p.name for p in CONFIGS} >= {"delf_finetune.toml", "delf_keypoint.toml", "delg_gldv2.toml",
-                                         "extract_delf_gld.toml", "roxf_delf_asmk_sp.toml", "rpar_delf_asmk_sp.toml"}
+                                         "extract_delf_gld.toml", "roxf_delf_asmk_sp.toml", "rpar_delf_asmk_sp.toml",
+                                         "match_demo.toml"}
+
+
+def test_match_demo_is_the_demos_verification() -> None:
+    """configs/match_demo.toml gives the matcher the MatchConfig `make demo` counts inliers with."""
+    path = PROJECT_ROOT / "configs" / "match_demo.toml"
+    args = parse_args_given(matcher.build_parser(), ["--config", str(path), "a.jpg", "b.jpg"])
+    assert config_from_args(MatchConfig, args) == demo.match_config(demo.PRESETS["full"]) != MatchConfig()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torchvision
 
 from tests.utils import save_keypoint_checkpoint
-from train.checkpoint import checkpoint_dict, describe, load_backbone, load_file, load_model
+from train.checkpoint import CheckpointError, checkpoint_dict, describe, load_backbone, load_file, load_model
 from train.delf import Delf, PretrainedUnavailable, feature_dim
 from train.delg import Delg
 from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d, WeightedSum2d
@@ -245,3 +245,24 @@ def test_checkpoint_without_attention_pool_means_sum(tmp_path: Path) -> None:
     torch.save(ckpt, tmp_path / "old.pth.tar")
     assert describe(ckpt)["attention_pool"] == "sum"
     assert load_model(tmp_path / "old.pth.tar")[0].pool.mode == "sum"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("arch", "resnet999", "arch is 'resnet999': expected one of resnet18, resnet34, resnet50, resnet101, resnet152"),
+    ("layout", "keras", "layout is 'keras': expected one of torchvision, slim"),
+    ("stage", "inference", "stage is 'inference': expected one of finetune, keypoint, delg"),
+    ("target_layer", None, "records no target_layer (not a checkpoint of this project)"),
+])
+def test_checkpoint_with_bad_settings_is_one_line_naming_it(tmp_path: Path, key: str, value: str | None,
+                                                            message: str) -> None:
+    ckpt = checkpoint_dict(Delf(3, arch="resnet18", stage="keypoint"))
+    if value is None:
+        del ckpt[key]
+    else:
+        ckpt[key] = value
+    path = tmp_path / "bad.pth.tar"
+    torch.save(ckpt, path)
+    for load in (load_model, lambda p: load_backbone(Delf(3, arch="resnet18", stage="keypoint"), p)):
+        with pytest.raises(CheckpointError) as err:
+            load(path)
+        assert str(err.value) == f"{path}: {message}"

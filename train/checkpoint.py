@@ -24,10 +24,14 @@ from typing import Any, Iterator
 
 import torch
 
-from .delf import Delf, feature_dim
+from .delf import ARCHS, LAYOUTS, TARGET_LAYERS, Delf, feature_dim
 from .delg import CLASSIFIERS, Delg
+from .layers import ATTENTION_POOLS, INPUT_NORMS
 
 SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")
+# The settings a checkpoint of this project's format records, and the values a model can be built with.
+RECORDED = {"arch": ARCHS, "target_layer": TARGET_LAYERS, "stage": ("finetune", "keypoint", "delg"),
+            "attention_pool": ATTENTION_POOLS, "layout": LAYOUTS, "input_norm": tuple(INPUT_NORMS)}
 _SEED_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
                (True, 23): "resnet101", (True, 36): "resnet152"}
 
@@ -143,7 +147,13 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
             "attention_pool": ckpt.get("attention_pool", "sum"), "layout": ckpt.get("layout", "torchvision"),
             "input_norm": ckpt.get("input_norm", "imagenet")}
     if not is_seed_format(ckpt):
+        missing = [k for k in ("arch", "target_layer", "ncls", "stage") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"records no {', '.join(missing)} (not a checkpoint of this project)")
         info.update({k: ckpt[k] for k in ("arch", "target_layer", "ncls", "stage")})
+        for key, allowed in RECORDED.items():
+            if info[key] not in allowed:
+                raise CheckpointError(f"{key} is {info[key]!r}: expected one of {', '.join(allowed)}")
         if info["stage"] == "delg":
             encoder = state.get("autoencoder.encoder.weight")
             strides = ckpt.get("block3_strides", False)
@@ -163,14 +173,19 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
             "stage": "keypoint" if has_attn else "finetune"}
 
 
+def describe_file(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`describe` of the checkpoint read from ``path``; its errors name the file."""
+    try:
+        return describe(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_model(path: str | os.PathLike, stage: str = "inference") -> tuple[Delf | Delg, dict[str, Any]]:
     """A keypoint-stage checkpoint as a model in ``stage`` ('inference' or 'keypoint'), on CPU; a
     delg-stage checkpoint as a :class:`Delg` without its classifiers (for extraction)."""
     ckpt = load_file(path)
-    try:
-        info = describe(ckpt)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    info = describe_file(ckpt, path)
     if info["stage"] == "delg":
         model = Delg(info["ncls"], arch=info["arch"], global_dim=info["global_dim"],
                      autoencoder_dim=info["autoencoder_dim"], attn_batchnorm=info["attn_batchnorm"],
@@ -195,7 +210,7 @@ def load_backbone(model: Delf, path: str | os.PathLike) -> dict[str, Any]:
     """Load the frozen backbone (base, and layer4 for layer4 features) from a finetune
     checkpoint of either format into a keypoint-stage ``model``."""
     ckpt = load_file(path)
-    info = describe(ckpt)
+    info = describe_file(ckpt, path)
     for key in ("arch", "layout", "input_norm"):
         if info[key] != getattr(model, key):
             raise CheckpointError(f"{path}: checkpoint's {key} is {info[key]}, but --{key} is {getattr(model, key)}")

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, describe, file_sha256, load_backbone, load_file, pretrained_state
+from .checkpoint import CheckpointError, describe_file, file_sha256, load_backbone, load_file, pretrained_state
 from .config import TrainConfig
 from .dataloader import ImageFolder, check_ncls, default_workers, image_folders, loaders, train_transform, val_transform
 from .delf import Delf, Pretrained, PretrainedUnavailable
@@ -213,7 +213,7 @@ def _resume_checkpoint(last: Path) -> dict[str, Any]:
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, ncls: int, path: Path) -> None:
-    info = describe(ckpt)
+    info = describe_file(ckpt, path)
     wanted = {"stage": cfg.stage, "arch": cfg.arch, "target_layer": cfg.target_layer, "ncls": ncls,
               "layout": cfg.layout, "input_norm": cfg.normalisation}
     if cfg.stage == "keypoint":
