@@ -1,6 +1,6 @@
-"""--config FILE (TOML) for train/main.py, extract/extractor.py, extract/evaluate.py and extract/matcher.py: values reach
-the typed configs and what the scripts record, flags win, bad files are one-line errors, and every
-published setup in configs/ parses for its script."""
+"""--config FILE (TOML) for train/main.py, extract/extractor.py, extract/evaluate.py and
+extract/matcher.py: values reach the typed configs and what the scripts record, flags win, bad files
+are one-line errors, and every published setup in configs/ parses for its script."""
 from __future__ import annotations
 
 import json
