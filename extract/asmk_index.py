@@ -256,7 +256,8 @@ def kernel_scores(codes: np.ndarray, lengths: np.ndarray, entry_columns: list[np
     sqrt(W)."""
     if not len(entry_images):
         return np.zeros(len(norm))
-    hamming = sum(np.bitwise_count(np.repeat(q, lengths) ^ c).astype(np.intp)
+    count = np.uint8 if 8 * codes.shape[1] < 256 else np.intp   # the largest distance fits
+    hamming = sum(np.bitwise_count(np.repeat(q, lengths) ^ c).astype(count, copy=False)
                   for q, c in zip(code_columns(codes), entry_columns, strict=True))
     scores = np.bincount(entry_images, kernel[hamming], minlength=len(norm))
     return scores / norm / np.sqrt(len(codes))

@@ -392,12 +392,13 @@ class StoredIndex:
         lengths = self.offsets[words + 1] - lo
         entry = concat_ranges(lo, lengths)
         byte_lo = self.id_offsets[words]
-        data = np.take(self._id_bytes, concat_ranges(byte_lo, self.id_offsets[words + 1] - byte_lo))
-        total = np.cumsum(decode_varints(data))
-        # each list's ids: the running sum of its deltas (its first delta is its first id)
-        ends = np.cumsum(lengths)
-        before = np.concatenate([[0], total])[np.repeat(ends - lengths, lengths)]
-        images = total - before
+        deltas = decode_varints(np.take(self._id_bytes, concat_ranges(byte_lo, self.id_offsets[words + 1] - byte_lo)))
+        # each list's ids are the running sum of its deltas (its first delta is its first id): one
+        # running sum over all lists, each list's first delta less the previous list's last id
+        starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+        if len(starts) > 1:
+            deltas[starts[1:]] -= np.add.reduceat(deltas, starts)[:-1]
+        images = np.cumsum(deltas)
         records = np.take(self._code_rows, entry, axis=0).view(self._record)[:, 0]
         return kernel_scores(codes, lengths, [records[name] for name in records.dtype.names], images,
                              self.kernel, self.norm)
