@@ -292,11 +292,7 @@ class AsmkIndex:
                                                                   minlength=self.words.size))])
         # no IDF: an image's self-similarity is its number of words
         self.norm = image_norms(np.bincount(self.images, minlength=self.num_images))
-        self.bits = hamming_bits(self.dim, self.config.hamming_norm)
         self.kernel = similarity_kernel(self.dim, self.config)
-
-    def _represent(self, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-        return represent(self.words, d, m, what)
 
     @property
     def num_entries(self) -> int:
@@ -312,7 +308,7 @@ class AsmkIndex:
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors."""
-        return self.search(*self._represent(descriptors, self.config.query_assignments, "query"))
+        return self.search(*represent(self.words, descriptors, self.config.query_assignments, "query"))
 
     def search(self, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of an aggregated query (``codes``,

@@ -83,9 +83,9 @@ log = logging.getLogger("delf")
 Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@10"}, percent
 
 
-# as the papers' tables name them ("+SP" is added to the re-ranked row)
 # codebook attributes that codebooks made before they existed lack, and the value they had
 CODEBOOK_LEGACY = {"features.descriptor_dtype": "float32"}
+# as the papers' tables name them ("+SP" is added to the re-ranked row)
 METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", "global+sp": "DELG global"}
 
 
@@ -169,11 +169,17 @@ def database_keys(label: str, names: Sequence[str]) -> list[str]:
     return [f"{label}\t{name}" for name in names]
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """(label, image name) of a database key (:func:`database_keys`)."""
+    label, name = key.split("\t", 1)
+    return label, name
+
+
 def feature_reader(paths: Mapping[str, Path]) -> Reader:
     """The reader of the descriptors of database keys (:func:`database_keys`; ``paths``: label ->
     feature file), in the keys' order (those of each label together, labels in ``paths`` order)."""
     def descriptors(todo: Sequence[str]) -> Iterator[np.ndarray]:
-        split = [k.split("\t", 1) for k in todo]
+        split = [split_key(k) for k in todo]
         wanted = [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
         with FeatureStore([(path, names) for path, names in wanted if names]) as store:
             yield from tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img",
@@ -229,8 +235,8 @@ def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_pa
              "Hamming distances of %d-bit residuals divided by %d (--hamming_norm %s)", folder, index.num_images,
              report.added, report.reused, index.num_entries / max(index.num_images, 1), time.perf_counter() - t,
              index.dim, hamming_bits(index.dim, conf.hamming_norm), conf.hamming_norm)
-    ordered = [(path, [k.split("\t", 1)[1] for k in order if k.split("\t", 1)[0] == label])
-               for label, path in paths.items()]
+    split = [split_key(k) for k in order]
+    ordered = [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
     return index, ordered
 
 
@@ -464,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         run(args)
-    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, AsmkIndexError, UserError) as e:
+    except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

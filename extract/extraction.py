@@ -42,6 +42,8 @@ from train.runtime import warn_if_slow_amp
 log = logging.getLogger("delf")
 # called with an image's name and its arrays as written to a feature file
 Written = Callable[[str, dict[str, np.ndarray]], None]
+# called with the names of the images already in a feature file
+Existing = Callable[[list[str]], None]
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
@@ -154,7 +156,7 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
                      workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
                      share: WorkShare | None = None, extractor: DelfExtractor | None = None,
-                     existing: Callable[[list[str]], None] | None = None, written: Written | None = None
+                     existing: Existing | None = None, written: Written | None = None
                      ) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
     paths) into the feature file ``output_path``; images already there are skipped. PCA when

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from extract.extraction import (
+    Existing,
     OutputWriteError,
     Written,
     extract_features,
@@ -102,7 +103,7 @@ def image_set_file(source: str | Path, features_root: str | Path) -> Path:
 
 def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor,
                     checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
-                    existing: Callable[[list[str]], None] | None = None, written: Written | None = None
+                    existing: Existing | None = None, written: Written | None = None
                     ) -> tuple[Path, list[str]]:
     """Features of every image of a folder (recursive) or image list -- the codebook's training
     images, distractors -- in :func:`image_set_file`, extracted by ``ex`` (made from

@@ -24,13 +24,14 @@ from typing import Any, Iterator
 
 import torch
 
+from .config import STAGES
 from .delf import ARCHS, LAYOUTS, TARGET_LAYERS, Delf, feature_dim
 from .delg import CLASSIFIERS, Delg
 from .layers import ATTENTION_POOLS, INPUT_NORMS
 
 SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")
 # The settings a checkpoint of this project's format records, and the values a model can be built with.
-RECORDED = {"arch": ARCHS, "target_layer": TARGET_LAYERS, "stage": ("finetune", "keypoint", "delg"),
+RECORDED = {"arch": ARCHS, "target_layer": TARGET_LAYERS, "stage": STAGES,
             "attention_pool": ATTENTION_POOLS, "layout": LAYOUTS, "input_norm": tuple(INPUT_NORMS)}
 _SEED_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
                (True, 23): "resnet101", (True, 36): "resnet152"}
