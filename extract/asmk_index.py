@@ -19,8 +19,16 @@ Word assignment is exact (asmk's Codebook, faiss) or approximate (an HNSW graph 
 centroids, faiss: the default for large codebooks; see :class:`VisualWords`). Aggregation and the inverted file are
 vectorised numpy here: asmk's own loop over words in Python costs about 0.25 s per query with
 5 assignments, and its lists are over-allocated Python objects. With exact assignment and
-``hamming_norm`` "asmk" the scores equal asmk's ASMKMethod at any D
-(tests/test_retrieval_engines.py).
+``hamming_norm`` "asmk" the scores equal asmk's ASMKMethod at any D (on float16-exact
+descriptors, below; tests/test_retrieval_engines.py).
+
+Descriptors are rounded to float16 (numpy's round to nearest) before codebook training, word
+assignment and aggregation: a feature file that stores them as float16 (``--descriptor_dtype
+float16``) then gives the codebook, the index and the scores of its float32 original, bit for bit.
+Without it, a residual sum's component within float16's rounding of 0 flips its sign bit, and
+images of near-equal scores swap places. The asmk package binarises the float32 sums: the scores
+equal its own on descriptors that float16 holds exactly (the tests use such) and differ in a few
+sign bits otherwise (docs/evaluation.md gives how many).
 
 The codebook is plain arrays in HDF5 (``centroids`` (K, D) float32 and attributes saying how it
 was made), written atomically and reused when present. asmk's own caches are pickles and are
@@ -44,6 +52,8 @@ from extract.index import as_rows, faiss_threads, kmeans, use_gpu
 from train.checkpoint import atomic_path
 
 CODEBOOK_FORMAT = "delf-pytorch asmk codebook 1"
+# the precision descriptors are rounded to before ASMK* sees them (the module's doc)
+DESCRIPTOR_ROUNDING = "float16"
 
 
 class CodebookError(RuntimeError):
@@ -51,16 +61,21 @@ class CodebookError(RuntimeError):
 
 
 # --- codebook ----------------------------------------------------------------------------------
+def rounded(descriptors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """(n, D) descriptors rounded to DESCRIPTOR_ROUNDING, as float32 rows (:func:`as_rows`)."""
+    return as_rows(as_rows(descriptors, dim).astype(DESCRIPTOR_ROUNDING))
+
+
 def train_codebook(descriptors: np.ndarray, config: AsmkConfig | None = None) -> np.ndarray:
-    """k-means centroids (codebook_size, D) float32 of (n, D) descriptors (faiss)."""
+    """k-means centroids (codebook_size, D) float32 of (n, D) descriptors, :func:`rounded` (faiss)."""
     config = config or AsmkConfig()
-    return kmeans(descriptors, config.codebook_size, niter=config.kmeans_iters, seed=config.seed)
+    return kmeans(rounded(descriptors), config.codebook_size, niter=config.kmeans_iters, seed=config.seed)
 
 
 def codebook_attrs(config: AsmkConfig) -> dict[str, Any]:
     """The attributes that say how a codebook was trained (compared on reuse)."""
     return {"codebook_size": config.codebook_size, "kmeans_iters": config.kmeans_iters,
-            "seed": config.seed}
+            "seed": config.seed, "descriptor_rounding": DESCRIPTOR_ROUNDING}
 
 
 def save_codebook(path: Path, centroids: np.ndarray, attrs: Mapping[str, Any]) -> None:
@@ -220,9 +235,9 @@ def aggregate(x: np.ndarray, words: np.ndarray, centroids: np.ndarray
 
 
 def represent(words: VisualWords, d: np.ndarray, m: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`aggregate` of the (n, D) descriptors ``d`` assigned to their ``m`` nearest words;
-    InputMismatch naming ``what`` when D is not the codebook's."""
-    d = as_rows(d, words.dim)
+    """:func:`aggregate` of the (n, D) descriptors ``d``, :func:`rounded`, assigned to their ``m``
+    nearest words; InputMismatch naming ``what`` when D is not the codebook's."""
+    d = rounded(d, words.dim)
     if d.shape[1] != words.dim:
         raise InputMismatch(f"{what}: descriptors are {d.shape[1]}-d, the codebook's {words.dim}-d")
     return aggregate(d, words.assign(d, m), words.centroids)

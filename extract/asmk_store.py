@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from extract.asmk_index import (
+    DESCRIPTOR_ROUNDING,
     VisualWords,
     code_record,
     concat_ranges,
@@ -80,7 +81,8 @@ def index_identity(words: VisualWords, config: AsmkConfig, features: Mapping[str
         assignment.update(hnsw_neighbors=config.hnsw_neighbors, hnsw_ef_construction=config.hnsw_ef_construction,
                           hnsw_ef_search=config.hnsw_ef_search)
     return {"codebook_sha256": codebook_sha256(words.centroids), "codebook_size": words.size, "dim": words.dim,
-            **assignment, **{f"features.{k}": v for k, v in features.items()}}
+            "descriptor_rounding": DESCRIPTOR_ROUNDING, **assignment,
+            **{f"features.{k}": v for k, v in features.items()}}
 
 
 def _json_value(value: Any) -> Any:

@@ -84,7 +84,7 @@ Scores = dict[str, dict[str, float]]  # protocol -> {"mAP", "mP@1", "mP@5", "mP@
 
 
 # codebook attributes that codebooks made before they existed lack, and the value they had
-CODEBOOK_LEGACY = {"features.descriptor_dtype": "float32"}
+CODEBOOK_LEGACY = {"features.descriptor_dtype": "float32", "descriptor_rounding": "none"}
 # as the papers' tables name them ("+SP" is added to the re-ranked row)
 METHOD_NAMES = {"asmk": "ASMK*", "vote": "k-NN votes", "global": "DELG global", "global+sp": "DELG global"}
 

@@ -27,6 +27,7 @@ from extract.asmk_index import (
 )
 from extract.config import AsmkConfig, IndexConfig
 from extract.errors import InputMismatch, OptionError
+from extract.evaluate import CODEBOOK_LEGACY
 from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
 from tests.utils import held_bytes, unit
 
@@ -38,9 +39,16 @@ def assert_counts_faiss_memory(index: KnnIndex) -> None:
     assert 0 <= overhead <= 256 + 8 * index.nlist, overhead
 
 
+def exact16(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to float16, as float32: ASMK* sees these descriptors as they are (it rounds
+    to float16 first), the asmk package too."""
+    return x.astype(np.float16).astype(np.float32)
+
+
 def clustered(rng: np.random.Generator, n: int, dim: int, centres: int, noise: float) -> np.ndarray:
+    """(n, dim) unit rows around ``centres`` random ones, float16-exact (:func:`exact16`)."""
     c = unit(rng.normal(size=(centres, dim)))
-    return unit(c[rng.integers(0, centres, n)] + noise * rng.normal(size=(n, dim)))
+    return exact16(unit(c[rng.integers(0, centres, n)] + noise * rng.normal(size=(n, dim))))
 
 
 # --- faiss k-NN --------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def test_asmk_scores_equal_brute_force(dim: int, norm: str) -> None:
     index = AsmkIndex(centroids, db, cfg)
     words = VisualWords(centroids, cfg)
     reps = [aggregate(d, words.assign(d, 1), centroids) for d in db]
-    for q in (db[4][:30], unit(rng.normal(size=(40, dim)))):
+    for q in (db[4][:30], exact16(unit(rng.normal(size=(40, dim))))):
         qc, qw = aggregate(q, words.assign(q, 3), centroids)
         expected = np.zeros(len(db))
         for i, (c, w) in enumerate(reps):
@@ -219,7 +227,7 @@ def test_asmk_scores_equal_the_asmk_package(cfg: AsmkConfig, dim: int) -> None:
     x = clustered(rng, 30 * 120, dim, 300, 0.3)
     centroids = x[rng.choice(len(x), 128, replace=False)]
     db = list(np.split(x, 30))
-    queries = [unit(db[i][:60] + 0.1 * rng.normal(size=(60, dim))) for i in (0, 7, 21)]
+    queries = [exact16(unit(db[i][:60] + 0.1 * rng.normal(size=(60, dim)))) for i in (0, 7, 21)]
     reference = reference_scores(centroids, db, queries, cfg)
     index = AsmkIndex(centroids, db, cfg)
     mine = index.scores(queries)
@@ -231,6 +239,28 @@ def test_asmk_scores_equal_the_asmk_package(cfg: AsmkConfig, dim: int) -> None:
     else:
         assert np.abs(by_dim - reference).max() > 0.01
     assert index.nbytes == held_bytes(index) > index.num_entries * 4   # the codebook not counted
+
+
+def test_descriptors_are_rounded_to_float16_first() -> None:
+    """The codebook and the scores of float32 descriptors equal those of their float16 rounding
+    (what a float16 feature file holds); aggregated without the rounding, some residual sums'
+    sign bits differ."""
+    rng = np.random.default_rng(8)
+    c = unit(rng.normal(size=(200, 40)))
+    x = unit(c[rng.integers(0, 200, 12 * 500)] + 0.1 * rng.normal(size=(12 * 500, 40)))
+    x16 = exact16(x)
+    assert (x != x16).mean() > 0.9
+    cfg = AsmkConfig(codebook_size=512)
+    centroids = asmk_index.train_codebook(x, cfg)
+    np.testing.assert_array_equal(centroids, asmk_index.train_codebook(x16, cfg))
+    db, db16 = np.split(x, 12), np.split(x16, 12)
+    scores = AsmkIndex(centroids, db, cfg).scores(db[:4])
+    np.testing.assert_array_equal(scores, AsmkIndex(centroids, db16, cfg).scores(db16[:4]))
+    assert [int(np.argmax(s)) for s in scores] == [0, 1, 2, 3]
+    words = VisualWords(centroids, cfg)
+    flips = sum(int(np.unpackbits(aggregate(d, w, centroids)[0] ^ aggregate(e, w, centroids)[0]).sum())
+                for d, e in zip(db, db16, strict=True) for w in [words.assign(e, 1)])
+    assert flips > 100
 
 
 def test_asmk_copies_rank_first_and_edge_cases() -> None:
@@ -348,6 +378,11 @@ def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
         codebook(path, descriptors, cfg, {**attrs, "features.descriptor_dtype": "float16"}, legacy)
     with pytest.raises(CodebookError, match="features.descriptor_dtype: None in the file, 'float32' now"):
         codebook(path, descriptors, cfg, {**attrs, **legacy})
+    # a codebook trained before descriptors were rounded to float16 is refused with evaluate.py's legacy values
+    with h5py.File(path, "a") as f:
+        del f.attrs["descriptor_rounding"]
+    with pytest.raises(CodebookError, match="descriptor_rounding: 'none' in the file, 'float16' now"):
+        codebook(path, descriptors, cfg, {**attrs, **legacy}, CODEBOOK_LEGACY)
 
 
 def test_codebook_file_errors_and_atomic_write(tmp_path: Path) -> None:

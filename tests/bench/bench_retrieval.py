@@ -13,17 +13,19 @@ descriptors) on synthetic clustered descriptors.
 - stored: the ASMK* index on disk (extract/asmk_store.py) of a synthetic database whose images
   share visual words as real ones do (each image draws its words from one of a few hundred
   scenes' pools of Zipf-popular words; the distinct words per image are printed), built to the
-  first --stored_images size, queried, then grown to the next: build and growth time, size on
-  disk and bytes per (image, word), query time (HNSW assignment, 40-D) and the querying
-  process's RSS (a fresh process: the index memory-mapped), extrapolated to ROxf+1M; and the
-  feature file's size with float32 and float16 descriptors.
+  first --stored_images size, queried, then grown to the next: build and growth time (and that
+  of remaking the inverted file alone, as growth does), size on disk and bytes per (image,
+  word), query time (HNSW assignment, 40-D) and the querying process's RSS (a fresh process:
+  the index memory-mapped), extrapolated to ROxf+1M; and the feature file's size with float32
+  and float16 descriptors.
 - real: how real extracted features share words within an image, on the outputs of `make demo`
   (--demo_expr under repo/ or $DELF_REPO_DIR; skipped with a note when they are absent):
   DeLF features of the demo's training and query images extracted as the demo did (the
   settings its PCA file records) into a temporary folder, codebooks of a few sizes trained on
   the training images' descriptors, and per query image its descriptors and distinct words
   (nearest word, as database images are assigned) beside uniformly random words and the stored
-  part's generator with the same codebook size and descriptor count.
+  part's generator with the same codebook size and descriptor count; and how many sign bits of
+  the aggregated residuals, and nearest words, ASMK*'s rounding of descriptors to float16 changes.
 
 faiss's OpenMP threads follow --threads; the BLAS behind exact search and word assignment
 follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as set when the script starts.
@@ -59,8 +61,8 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from extract.asmk_index import AsmkIndex, VisualWords, aggregate, codebook
-from extract.asmk_store import StoredIndex, update_index
+from extract.asmk_index import AsmkIndex, VisualWords, aggregate, codebook, rounded
+from extract.asmk_store import ForwardStore, StoredIndex, build_inverted, index_identity, update_index
 from extract.config import AsmkConfig, ExtractionConfig, IndexConfig, with_recorded
 from extract.extraction import extract_features, load_extractor
 from extract.features import FeatureWriter, iter_features, plain_attr
@@ -244,7 +246,8 @@ def bench_asmk(args: argparse.Namespace) -> None:
 
 # --- stored index ------------------------------------------------------------------------------
 class SceneDatabase:
-    """Synthetic images that share visual words as real ones do: word popularity is Zipf-like
+    """Synthetic images that share visual words within a scene (the demo's real features share
+    more: --part real compares the distinct words per image): word popularity is Zipf-like
     (exponent 0.8 over the codebook); each of ``scenes`` scenes has a pool of ``pool`` words
     (default 1,500) drawn by popularity; image i shows scene i mod ``scenes`` and draws its
     ``per_image`` descriptors' words (default 1,000) from that pool (bursts: a word recurs), each
@@ -335,6 +338,8 @@ def bench_stored(args: argparse.Namespace) -> None:
                 keys = [str(i) for i in range(size)]
                 (index, _, report), t, c = timed(update_index, folder, words, cfg, keys, data.reader(words))
                 forward = sum(p.stat().st_size for p in (folder / "forward").iterdir())
+                with ForwardStore(folder / "forward", index_identity(words, cfg, {}), (dim + 7) // 8) as store:
+                    _, t_inverted, c_inverted = timed(build_inverted, store, Path(tmp) / "again", cfg.codebook_size)
                 per_entry = index.nbytes / index.num_entries
                 words_per_image = index.num_entries / index.num_images
                 print(f"{size} images: {'built' if not built else f'grown from {built}'} in {t:.0f} s (CPU {c:.0f} s;"
@@ -342,7 +347,8 @@ def bench_stored(args: argparse.Namespace) -> None:
                       f"{words_per_image:.0f} distinct words per image; inverted file {index.nbytes / 2**20:.0f} MiB "
                       f"= {per_entry:.2f} B per (image, word) (bound D/8 + 1.5 = {dim / 8 + 1.5:.1f}: "
                       f"{'met' if per_entry <= dim / 8 + 1.5 else 'NOT met'}); forward store "
-                      f"{forward / 2**20:.0f} MiB")
+                      f"{forward / 2**20:.0f} MiB; the inverted file alone (re)made from the forward store in "
+                      f"{t_inverted:.1f} s (CPU {c_inverted:.1f} s)")
                 ctx = multiprocessing.get_context("spawn")
                 with ctx.Pool(1) as pool:
                     q = pool.apply(query_stored, (str(folder / "inverted"), centroids, queries, cfg, args.threads))
@@ -420,6 +426,21 @@ def synthetic_distinct(words: int, dim: int, per_image: int, images: int) -> tup
     return float(np.mean([len(np.unique(data.image(i)[0])) for i in range(images)])), pool
 
 
+def rounding_changes(words: VisualWords, images: list[np.ndarray]) -> tuple[float, float]:
+    """What ASMK*'s rounding of descriptors to float16 changes against float32 over ``images``
+    (n_i, D) descriptors: (fraction of sign bits of the aggregated residuals that differ, the
+    words given the same, fraction of nearest words that differ)."""
+    flipped = bits = moved = descriptors = 0
+    for x in images:
+        exact, near = words.assign(rounded(x), 1), words.assign(x, 1)
+        codes = [aggregate(d, exact, words.centroids)[0] for d in (x, rounded(x))]
+        flipped += int(np.unpackbits(codes[0] ^ codes[1], axis=1)[:, :words.dim].sum())
+        bits += codes[0].shape[0] * words.dim
+        moved += int((exact != near).sum())
+        descriptors += len(x)
+    return flipped / max(bits, 1), moved / max(descriptors, 1)
+
+
 def bench_real(args: argparse.Namespace) -> None:
     inputs, missing = demo_inputs(args.demo_expr)
     if missing:
@@ -459,13 +480,16 @@ def bench_real(args: argparse.Namespace) -> None:
                 centroids = codebook(Path(tmp) / f"codebook_{words}.h5", lambda: train, size)
                 assigned = VisualWords(centroids, size)
                 distinct = np.array([len(np.unique(assigned.assign(q, cfg.db_assignments))) for q in queries])
+                bits, moved = rounding_changes(assigned, queries)
                 uniform = np.mean([uniform_distinct(words, k) for k in n])
                 synthetic, pool = synthetic_distinct(words, train.shape[1], round(n.mean()), len(queries))
                 print(f"{words:5d} words: {n.mean():.0f} descriptors per query image, {distinct.mean():.0f} distinct "
                       f"words ({distinct.mean() / n.mean():.2f} of the descriptors; min {distinct.min()}, max "
                       f"{distinct.max()}); uniformly random words {uniform:.0f} ({uniform / n.mean():.2f}); the "
                       f"stored part's generator {synthetic:.0f} ({synthetic / n.mean():.2f}; pools of {pool} words"
-                      f"{', the whole codebook' if pool == words else ''})")
+                      f"{', the whole codebook' if pool == words else ''}); float16 rounding vs float32: "
+                      f"{bits * 1e4:.1f} in 10,000 sign bits of the aggregated residuals and {moved * 1e4:.1f} in "
+                      f"10,000 nearest words differ")
     synthetic, pool = synthetic_distinct(args.codebook_size, train.shape[1], round(n.mean()), len(queries))
     uniform = uniform_distinct(args.codebook_size, n.mean())
     print(f"the stored part's generator at {args.codebook_size} words, {n.mean():.0f} descriptors per image: "
