@@ -30,8 +30,9 @@ descriptors) on synthetic clustered descriptors.
 faiss's OpenMP threads follow --threads; the BLAS behind exact search and word assignment
 follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as set when the script starts.
 
-Goals on a 2-core CPU: ASMK* <= 50 ms per query at 5,000 images, ASMK* index <= 2 kB per
-image, faiss search at least as fast as the previous home-made IVF at the same recall.
+Goals on a 2-core CPU: ASMK* <= 50 ms per query at 5,000 images (40-D, HNSW), the stored ASMK*
+index <= D/8 + 1.5 bytes per (image, word) on average, faiss search at least as fast as the
+previous home-made IVF at the same recall.
 
 The home-made IVF (two-level k-means, torch scans) that faiss replaced, measured before its
 removal on the knn part's data (40-D, one thread, shared 2-core AMD EPYC, load 3.5-7):
@@ -187,10 +188,9 @@ def bench_asmk(args: argparse.Namespace) -> None:
                       f"CPU min for {args.images}, {c / len(sample) * ROXF_1M / 3600:.0f} CPU h for ROxf+1M")
             index, t, _ = timed(AsmkIndex, GeneratedWords(centroids, db_words), db, cfg)
             per_image = index.nbytes / args.images
-            print(f"index build (words given): {t:.1f} s; {index.num_entries / args.images:.0f} "
-                  f"words per image, {per_image / 1e3:.1f} kB per image (goal <= 2 kB: "
-                  f"{'met' if per_image <= 2000 else 'NOT met'}; floor {(dim + 7) // 8 + 4} "
-                  f"bytes per word)")
+            print(f"index build in memory (words given): {t:.1f} s; {index.num_entries / args.images:.0f} "
+                  f"words per image, {per_image / 1e3:.1f} kB per image ({(dim + 7) // 8 + 4} bytes per word: "
+                  f"residual and uint32 image id; the stored index's bytes per word: --part stored)")
             targets = rng.choice(args.images, args.queries, replace=False)
             queries = [np.concatenate([noisy(db[i][:PER_IMAGE // 2], 0.3, rng),
                                        clustered(PER_IMAGE // 2, dim, seed=5 + j)])
@@ -363,12 +363,13 @@ def bench_stored(args: argparse.Namespace) -> None:
             disk = (per_entry * words_per_image * ROXF_1M / 2**30, forward / size * ROXF_1M / 2**30)
             build_h = (assign_cpu * ROXF_1M / 3600, append_cpu * ROXF_1M / 3600)
             query_ms = (q["assign"] + q["aggregate"] + q["scan"] * grow) * 1e3
-            rss = q["rss_before"] + (q["rss_after"] - q["rss_before"]) * grow
+            # the mapped pages the queries touch grow with the lists, up to the whole inverted file
+            rss = q["rss_before"] + min((q["rss_after"] - q["rss_before"]) * grow, disk[0] * 1024)
             print(f"ROxf+1M (linear in the database from {size} images): inverted file {disk[0]:.1f} GiB + forward "
                   f"store {disk[1]:.1f} GiB on disk; build ~{sum(build_h):.0f} CPU h (word assignment "
                   f"{build_h[0]:.0f} h + aggregation, append and inverted file {build_h[1]:.1f} h); query "
                   f"~{query_ms:.0f} ms (the scan grows with the lists); RSS ~{rss:.0f} MiB after the queries (the "
-                  "touched lists grow with the database)")
+                  "touched lists grow with the database, up to the whole inverted file)")
         bench_feature_files(dim, args)
 
 
