@@ -631,12 +631,17 @@ def distractor_file(root: Path, tiny: dict[str, Path]) -> Path:
 def test_asmk_distractors_aggregated_as_extracted_equal_read_back(tiny: dict[str, Path], tmp_path: Path,
                                                                   one_thread: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Distractors extracted by the evaluation go into the index as they are extracted: their
-    feature file is never read for it, and the index's files and scores equal those of an index
-    built from the finished feature files (read back once, as distractors extracted beforehand)."""
+    """Distractors extracted by the evaluation (with the dataset and the codebook images, by one
+    model) go into the index as they are extracted: their feature file is never read for it, and
+    the index's files and scores equal those of an index built from the finished feature files
+    (read back once, as distractors extracted beforehand)."""
+    loads: list[object] = []
+    load = DelfExtractor.from_checkpoint
     with monkeypatch.context() as m:
         opened = opened_files(m)
+        m.setattr(DelfExtractor, "from_checkpoint", lambda *a, **k: loads.append(a) or load(*a, **k))
         streamed = asmk_with_distractors(tiny, tmp_path / "streamed")
+    assert len(loads) == 1   # one model for the dataset, the codebook's images and the distractors
     distractors = distractor_file(tmp_path / "streamed", tiny)
     assert len(feature_names(distractors)) == 6 and streamed.distractors == 6
     assert opened and all(path != distractors for path, _ in opened)   # the dataset's are read back
