@@ -153,12 +153,13 @@ class GeneratedWords(VisualWords):
 
 
 def assign_all(words: VisualWords, queries: list[np.ndarray], m: int) -> list[np.ndarray]:
-    return [words.assign(q, m) for q in queries]
+    """Each query's words, as :func:`extract.asmk_index.represent` assigns them (rounded first)."""
+    return [words.assign(rounded(q), m) for q in queries]
 
 
 def aggregate_all(queries: list[np.ndarray], words: list[np.ndarray],
                   centroids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [aggregate(q, w, centroids) for q, w in zip(queries, words, strict=True)]
+    return [aggregate(rounded(q), w, centroids) for q, w in zip(queries, words, strict=True)]
 
 
 def search_all(index: AsmkIndex, aggregated: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
