@@ -37,6 +37,7 @@ import numpy as np
 
 from extract.asmk_index import (
     DESCRIPTOR_ROUNDING,
+    HNSW_STORAGE,
     VisualWords,
     code_record,
     concat_ranges,
@@ -79,7 +80,7 @@ def index_identity(words: VisualWords, config: AsmkConfig, features: Mapping[str
     assignment = {"assignment": words.kind, "db_assignments": config.db_assignments}
     if words.kind == "hnsw":
         assignment.update(hnsw_neighbors=config.hnsw_neighbors, hnsw_ef_construction=config.hnsw_ef_construction,
-                          hnsw_ef_search=config.hnsw_ef_search)
+                          hnsw_ef_search=config.hnsw_ef_search, hnsw_storage=HNSW_STORAGE)
     return {"codebook_sha256": codebook_sha256(words.centroids), "codebook_size": words.size, "dim": words.dim,
             "descriptor_rounding": DESCRIPTOR_ROUNDING, **assignment,
             **{f"features.{k}": v for k, v in features.items()}}

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
+import extract.asmk_store as asmk_store
 from extract.asmk_index import AsmkIndex, VisualWords
 from extract.asmk_store import (
     AsmkIndexError,
@@ -168,7 +169,7 @@ def test_appended_images_equal_one_build(tmp_path: Path) -> None:
     assert order == keys
 
 
-def test_changed_codebook_features_or_database_are_refused(tmp_path: Path) -> None:
+def test_changed_codebook_features_or_database_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = AsmkConfig(codebook_size=64)
     centroids, db = database(4)
     keys, folder = list(db), tmp_path / "ix"
@@ -182,6 +183,11 @@ def test_changed_codebook_features_or_database_are_refused(tmp_path: Path) -> No
     hnsw = replace(cfg, assignment="hnsw")
     with pytest.raises(AsmkIndexError, match="assignment: 'exact' in the index, 'hnsw' now"):
         update_index(folder, VisualWords(centroids, hnsw), hnsw, keys, reader(db), {"pca_dims": 40})
+    update_index(tmp_path / "graph", VisualWords(centroids, hnsw), hnsw, keys, reader(db), {"pca_dims": 40})
+    with monkeypatch.context() as m, pytest.raises(AsmkIndexError, match="hnsw_storage: 'float16' in the index, "
+                                                                           "'float32' now"):
+        m.setattr(asmk_store, "HNSW_STORAGE", "float32")   # a graph comparing the centroids otherwise
+        update_index(tmp_path / "graph", VisualWords(centroids, hnsw), hnsw, keys, reader(db), {"pca_dims": 40})
     with pytest.raises(AsmkIndexError, match=rf"^{folder}: holds 1 images that the database does not have now "
                                              r"\(e.g. 'i00'\)"):
         update_index(folder, VisualWords(centroids, cfg), cfg, keys[1:], reader(db), {"pca_dims": 40})

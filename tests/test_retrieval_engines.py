@@ -304,6 +304,11 @@ def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> N
     assert np.mean(words[:, 0] == ref[:, 0]) >= 0.95
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(words, ref, strict=True)]) >= 0.9
     np.testing.assert_array_equal(hnsw.assign(q, 1), words[:, :1])   # nearest first
+    # the graph compares the centroids as float16 (half the memory its search walks)
+    other = unit(rng.normal(size=(256, 32)))   # not float16-exact
+    dist, found = VisualWords(other, AsmkConfig(assignment="hnsw"))._hnsw.search(q[:20], 1)
+    np.testing.assert_allclose(dist[:, 0], ((q[:20] - exact16(other[found[:, 0]])) ** 2).sum(1), rtol=1e-5)
+    assert np.abs(dist[:, 0] - ((q[:20] - other[found[:, 0]]) ** 2).sum(1)).max() > 1e-5
     # built on one thread from the centroids alone: the same graph, the same words
     with faiss_threads(2):
         np.testing.assert_array_equal(VisualWords(centroids, AsmkConfig(assignment="hnsw")).assign(q, 5),
