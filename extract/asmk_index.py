@@ -174,10 +174,9 @@ class VisualWords:
     IndexHNSWSQ graph over the centroids held as float16 (HNSW_STORAGE: half the memory the
     search walks, so faster, and the same recall on the bench), built here in memory (never
     stored) on one thread, so that the same centroids give the same graph and the same words;
-    approximate. On the bench's
-    synthetic 65 536 words (tests/bench/bench_retrieval.py) at 40-D with the defaults (48 links,
-    efConstruction 160, efSearch 32): ~5x faster than exact, 97 % of the nearest words equal and
-    94 % of the exact five found; at 128-D slower than exact and 63-83 % equal.
+    approximate. On the bench's synthetic 65 536 words (tests/bench/bench_retrieval.py) at 40-D
+    with the defaults (48 links, efConstruction 160, efSearch 32): several times faster than exact
+    and nearly the same words; at 128-D hardly faster, and markedly fewer equal (docs/benchmarks.md).
     ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
     HNSW_MAX_DIM dimensions on the CPU, else exact (cheap for small codebooks; a flat GPU search
     is fast)."""
