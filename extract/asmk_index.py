@@ -176,7 +176,7 @@ class VisualWords:
     stored) on one thread, so that the same centroids give the same graph and the same words;
     approximate. On the bench's synthetic 65 536 words (tests/bench/bench_retrieval.py) at 40-D
     with the defaults (48 links, efConstruction 160, efSearch 32): several times faster than exact
-    and nearly the same words; at 128-D hardly faster, and markedly fewer equal (docs/benchmarks.md).
+    and nearly the same words; at 128-D faster but markedly fewer equal (docs/benchmarks.md).
     ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
     HNSW_MAX_DIM dimensions on the CPU, else exact (cheap for small codebooks; a flat GPU search
     is fast)."""
