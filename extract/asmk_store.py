@@ -470,15 +470,11 @@ class IndexBuild:
         if self.added % self.commit_every == 0:
             self.store.commit()
 
-    def missing(self, keys: Sequence[str]) -> list[str]:
-        """The images of ``keys`` not stored, in ``keys`` order."""
-        return [k for k in keys if k not in self.stored]
-
     def append_missing(self, keys: Sequence[str], descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]]
                        ) -> None:
         """Append the images of ``keys`` not stored, in ``keys`` order (``descriptors(missing keys)``
         yields their (n, D) descriptors in that order; not called when none is missing), then commit."""
-        missing = self.missing(keys)
+        missing = [k for k in keys if k not in self.stored]
         if missing:
             for key, d in zip(missing, descriptors(missing), strict=True):
                 self.append(key, d)

@@ -169,19 +169,18 @@ def database_keys(label: str, names: Sequence[str]) -> list[str]:
     return [f"{label}\t{name}" for name in names]
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """(label, image name) of a database key (:func:`database_keys`)."""
-    label, name = key.split("\t", 1)
-    return label, name
+def names_by_file(keys: Sequence[str], paths: Mapping[str, Path]) -> list[tuple[Path, list[str]]]:
+    """The database keys (:func:`database_keys`) grouped by feature file: (file, image names in
+    ``keys`` order) per label of ``paths`` (label -> feature file), in ``paths`` order."""
+    split = [key.split("\t", 1) for key in keys]
+    return [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
 
 
 def feature_reader(paths: Mapping[str, Path]) -> Reader:
     """The reader of the descriptors of database keys (:func:`database_keys`; ``paths``: label ->
     feature file), in the keys' order (those of each label together, labels in ``paths`` order)."""
     def descriptors(todo: Sequence[str]) -> Iterator[np.ndarray]:
-        split = [split_key(k) for k in todo]
-        wanted = [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
-        with FeatureStore([(path, names) for path, names in wanted if names]) as store:
+        with FeatureStore([(path, names) for path, names in names_by_file(todo, paths) if names]) as store:
             yield from tqdm(store.descriptors(), total=len(store), desc="ASMK* index", unit="img",
                             dynamic_ncols=True)
 
@@ -235,9 +234,7 @@ def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_pa
              "Hamming distances of %d-bit residuals divided by %d (--hamming_norm %s)", folder, index.num_images,
              report.added, report.reused, index.num_entries / max(index.num_images, 1), time.perf_counter() - t,
              index.dim, hamming_bits(index.dim, conf.hamming_norm), conf.hamming_norm)
-    split = [split_key(k) for k in order]
-    ordered = [(path, [name for lb, name in split if lb == label]) for label, path in paths.items()]
-    return index, ordered
+    return index, names_by_file(order, paths)
 
 
 def retrieve(ds: Dataset, store: FeatureStore | None, queries: Sequence[dict[str, np.ndarray]],
