@@ -9,7 +9,7 @@ attribute names (written with ``dataclasses.asdict``), so what is stored is what
 Matching defaults follow the official DeLF ``match_images.py``: putative matches closer than 0.8
 (L2, unit descriptors), RANSAC with a 20 px residual and 1000 iterations. The official
 ``image_reranking.py`` uses 0.9 and 10 px: both are flags. Two choices are this project's (see
-extract/matching.py): matches are made one-to-one before RANSAC, and a fitted model that mirrors
+extract/matching/verification.py): matches are made one-to-one before RANSAC, and a fitted model that mirrors
 the image or scales some direction by more than ``max_scale_change`` (at any of its inliers)
 counts 0 inliers.
 """
@@ -30,7 +30,7 @@ DESCRIPTOR_DTYPES = ("float32", "float16")
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """Multi-scale DeLF extraction of one image (see extract/pipeline.py for the conventions)."""
+    """Multi-scale DeLF extraction of one image (see extract/extraction/delf_extractor.py for the conventions)."""
 
     scale_list: tuple[float, ...] = field(default=DEFAULT_SCALES, metadata={"help": "image pyramid scales"})
     attn_thres: float = field(default=0.31, metadata={"help": "keep cells with attention >= this"})
@@ -85,7 +85,7 @@ class PcaFitConfig:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Putative matching of two feature sets and their RANSAC verification (extract/matching.py)."""
+    """Putative matching of two feature sets and their RANSAC verification (extract/matching/verification.py)."""
 
     max_distance: float = field(default=0.8, metadata={"help": "descriptor L2 bound of a putative match"})
     mutual: bool = field(default=False, metadata={"help": "keep mutual nearest neighbours only"})
@@ -113,7 +113,7 @@ HNSW_MAX_DIM = 64
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """A faiss k-NN index (extract/index.py): how it is built and searched."""
+    """A faiss k-NN index (extract/retrieval/faiss_search.py): how it is built and searched."""
 
     kind: str = "auto"        # auto: flat up to exact_max rows, else ivf
     nlist: int = 0            # IVF cells; 0: about one per 1000 rows
@@ -127,9 +127,9 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class AsmkConfig:
-    """ASMK* (extract/asmk_index.py); the defaults are the reference parameters of the published
-    DELF-ASMK*, HOW and FIRe setups: binary residuals, alpha 3, similarity threshold 0, one
-    visual word per database descriptor and five per query descriptor, no IDF."""
+    """ASMK* (extract/retrieval/asmk/); the defaults are the reference parameters of the published
+    DELF-ASMK*, HOW and FIRe setups: binary residuals, alpha 3, similarity threshold 0, one visual
+    word per database descriptor and five per query descriptor, no IDF."""
 
     codebook_size: int = 65536
     kmeans_iters: int = 10         # as asmk's own codebook training
@@ -148,7 +148,7 @@ class AsmkConfig:
     hnsw_ef_search: int = 32
     # the Hamming similarity s = 1 - 2 h / B of binary residuals: asmk (as the asmk package)
     # divides by B = D rounded up to a multiple of 32 bits; dim by B = D, as the ASMK paper writes
-    # it. The same for D = 128 (the published setups), not at 40-D (extract/asmk_index.py)
+    # it. The same for D = 128 (the published setups), not at 40-D (extract/retrieval/asmk/codebook.py)
     hamming_norm: str = "asmk"
 
 

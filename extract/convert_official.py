@@ -7,7 +7,7 @@
 fix.pth.tar and the PCA repo/<expr>/pca/pca.h5; extraction with it then follows the official
 extractor (its settings are recorded in the checkpoint; any flag given overrides them). Needs
 TensorFlow, for this script only: pip install -r requirements-convert.txt. The work is done by
-extract/official.py.
+extract/official/convert.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.official import RELEASES, ConversionError, UnknownModel, convert_release, format_variables, list_variables
+from extract.official.convert import (
+    RELEASES,
+    ConversionError,
+    UnknownModel,
+    convert_release,
+    format_variables,
+    list_variables,
+)
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag
 

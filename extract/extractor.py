@@ -8,67 +8,41 @@
 The seed README's flags work as written. Defaults (extract/paths.py): the model is repo/<load_expr>/
 keypoint/ckpt/fix.pth.tar, the PCA file repo/<load_expr>/pca/pca.h5, the features repo/<load_expr>/
 features/<input folder name>.h5. Unusable images are skipped and listed in <output>.report.txt.
-The work itself is done by extract/extraction.py.
+The work itself is done by extract/extraction/extract_features.py.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.config import ExtractionConfig, PcaFitConfig, with_recorded
+import argparse
+import logging
+
+import torch
+
+from extract.config import PcaFitConfig
 from extract.errors import UserError
-from extract.extraction import OutputWriteError, extract_features, fit_pca_file, load_extractor
-from extract.features import FeatureFileError
-from extract.images import InputError
-from extract.paths import checkpoint_path, features_path, pca_path
-from extract.pca import PcaError
-from extract.pipeline import DelfExtractor
-from extract.report import Report
-from extract.workshare import WorkShare
-from train.checkpoint import CheckpointError, load_file
+from extract.extraction.extract_features import extract_features
+from extract.extraction.feature_file import FeatureFileError
+from extract.extraction.images import InputError
+from extract.extraction.pca import PcaError
+from extract.extraction.pca_fitting import fit_pca_file
+from extract.extraction.report import Report
+from extract.extraction.workshare import WorkShare
+from extract.flags import add_extraction_args, model_files
+from extract.paths import features_path, pca_path
+from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
-from train.locking import OutputInUse
+from train.outputs import OutputInUse, OutputWriteError
 from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
 
 log = logging.getLogger("delf")
+
+
 EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, UserError, OutputInUse,
                    OutputWriteError)
-
-
-def add_extraction_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The model and feature flags, shared with matcher.py and evaluate.py (same names, defaults)."""
-    p.add_argument("--load_expr", default="delf", help="experiment under repo/ whose fix.pth.tar is used")
-    p.add_argument("--load_from", help="checkpoint to use instead of repo/<load_expr>/keypoint/ckpt/fix.pth.tar")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--pca_parameters_path", help="the PCA file (default repo/<load_expr>/pca/pca.h5)")
-    add_config_args(p, ExtractionConfig)
-
-
-def _model_files(args: argparse.Namespace) -> tuple[ExtractionConfig, Path, Path | None]:
-    """(config, checkpoint, PCA file or None when not ``use_pca``) of add_extraction_args' flags
-    (fix.pth.tar rule). The settings a checkpoint records (a converted official model's) replace
-    the defaults of the flags not given (``args.given_flags``, see train.cli.parse_args_given)."""
-    checkpoint = checkpoint_path(args.load_expr, args.load_from)
-    recorded = load_file(checkpoint).get("extraction") or {}
-    conf = with_recorded(config_from_args(ExtractionConfig, args), recorded, getattr(args, "given_flags", ()))
-    return conf, checkpoint, pca_path(args.load_expr, args.pca_parameters_path) if conf.use_pca else None
-
-
-def extraction_from_args(args: argparse.Namespace) -> tuple[ExtractionConfig, Path, Path | None, torch.device]:
-    """(config, checkpoint, PCA file or None, device) that add_extraction_args' flags describe,
-    resolved as extractor.py resolves them (fix.pth.tar rule); for matcher.py and evaluate.py."""
-    return *_model_files(args), setup_runtime(args.device).device
-
-
-def extractor_from_args(args: argparse.Namespace) -> DelfExtractor:
-    """The extractor of :func:`extraction_from_args` (PCA/checkpoint sha256 checked)."""
-    return load_extractor(*extraction_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, device: torch.device, share: WorkShare) -> Report:
     """The --mode run the flags describe; returns its report."""
-    conf, checkpoint, pca_file = _model_files(args)
+    conf, checkpoint, pca_file = model_files(args)
     common = {"workers": args.workers, "overwrite": args.overwrite, "device": device, "share": share}
     if args.mode == "pca":
         output = Path(args.output_path) if args.output_path else pca_path(args.load_expr, args.pca_parameters_path)

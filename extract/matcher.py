@@ -4,8 +4,8 @@
     python extract/matcher.py --features FILE.h5 NAME1 NAME2 [--images_root R --output match.png]
     python extract/matcher.py --config configs/match_demo.toml ...   # flag values from a TOML file
 
-Matching and verification are extract/matching.py (defaults in extract/config.py, MatchConfig);
-the figure is extract/drawing.py.
+Matching and verification are extract/matching/verification.py (defaults in extract/config.py, MatchConfig);
+the figure is extract/matching/drawing.py.
 """
 from __future__ import annotations
 
@@ -19,18 +19,13 @@ from typing import Any, Sequence
 
 from extract.config import MatchConfig
 from extract.errors import OptionError, UserError
-from extract.extractor import add_extraction_args, extractor_from_args
-from extract.features import FeatureFileError, read_features
-from extract.images import BadImage, load_image
-from extract.matching import match_features
-from extract.pca import PcaError
+from extract.extraction.feature_file import FeatureFileError, read_features
+from extract.extraction.images import BadImage, load_image
+from extract.extraction.pca import PcaError
+from extract.flags import add_extraction_args, add_match_args, extractor_from_args
+from extract.matching.verification import match_features
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
-
-
-def add_match_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Putative-match and RANSAC flags (MatchConfig's fields), shared with evaluate.py."""
-    add_config_args(p, MatchConfig)
+from train.cli import add_bool_flag, add_config_file_arg, config_from_args, parse_args_given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         import matplotlib.pyplot as plt
 
-        from extract.drawing import draw_matches
+        from extract.matching.drawing import draw_matches
 
         fig = draw_matches(images[0], images[1], feats[0]["keypoints"], feats[1]["keypoints"], res,
                            show_keypoints=args.show_keypoints)

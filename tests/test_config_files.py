@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract import demo, evaluate, extractor, matcher
+from extract import evaluate, extractor, flags, matcher
 from extract.config import EvalConfig, ExtractionConfig, MatchConfig
-from extract.features import file_attrs
+from extract.extraction.feature_file import file_attrs
+from extract.make_demo import run as demo_run
 from tests.test_evaluate import small_gnd
 from tests.utils import save_keypoint_checkpoint
 from train import main as trainer
@@ -193,7 +194,7 @@ def test_match_demo_is_the_demos_verification() -> None:
     """configs/match_demo.toml gives the matcher the MatchConfig `make demo` counts inliers with."""
     path = PROJECT_ROOT / "configs" / "match_demo.toml"
     args = parse_args_given(matcher.build_parser(), ["--config", str(path), "a.jpg", "b.jpg"])
-    assert config_from_args(MatchConfig, args) == demo.match_config(demo.PRESETS["full"]) != MatchConfig()
+    assert config_from_args(MatchConfig, args) == demo_run.match_config(demo_run.PRESETS["full"]) != MatchConfig()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -232,5 +233,5 @@ def test_official_extraction_setup_leaves_the_recorded_settings(tmp_path: Path) 
     recorded = {"attn_thres": 100.0, "resize": "tf1", "pca_dims": 128}
     atomic_save({**load_file(ckpt), "extraction": recorded}, ckpt)
     args.load_from, args.device = str(ckpt), "cpu"
-    conf, *_ = extractor.extraction_from_args(args)
+    conf, *_ = flags.extraction_from_args(args)
     assert (conf.attn_thres, conf.resize, conf.pca_dims) == (100.0, "tf1", 128)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from extract.config import ExtractionConfig
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.feature_file import file_attrs, iter_features
 from extract.extractor import main
-from extract.features import file_attrs, iter_features
-from extract.pipeline import DelfExtractor
 from tests.utils import photo, save_delg_checkpoint
 from train.checkpoint import CheckpointError, load_file, load_model
 from train.delg import GLOBAL_SCALES

@@ -13,8 +13,9 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from extract import demo
-from extract.demo_data import LANDMARKS, build_dataset, landmark_photo, random_view
-from extract.features import read_features
+from extract.extraction.feature_file import read_features
+from extract.make_demo import run as demo_run
+from extract.make_demo.landmarks import LANDMARKS, build_dataset, landmark_photo, random_view
 from train.runtime import PROJECT_ROOT, repo_dir
 
 
@@ -73,25 +74,25 @@ def test_demo_verification_rejects_squeezed_fits() -> None:
              "a/001.jpg": {"keypoints": moved, "descriptors": desc},
              "b/000.jpg": {"keypoints": kp * [1 / 3, 1], "descriptors": desc},
              "c/000.jpg": {"keypoints": rng.uniform(0, 320, (200, 2)), "descriptors": desc[::-1].copy()}}
-    conf = demo.match_config(demo.PRESETS["full"])
+    conf = demo_run.match_config(demo_run.PRESETS["full"])
     assert conf.residual == pytest.approx(20 * 320 / 1024)
-    separation, _ = demo.all_pairs(feats, conf)
+    separation, _ = demo_run.all_pairs(feats, conf)
     counts = {(a[0], b[0]): n for a, b, n in separation.same + separation.different}
     assert counts[("a", "a")] > 190 and counts[("a", "b")] == 0 and counts[("a", "c")] < 10
     assert separation.separated
-    squeezed, _ = demo.all_pairs(feats, dataclasses.replace(conf, max_scale_change=8.0))
+    squeezed, _ = demo_run.all_pairs(feats, dataclasses.replace(conf, max_scale_change=8.0))
     assert not squeezed.separated  # the default bound (8) counts the squeeze
 
 
 @pytest.fixture(scope="module")
-def smoke_demo() -> tuple[str, demo.Separation]:
+def smoke_demo() -> tuple[str, demo_run.Separation]:
     """The smoke preset at seed 0 (outputs in the session's temporary DELF_REPO_DIR)."""
     expr = f"test-demo-{uuid.uuid4().hex[:8]}"
-    return expr, demo.run_demo(expr, "smoke", seed=0)
+    return expr, demo_run.run_demo(expr, "smoke", seed=0)
 
 
 @pytest.mark.slow
-def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, demo.Separation]) -> None:
+def test_demo_smoke_runs_every_step(smoke_demo: tuple[str, demo_run.Separation]) -> None:
     expr, separation = smoke_demo
     root = repo_dir() / expr
     # 3 landmarks x 2 query images: 3 same-landmark pairs, 12 different-landmark pairs, and the
@@ -124,17 +125,17 @@ def test_default_preset_separates_with_a_margin(capsys: pytest.CaptureFixture) -
 
 
 def test_separation_summary_and_claim() -> None:
-    sep = demo.Separation(same=(("a/0", "a/1", 30), ("b/0", "b/1", 12)),
+    sep = demo_run.Separation(same=(("a/0", "a/1", 30), ("b/0", "b/1", 12)),
                           different=(("a/0", "b/0", 3), ("a/1", "b/1", 11), ("a/0", "b/1", 0), ("a/1", "b/0", 0)))
     assert sep.separated
     text = sep.summary()
     assert "2 pairs, inliers median 21, min 12, max 30 (worst: b/0 <-> b/1, 12)" in text
     assert "4 pairs, inliers median 1, min 0, max 11 (worst: a/1 <-> b/1, 11)" in text
-    assert not demo.Separation(sep.same, sep.different + (("a/0", "b/0", 12),)).separated
+    assert not demo_run.Separation(sep.same, sep.different + (("a/0", "b/0", 12),)).separated
 
 
 @pytest.mark.slow
-def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, demo.Separation], capsys: pytest.CaptureFixture) -> None:
+def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, demo_run.Separation], capsys: pytest.CaptureFixture) -> None:
     expr, _ = smoke_demo
     fix = repo_dir() / expr / "keypoint" / "ckpt" / "fix.pth.tar"
     before = fix.stat().st_mtime_ns
@@ -146,7 +147,7 @@ def test_demo_rerun_reuses_outputs(smoke_demo: tuple[str, demo.Separation], caps
 
 
 @pytest.mark.slow
-def test_notebook_runs_headless(smoke_demo: tuple[str, demo.Separation]) -> None:
+def test_notebook_runs_headless(smoke_demo: tuple[str, demo_run.Separation]) -> None:
     expr, _ = smoke_demo
     nb = nbformat.read(PROJECT_ROOT / "visualize.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))

@@ -169,3 +169,26 @@ def test_documented_extraction_and_matching_commands_run(tmp_path: Path) -> None
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1
     assert ran >= 4
+
+
+def python_blocks(doc: Path) -> list[tuple[int, str]]:
+    """(first line number, text) of each ```python block of a Markdown file."""
+    return [(doc.read_text()[:m.start()].count("\n") + 2, m[1])
+            for m in re.finditer(r"^```python\n(.*?)^```", doc.read_text(), re.S | re.M)]
+
+
+def test_documented_python_imports_exist() -> None:
+    """Every name a ```python block of the docs imports from the project is defined where it says."""
+    import ast
+    import importlib
+
+    checked = 0
+    for doc in DOCS:
+        for line, text in python_blocks(doc):
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] in ("extract", "train"):
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        assert hasattr(module, alias.name), f"{doc.name}:{line}: {node.module} has no {alias.name}"
+                        checked += 1
+    assert checked >= 10

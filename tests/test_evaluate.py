@@ -19,28 +19,31 @@ import pytest
 import torch
 from PIL import Image
 
-import extract.asmk_index as asmk_index
-import extract.asmk_store as asmk_store
 import extract.evaluate as evaluate_module
-from extract.asmk_index import AsmkIndex, load_codebook
-from extract.asmk_store import IndexBuild, StoredIndex
+import extract.retrieval.asmk.codebook as codebook_module
+import extract.retrieval.asmk.stored_index as stored_index_module
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import InputMismatch
-from extract.evaluate import Evaluation, asmk_config, build_parser, evaluate_dataset, main
-from extract.feature_cache import FeatureStore, cache_features, read_all, set_name
-from extract.features import FeatureWriter, feature_names, iter_features
-from extract.figures import write_figures
-from extract.images import list_images
-from extract.metrics import PROTOCOLS, evaluate
-from extract.pca import fit_pca, save_pca
-from extract.pipeline import DelfExtractor
-from extract.retrieval import Database, DescriptorIndex, Verifier, rank, rerank, vote_scores
-from extract.revisitop import Dataset, EvalError, load_dataset
+from extract.evaluate import build_parser, main
+from extract.evaluation.asmk_database import asmk_config
+from extract.evaluation.evaluate_dataset import Evaluation, evaluate_dataset
+from extract.evaluation.feature_cache import FeatureStore, cache_features, read_all, set_name
+from extract.evaluation.figures import write_figures
+from extract.evaluation.metrics import PROTOCOLS, evaluate
+from extract.evaluation.revisitop import Dataset, EvalError, load_dataset
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.feature_file import FeatureWriter, feature_names, iter_features
+from extract.extraction.images import list_images
+from extract.extraction.pca import fit_pca, save_pca
+from extract.retrieval.asmk.codebook import load_codebook
+from extract.retrieval.asmk.memory_index import AsmkIndex
+from extract.retrieval.asmk.stored_index import IndexBuild, StoredIndex
+from extract.retrieval.rerank import Verifier, rerank
+from extract.retrieval.vote import Database, DescriptorIndex, rank, vote_scores
 from tests.utils import held_bytes, photo, save_delg_checkpoint, save_keypoint_checkpoint, unit
-from train.checkpoint import file_sha256
 from train.cli import config_from_args
 from train.delf import Delf
-from train.locking import OutputLock
+from train.outputs import OutputLock, file_sha256
 from train.runtime import limit_threads, repo_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,8 +477,8 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert np.load(index_dir / "inverted" / "counts.npy").shape == (num_db,)
 
     # reused as stored; with --rerank 0 the database's features are never opened
-    monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
-    monkeypatch.setattr(asmk_store, "build_inverted", lambda *a: pytest.fail("index rebuilt"))
+    monkeypatch.setattr(codebook_module, "train_codebook", lambda *a: pytest.fail("codebook retrained"))
+    monkeypatch.setattr(stored_index_module, "build_inverted", lambda *a: pytest.fail("index rebuilt"))
     assert main(args + ["--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
     monkeypatch.setattr(FeatureStore, "__init__", lambda *a: pytest.fail("database features opened"))
@@ -521,7 +524,7 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         kinds.append(index.words.kind)
         return index
 
-    monkeypatch.setattr(asmk_store, "StoredIndex", spy)
+    monkeypatch.setattr(stored_index_module, "StoredIndex", spy)
     assert main(args + ["--assignment", "hnsw", "--output", str(out)]) == 0
     hnsw = json.loads(out.read_text())
     assert kinds == ["hnsw"] and hnsw["config"]["evaluation"]["assignment"] == "hnsw"
@@ -760,7 +763,7 @@ def test_feature_cache_held_by_another_evaluation_is_refused(tiny: dict[str, Pat
     """One evaluation at a time writes a feature cache: another one exits at once with one line
     naming the holder, and the cache folder is not touched."""
     feats = tmp_path / "features"
-    code = (f"import sys\nfrom train.locking import OutputLock\nlock = OutputLock({str(feats)!r})\n"
+    code = (f"import sys\nfrom train.outputs import OutputLock\nlock = OutputLock({str(feats)!r})\n"
             "print('ready', flush=True)\nsys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -856,7 +859,7 @@ def test_float16_features_verify_and_rank_as_float32(tiny: dict[str, Path], tmp_
     assert (diff <= np.maximum(1, 0.01 * inliers["float32"])).all()
     assert diff.sum() <= 0.01 * inliers["float32"].sum()
     # rankings: k-NN votes the same; ASMK* (descriptors rounded to float16 first) the same codebook and scores
-    centroids = {dtype: asmk_index.train_codebook(np.concatenate([f["descriptors"] for f in db[dtype]]),
+    centroids = {dtype: codebook_module.train_codebook(np.concatenate([f["descriptors"] for f in db[dtype]]),
                                                   AsmkConfig(codebook_size=32)) for dtype in paths}
     np.testing.assert_array_equal(centroids["float16"], centroids["float32"])
     asmk, votes = {}, {}

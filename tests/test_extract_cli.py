@@ -15,15 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-import extract.extraction as extraction_module
+import extract.extraction.extract_features as extraction_module
 from extract.config import DEFAULT_SCALES, EvalConfig, ExtractionConfig, MatchConfig
 from extract.evaluate import build_parser as evaluate_parser
-from extract.extraction import default_workers, extract_features, fit_pca_file
+from extract.extraction.extract_features import default_workers, extract_features
+from extract.extraction.feature_file import feature_names, file_attrs, read_features
+from extract.extraction.pca import fit_pca, save_pca
+from extract.extraction.pca_fitting import fit_pca_file
 from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
-from extract.features import feature_names, file_attrs, read_features
 from extract.matcher import parse_args as matcher_args
-from extract.pca import fit_pca, save_pca
 from tests.utils import (
     assert_same_features,
     make_image_folder,
@@ -32,8 +33,8 @@ from tests.utils import (
     write_bad_images,
     write_odd_images,
 )
-from train.checkpoint import file_sha256
 from train.cli import config_from_args
+from train.outputs import file_sha256
 from train.runtime import PROJECT_ROOT, repo_dir
 
 EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"

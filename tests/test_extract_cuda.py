@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from extract.config import DEFAULT_SCALES, ExtractionConfig
-from extract.extraction import extract_features
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.extract_features import extract_features
+from extract.extraction.feature_file import FeatureFileError, file_attrs, iter_features
+from extract.extraction.pca import fit_pca
 from extract.extractor import main
-from extract.features import FeatureFileError, file_attrs, iter_features
-from extract.pca import fit_pca
-from extract.pipeline import DelfExtractor
 from tests.utils import photo
 from train.delf import Delf
 from train.runtime import deterministic_mode

@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.extraction import feature_writer
-from extract.features import (
+from extract.extraction.extract_features import feature_writer
+from extract.extraction.feature_file import (
     INCOMPLETE,
     FeatureFileError,
     FeatureWriter,

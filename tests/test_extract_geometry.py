@@ -1,4 +1,4 @@
-"""Keypoint geometry (the half-pixel mapping of extract/pipeline.py): stored keypoints are the
+"""Keypoint geometry (the half-pixel mapping of extract/extraction/delf_extractor.py): stored keypoints are the
 centres of the features' input-gradient support in the ORIGINAL image, at every pyramid scale,
 through the resizes and the model."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from extract.config import DEFAULT_SCALES, ExtractionConfig
-from extract.pipeline import DelfExtractor, box_centres, cell_boxes, to_original
+from extract.extraction.delf_extractor import DelfExtractor, box_centres, cell_boxes, to_original
 from tests.utils import photo
 from train.delf import Delf
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.images import BadImage, InputError, list_images, load_image, to_rgb
+from extract.extraction.images import BadImage, InputError, list_images, load_image, to_rgb
 from tests.utils import write_bad_images, write_odd_images
 
 

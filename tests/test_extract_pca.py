@@ -9,10 +9,10 @@ import torch
 from sklearn.decomposition import PCA
 
 from extract.config import ExtractionConfig
-from extract.pca import PcaError, Reservoir, apply_pca, fit_pca, load_pca, merge_samples, save_pca
-from extract.pipeline import DelfExtractor
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.pca import PcaError, Reservoir, apply_pca, fit_pca, load_pca, merge_samples, save_pca
 from tests.utils import save_keypoint_checkpoint
-from train.checkpoint import file_sha256
+from train.outputs import file_sha256
 
 
 def _data(n: int = 2000, dim: int = 64) -> np.ndarray:

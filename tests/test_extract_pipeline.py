@@ -11,11 +11,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-import extract.images as images_module
+import extract.extraction.images as images_module
 from extract.config import ExtractionConfig
-from extract.images import ImageDataset, shrink
-from extract.pca import fit_pca
-from extract.pipeline import (
+from extract.extraction.delf_extractor import (
     DelfExtractor,
     cell_boxes,
     fit_size,
@@ -24,6 +22,8 @@ from extract.pipeline import (
     nms_top_k,
     too_small,
 )
+from extract.extraction.images import ImageDataset, shrink
+from extract.extraction.pca import fit_pca
 from tests.utils import photo
 from train.delf import Delf, ReceptiveField
 

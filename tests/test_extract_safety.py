@@ -16,11 +16,11 @@ from typing import Iterator
 import pytest
 
 from extract.config import ExtractionConfig
-from extract.extraction import extract_features
+from extract.extraction.extract_features import extract_features
+from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, read_features
 from extract.extractor import main
-from extract.features import FeatureFileError, FeatureWriter, feature_names, read_features
 from tests.utils import assert_same_features, make_image_folder, script_env, wait_for_groups
-from train.locking import OutputInUse, OutputLock
+from train.outputs import OutputInUse, OutputLock
 from train.runtime import PROJECT_ROOT
 
 EXTRACTOR = PROJECT_ROOT / "extract" / "extractor.py"
@@ -53,7 +53,7 @@ def held_by_another_process(code: str) -> Iterator[int]:
 
 
 def lock_code(path: Path) -> str:
-    return f"import sys\nfrom train.locking import OutputLock\nlock = OutputLock({str(path)!r})"
+    return f"import sys\nfrom train.outputs import OutputLock\nlock = OutputLock({str(path)!r})"
 
 
 def one_error_line(err: str) -> str:

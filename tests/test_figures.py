@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from extract.evaluate import main
-from extract.figures import AP_CHART, ap_figure, ranking_figure, save
-from extract.images import image_path, list_images
-from extract.metrics import compute_map, protocol_gnd
-from extract.revisitop import Dataset, load_dataset
+from extract.evaluation.figures import AP_CHART, ap_figure, ranking_figure, save
+from extract.evaluation.metrics import compute_map, protocol_gnd
+from extract.evaluation.revisitop import Dataset, load_dataset
+from extract.extraction.images import image_path, list_images
 from tests.test_evaluate import write_gnd
 from tests.utils import PHOTOS, photo
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from extract.errors import InputMismatch
-from extract.global_retrieval import global_matrix, global_scores
-from extract.retrieval import rank
+from extract.retrieval.global_ranking import global_matrix, global_scores
+from extract.retrieval.vote import rank
 from tests.utils import unit
 
 

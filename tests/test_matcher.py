@@ -14,11 +14,11 @@ from scipy.spatial import cKDTree
 
 import extract.matcher as matcher_module
 from extract.config import MatchConfig
-from extract.drawing import draw_matches
 from extract.errors import InputMismatch, OptionError
-from extract.features import FeatureWriter
+from extract.extraction.feature_file import FeatureWriter
 from extract.matcher import main
-from extract.matching import (
+from extract.matching.drawing import draw_matches
+from extract.matching.verification import (
     MatchResult,
     degenerate,
     local_linear_maps,

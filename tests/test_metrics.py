@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extract.errors import InputMismatch
-from extract.metrics import check_ranks, compute_map, evaluate, format_table, protocol_gnd
+from extract.evaluation.metrics import check_ranks, compute_map, evaluate, format_table, protocol_gnd
 
 
 def one_query(ranking: list[int], ok: list[int], junk: list[int] = ()) -> tuple[float, np.ndarray]:

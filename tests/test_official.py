@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 from extract.config import ExtractionConfig, with_recorded
-from extract.datum import DatumError, parse_datum, read_datum
-from extract.features import file_attrs, read_features
-from extract.images import resize_tf1
-from extract.official import OFFICIAL_EXTRACTION, tf_name
-from extract.pipeline import to_original
+from extract.extraction.delf_extractor import to_original
+from extract.extraction.feature_file import file_attrs, read_features
+from extract.extraction.images import resize_tf1
+from extract.official.convert import OFFICIAL_EXTRACTION, tf_name
+from extract.official.datum import DatumError, parse_datum, read_datum
 from tests.official.datum_proto import datum_bytes
 from tests.utils import photo, script_env
 from train.checkpoint import load_file, load_model
@@ -169,7 +169,7 @@ def test_convert_refuses_a_folder_that_is_not_a_release(tmp_path: Path, expr: st
 
 
 def test_convert_without_tensorflow_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.official import ConversionError, list_variables
+    from extract.official.convert import ConversionError, list_variables
 
     (tmp_path / "model" / "variables").mkdir(parents=True)
     (tmp_path / "model" / "saved_model.pb").write_bytes(b"")

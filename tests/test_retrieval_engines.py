@@ -1,5 +1,5 @@
-"""The retrieval engines: faiss k-NN and k-means (extract/index.py), ASMK* and its codebook
-store (extract/asmk_index.py), checked against brute force and against the asmk package."""
+"""The retrieval engines: faiss k-NN and k-means (extract/retrieval/faiss_search.py), ASMK* and its
+codebook store (extract/retrieval/asmk/), checked against brute force and against the asmk package."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -13,22 +13,14 @@ from asmk import ASMKMethod
 from asmk.codebook import Codebook
 from asmk.index import initialize_index
 
-import extract.asmk_index as asmk_index
-from extract.asmk_index import (
-    AsmkIndex,
-    CodebookError,
-    VisualWords,
-    aggregate,
-    code_columns,
-    code_record,
-    codebook,
-    load_codebook,
-    save_codebook,
-)
+import extract.retrieval.asmk.codebook as codebook_module
 from extract.config import AsmkConfig, IndexConfig
 from extract.errors import InputMismatch, OptionError
-from extract.evaluate import CODEBOOK_LEGACY
-from extract.index import KnnIndex, auto_nlist, faiss_threads, kmeans
+from extract.evaluation.asmk_database import CODEBOOK_LEGACY
+from extract.retrieval.asmk.codebook import CodebookError, VisualWords, codebook, load_codebook, save_codebook
+from extract.retrieval.asmk.kernel import aggregate, code_columns, code_record
+from extract.retrieval.asmk.memory_index import AsmkIndex
+from extract.retrieval.faiss_search import KnnIndex, auto_nlist, faiss_threads, kmeans
 from tests.utils import held_bytes, unit
 
 
@@ -251,8 +243,8 @@ def test_descriptors_are_rounded_to_float16_first() -> None:
     x16 = exact16(x)
     assert (x != x16).mean() > 0.9
     cfg = AsmkConfig(codebook_size=512)
-    centroids = asmk_index.train_codebook(x, cfg)
-    np.testing.assert_array_equal(centroids, asmk_index.train_codebook(x16, cfg))
+    centroids = codebook_module.train_codebook(x, cfg)
+    np.testing.assert_array_equal(centroids, codebook_module.train_codebook(x16, cfg))
     db, db16 = np.split(x, 12), np.split(x16, 12)
     scores = AsmkIndex(centroids, db, cfg).scores(db[:4])
     np.testing.assert_array_equal(scores, AsmkIndex(centroids, db16, cfg).scores(db16[:4]))
@@ -316,9 +308,9 @@ def test_hnsw_assignment_agrees_with_exact(monkeypatch: pytest.MonkeyPatch) -> N
     assert hnsw.assign(q[:0], 5).shape == (0, 5) and hnsw.assign(q[:3], 9000).shape == (3, 2048)
     # auto: HNSW from HNSW_MIN_WORDS words of at most HNSW_MAX_DIM dimensions (exact otherwise)
     assert VisualWords(centroids).kind == "exact"
-    monkeypatch.setattr(asmk_index, "HNSW_MIN_WORDS", 2048)
+    monkeypatch.setattr(codebook_module, "HNSW_MIN_WORDS", 2048)
     assert VisualWords(centroids).kind == "hnsw"
-    monkeypatch.setattr(asmk_index, "HNSW_MAX_DIM", 31)
+    monkeypatch.setattr(codebook_module, "HNSW_MAX_DIM", 31)
     assert VisualWords(centroids).kind == "exact"
     assert AsmkIndex(centroids, [x[:100]], AsmkConfig(assignment="exact")).words.kind == "exact"
     with pytest.raises(OptionError, match="word assignment 'fast': expected one of auto, hnsw, exact"):
@@ -365,7 +357,7 @@ def test_codebook_trained_once_stored_and_reused(tmp_path: Path,
     assert attrs["source"] == "/data/rparis6k"
     np.testing.assert_array_equal(kmeans(x, 32, niter=cfg.kmeans_iters, seed=cfg.seed), c)
     # reused: no descriptors read, no training
-    monkeypatch.setattr(asmk_index, "train_codebook", lambda *a: pytest.fail("retrained"))
+    monkeypatch.setattr(codebook_module, "train_codebook", lambda *a: pytest.fail("retrained"))
     again = codebook(path, descriptors, cfg, {"pca_dims": 16, "source": "/data/rparis6k"})
     np.testing.assert_array_equal(again, c)
     assert calls == [1]

@@ -374,7 +374,7 @@ def test_attention_pool_flag_reaches_the_model_and_guards_resume(tmp_path: Path)
 def test_training_loader_applies_exif_orientation(tmp_path: Path) -> None:
     """A JPEG stored 40 wide x 20 high with Orientation 6 (rotate 90 degrees clockwise to display)
     loads 20 wide x 40 high, its pixels the stored ones turned clockwise - as extraction loads it."""
-    from extract.images import load_image
+    from extract.extraction.images import load_image
     from train.dataloader import ImageFolder, val_transform
 
     stored = np.zeros((20, 40, 3), dtype=np.uint8)
@@ -542,7 +542,7 @@ def test_a_checkpoint_holding_python_objects_is_refused_in_one_line(tmp_path: Pa
 
 def _hold_lock(stage: Path) -> subprocess.Popen:
     """Another process holding the trainer's lock on ``stage``, as a running trainer does."""
-    code = ("import sys, time; from train.locking import OutputLock; "
+    code = ("import sys, time; from train.outputs import OutputLock; "
             "lock = OutputLock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([PYTHON, "-c", code, str(stage)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -651,7 +651,7 @@ def test_slim_layout_trains_the_keypoint_stage_of_an_official_model(image_data: 
     extract/convert_official.py writes it), keeps its backbone frozen, and records the layout and
     the (pixel - 128) / 128 input normalisation; a torchvision-layout run refuses that checkpoint,
     and a slim finetune run asks for weights instead of ImageNet's."""
-    from extract.official import new_model
+    from extract.official.convert import new_model
 
     torch.manual_seed(0)
     official = tmp_path / "fix.pth.tar"

@@ -20,15 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.demo_data import landmark_photo
-from extract.features import feature_names, iter_features
+from extract.extraction.feature_file import feature_names, iter_features
+from extract.make_demo.landmarks import landmark_photo
 from train.checkpoint import atomic_save, checkpoint_dict, load_file
 from train.delf import Delf
 from train.delg import Delg
 from train.runtime import PROJECT_ROOT, repo_dir
 
 # scikit-image's bundled photographs (CC0); distinct scenes, one class each (the demo's are its own:
-# extract/demo_data.py LANDMARKS).
+# extract/make_demo/landmarks.py LANDMARKS).
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
           "colorwheel", "camera", "brick", "coins")
 

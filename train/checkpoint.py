@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe (weights_only) reads, and models rebuilt from them.
+"""Checkpoints: the format, safe (weights_only) reads, and models rebuilt from them (atomic writes:
+train/outputs.py).
 
 Two formats load:
 - this project's: a dict with ``state_dict`` (the whole model), ``arch``, ``target_layer``,
@@ -7,56 +8,40 @@ Two formats load:
   ``layout`` or ``input_norm`` existed mean "sum", "torchvision" and "imagenet"), for a
   delg-stage model ``block3_strides`` (files written before it existed were trained at stride
   16: False); a converted official model also has ``source`` (where it came from) and
-  ``extraction`` (its official extraction settings: extract/official.py);
+  ``extraction`` (its official extraction settings: extract/official/convert.py);
 - the seed repo's: per-module state dicts under ``base``, ``layer4``, ``attn``, ``pool``,
   ``logits`` (its attention head has no BatchNorm; the model is built in that shape).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .config import STAGES
-from .delf import ARCHS, LAYOUTS, TARGET_LAYERS, Delf, feature_dim
-from .delg import CLASSIFIERS, Delg
-from .layers import ATTENTION_POOLS, INPUT_NORMS
+from train.config import STAGES
+from train.delf import ARCHS, LAYOUTS, TARGET_LAYERS, Delf, feature_dim
+from train.delg import CLASSIFIERS, Delg
+from train.layers import ATTENTION_POOLS, INPUT_NORMS
+from train.outputs import atomic_path
 
 SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")
+
+
 # The settings a checkpoint of this project's format records, and the values a model can be built with.
 RECORDED = {"arch": ARCHS, "target_layer": TARGET_LAYERS, "stage": STAGES,
             "attention_pool": ATTENTION_POOLS, "layout": LAYOUTS, "input_norm": tuple(INPUT_NORMS)}
+
+
 _SEED_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
                (True, 23): "resnet101", (True, 36): "resnet152"}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model asked for."""
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path in ``path``'s folder to write; renamed over ``path`` when the block succeeds,
-    removed when it fails. Readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -115,14 +100,6 @@ def pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torchvision ResNet state_dict file (bare, or under ``state_dict``) for ``--pretrained PATH``."""
     state = load_file(path)
     return state.get("state_dict", state)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_seed_format(ckpt: dict[str, Any]) -> bool:

@@ -20,7 +20,7 @@ from train.checkpoint import CheckpointError
 from train.config import TrainConfig, parse_args
 from train.dataloader import DataError
 from train.delf import PretrainedUnavailable
-from train.locking import OutputWriteError
+from train.outputs import OutputWriteError
 from train.run import RunRefused, train
 from train.runtime import setup_logging, setup_runtime, teardown_runtime
 from train.solver import TrainingDiverged

@@ -16,14 +16,14 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, describe_file, file_sha256, load_backbone, load_file, pretrained_state
+from .checkpoint import CheckpointError, describe_file, load_backbone, load_file, pretrained_state
 from .config import TrainConfig
 from .dataloader import ImageFolder, check_ncls, default_workers, image_folders, loaders, train_transform, val_transform
 from .delf import Delf, Pretrained, PretrainedUnavailable
 from .delg import Delg, LossWeights
 from .gldv2 import Gldv2Images, read_gldv2
-from .locking import OutputInUse, OutputLock
 from .objective import Classification, DelgObjective, Objective
+from .outputs import OutputInUse, OutputLock, file_sha256
 from .runtime import Runtime, deterministic_mode, seed_everything, setup_runtime, teardown_runtime
 from .solver import Settings, Solver
 
@@ -42,7 +42,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None) -> Path:
     another process trains there), DataError, CheckpointError, PretrainedUnavailable,
     TrainingDiverged, OutputWriteError (in both, the last good checkpoint stays in ``ckpt/``).
 
-    Rank 0 holds an exclusive lock on the folder (:class:`train.locking.OutputLock`, beside it
+    Rank 0 holds an exclusive lock on the folder (:class:`train.outputs.OutputLock`, beside it
     as ``<stage>.lock``) for the whole run; the OS releases it when the process ends, however.
     A folder whose ``ckpt/last.pth.tar`` exists is only used with ``resume`` (continue it) or
     ``overwrite`` (delete its checkpoints and logs once the data and model are ready, then

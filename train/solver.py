@@ -25,8 +25,8 @@ from .checkpoint import CheckpointError, atomic_save, checkpoint_dict
 from .config import TrainConfig
 from .delf import Delf
 from .delg import Delg
-from .locking import OutputWriteError
 from .objective import Classification, Objective, StepOutput
+from .outputs import OutputWriteError
 from .runtime import Runtime, autocast, epoch_seed, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")

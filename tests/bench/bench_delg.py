@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from extract.index import faiss_threads
+from extract.retrieval.faiss_search import faiss_threads
 from tests.bench.common import compare, machine_report, test_image, unit
 from train.runtime import limit_threads
 
@@ -40,7 +40,7 @@ def flops(ex: Callable[[Image.Image], object], image: Image.Image) -> int:
 
 
 def bench_extract(args: argparse.Namespace) -> None:
-    from extract.pipeline import DelfExtractor
+    from extract.extraction.delf_extractor import DelfExtractor
     from train.delg import Delg
 
     image = test_image(args.width, args.height)
@@ -61,8 +61,8 @@ def bench_extract(args: argparse.Namespace) -> None:
 
 
 def bench_search(args: argparse.Namespace) -> None:
-    from extract.global_retrieval import global_scores
-    from extract.retrieval import rank
+    from extract.retrieval.global_ranking import global_scores
+    from extract.retrieval.vote import rank
 
     rng = np.random.default_rng(0)
     db = unit(rng.standard_normal((args.db, args.dim), dtype=np.float32))

@@ -32,14 +32,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from extract.config import DEFAULT_SCALES, ExtractionConfig
-from extract.extraction import default_workers, extract_features
-from extract.features import FeatureWriter
-from extract.pca import fit_pca, save_pca
-from extract.pipeline import DelfExtractor
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.extract_features import default_workers, extract_features
+from extract.extraction.feature_file import FeatureWriter
+from extract.extraction.pca import fit_pca, save_pca
 from tests.bench.common import compare, machine_report, test_image, timed
 from tests.utils import PHOTOS, save_keypoint_checkpoint
-from train.checkpoint import file_sha256
 from train.delf import Delf
+from train.outputs import file_sha256
 from train.runtime import limit_threads, native_bf16
 
 
@@ -102,7 +102,7 @@ def main() -> None:
 def layouts(args: argparse.Namespace, pca: dict[str, np.ndarray]) -> None:
     """Section 5: the pipeline with a slim-layout model (a converted official one, random weights)
     and the official settings, beside the default torchvision layout, on CPU."""
-    from extract.official import OFFICIAL_EXTRACTION, new_model
+    from extract.official.convert import OFFICIAL_EXTRACTION, new_model
 
     torch.manual_seed(0)
     native = Delf(10, arch="resnet50", stage="inference", target_layer="layer3").eval()

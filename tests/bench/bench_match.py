@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import ransac
 from skimage.transform import AffineTransform
 
-from extract.matching import match_descriptors, match_features, verify
+from extract.matching.verification import match_descriptors, match_features, verify
 from tests.bench.common import compare, machine_report, unit
 
 N, DIM, N_TRUE, N_FALSE = 1000, 40, 300, 100

@@ -10,7 +10,7 @@ descriptors) on synthetic clustered descriptors.
   inverted-file scan apart) with exact and with HNSW word assignment, database assignment time,
   HNSW's words against the exact ones (m = 1 and 5) and its rankings against exact assignment's
   (top-1, top-10 overlap), index memory per image, extrapolation to ROxf+1M.
-- stored: the ASMK* index on disk (extract/asmk_store.py) of a synthetic database whose images
+- stored: the ASMK* index on disk (extract/retrieval/asmk/stored_index.py) of a synthetic database whose images
   share visual words as real ones do (each image draws its words from one of a few hundred
   scenes' pools of Zipf-popular words; the distinct words per image are printed), built to the
   first --stored_images size, queried, then grown to the next: build and growth time (and that
@@ -62,14 +62,16 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from extract.asmk_index import AsmkIndex, VisualWords, aggregate, codebook, rounded
-from extract.asmk_store import ForwardStore, StoredIndex, build_inverted, index_identity, update_index
 from extract.config import AsmkConfig, ExtractionConfig, IndexConfig, with_recorded
-from extract.extraction import extract_features, load_extractor
-from extract.features import FeatureWriter, iter_features, plain_attr
-from extract.index import KnnIndex, faiss_threads, kmeans
-from extract.pca import load_pca
-from extract.retrieval import rank
+from extract.extraction.extract_features import extract_features, load_extractor
+from extract.extraction.feature_file import FeatureWriter, iter_features, plain_attr
+from extract.extraction.pca import load_pca
+from extract.retrieval.asmk.codebook import VisualWords, codebook, rounded
+from extract.retrieval.asmk.kernel import aggregate
+from extract.retrieval.asmk.memory_index import AsmkIndex
+from extract.retrieval.asmk.stored_index import ForwardStore, StoredIndex, build_inverted, index_identity, update_index
+from extract.retrieval.faiss_search import KnnIndex, faiss_threads, kmeans
+from extract.retrieval.vote import rank
 from tests.bench.common import machine_report, timed, unit
 from train.runtime import repo_dir
 

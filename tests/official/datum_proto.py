@@ -1,5 +1,5 @@
 """``delf.protos.DatumProto`` declared from its .proto definition with the protobuf library, to make
-``.datum`` bytes independently of extract/datum.py (used by the tests and by tf_reference.py)."""
+``.datum`` bytes independently of extract/official/datum.py (used by the tests and by tf_reference.py)."""
 from __future__ import annotations
 
 import numpy as np

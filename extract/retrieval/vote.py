@@ -1,27 +1,24 @@
-"""Image retrieval with DeLF local features: initial ranking by nearest-neighbour votes
-("vote"; ASMK* lives in extract/asmk_index.py), and re-ranking of a shortlist by RANSAC inliers,
-as the DeLF paper and the official image_reranking.py (matching defaults: extract/config.py,
-MatchConfig).
+"""Initial ranking by nearest-neighbour votes of DeLF local features ("vote"; ASMK* is
+extract/retrieval/asmk/).
 
 The vote index keeps every database descriptor (unit length, float32) and searches them with
-faiss (extract/index.py): exactly for small databases, through an inverted file for large ones.
+faiss (extract/retrieval/faiss_search.py): exactly for small databases, through an inverted file
+for large ones.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from extract.config import MatchConfig
 from extract.errors import InputMismatch
-from extract.index import IndexConfig, KnnIndex, as_rows
-from extract.matching import match_features
+from extract.retrieval.faiss_search import IndexConfig, KnnIndex, as_rows
 
 
 class DescriptorIndex:
     """The database descriptors of many images (kept in their original order, for
-    verification), searchable by k-NN through a faiss index (extract/index.py)."""
+    verification), searchable by k-NN through a faiss index (extract/retrieval/faiss_search.py)."""
 
     def __init__(self, descriptors: Sequence[np.ndarray], nlist: int = 0) -> None:
         """``descriptors[i]``: (n_i, D) unit descriptors of image i; ``nlist`` 0: auto (exact
@@ -80,38 +77,6 @@ def vote_scores(sims: np.ndarray, images: np.ndarray, num_images: int) -> np.nda
 def rank(scores: np.ndarray) -> np.ndarray:
     """Database indices by decreasing score; ties by increasing index."""
     return np.lexsort((np.arange(len(scores)), -scores))
-
-
-class Verifier:
-    """RANSAC inlier counts of one query against database images, computed once per image."""
-
-    def __init__(self, query: Mapping[str, np.ndarray], database: Callable[[int], Mapping[str, Any]],
-                 conf: MatchConfig | None = None) -> None:
-        self.query, self.database, self.conf = query, database, conf or MatchConfig()
-        self._inliers: dict[int, int] = {}
-
-    def __call__(self, i: int) -> int:
-        if i not in self._inliers:
-            self._inliers[i] = self._count(self.database(i))
-        return self._inliers[i]
-
-    def _count(self, db: Mapping[str, Any]) -> int:
-        # as image_reranking.py: query descriptors matched into the database image, and
-        # <= 3 putative matches count 0
-        res = match_features(db, self.query, self.conf)
-        return 0 if len(res.matches) <= 3 else res.num_inliers
-
-
-def rerank(order: np.ndarray, scores: np.ndarray, inliers: Callable[[int], int], top: int,
-           junk: Iterable[int] = ()) -> np.ndarray:
-    """Re-rank by (RANSAC inliers, initial score): the first ``top`` non-junk images of ``order``
-    are verified, every other image counts 0 inliers; ties by increasing index."""
-    is_junk = np.zeros(len(order), dtype=bool)
-    is_junk[np.asarray(list(junk), dtype=np.int64)] = True
-    counts = np.zeros(len(order), dtype=np.int64)
-    for i in order[~is_junk[order]][:top]:
-        counts[i] = inliers(int(i))
-    return np.lexsort((np.arange(len(order)), -scores, -counts))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A release folder (as unpacked from the official download) holds ``model/`` (a TF1 SavedModel:
 ``saved_model.pb``, ``variables/variables.{index,data-00000-of-00001}``) and ``pca/``
-(``mean.datum``, ``pca_proj_mat.datum``, ``pca_vars.datum``: extract/datum.py). The network is
+(``mean.datum``, ``pca_proj_mat.datum``, ``pca_vars.datum``: extract/official/datum.py). The network is
 TF-slim's ``resnet_v1_50`` up to block3 and DELF's attention block
 (``attention_block/attention/compute/{conv1 (1x1, BatchNorm, ReLU), conv2 (1x1, bias)}``, then
 softplus); it becomes a :class:`train.delf.Delf` with ``layout="slim"``, ``input_norm="tf"``.
@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.datum import DatumError, read_datum
 from extract.errors import UserError
-from extract.pca import save_pca
-from train.checkpoint import atomic_path, checkpoint_dict, file_sha256
+from extract.extraction.pca import save_pca
+from extract.official.datum import DatumError, read_datum
+from train.checkpoint import checkpoint_dict
 from train.delf import Delf
+from train.outputs import atomic_path, file_sha256
 from train.runtime import repo_dir
 
 SLIM_SCOPE = "resnet_v1_50"

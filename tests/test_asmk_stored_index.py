@@ -1,4 +1,4 @@
-"""The stored ASMK* index (extract/asmk_store.py): varints by hand, scores equal to the in-memory
+"""The stored ASMK* index (extract/retrieval/asmk/stored_index.py): varints by hand, scores equal to the in-memory
 index, resumed and grown builds equal to one build, refusals and corrupt files in one line,
 bytes per entry on clustered data."""
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
-import extract.asmk_store as asmk_store
-from extract.asmk_index import AsmkIndex, VisualWords
-from extract.asmk_store import (
+import extract.retrieval.asmk.stored_index as stored_index_module
+from extract.config import AsmkConfig
+from extract.retrieval.asmk.codebook import VisualWords
+from extract.retrieval.asmk.memory_index import AsmkIndex
+from extract.retrieval.asmk.stored_index import (
     AsmkIndexError,
     StoredIndex,
     decode_varints,
@@ -23,9 +25,8 @@ from extract.asmk_store import (
     update_index,
     varint_sizes,
 )
-from extract.config import AsmkConfig
 from tests.utils import unit
-from train.locking import OutputLock
+from train.outputs import OutputLock
 
 ROOT = Path(__file__).resolve().parents[1]
 INVERTED = ("codes.npy", "ids.npy", "offsets.npy", "id_offsets.npy", "counts.npy", "meta.json")
@@ -120,8 +121,8 @@ KILLED = """
 import os, signal, sys
 import numpy as np
 sys.path.insert(0, {root!r})
-from extract.asmk_index import VisualWords
-from extract.asmk_store import update_index
+from extract.retrieval.asmk.codebook import VisualWords
+from extract.retrieval.asmk.stored_index import update_index
 from extract.config import AsmkConfig
 data = np.load({data!r})
 keys = [f"i{{i:02d}}" for i in range(len(data.files) - 1)]
@@ -186,7 +187,7 @@ def test_changed_codebook_features_or_database_are_refused(tmp_path: Path, monke
     update_index(tmp_path / "graph", VisualWords(centroids, hnsw), hnsw, keys, reader(db), {"pca_dims": 40})
     with monkeypatch.context() as m, pytest.raises(AsmkIndexError, match="hnsw_storage: 'float16' in the index, "
                                                                            "'float32' now"):
-        m.setattr(asmk_store, "HNSW_STORAGE", "float32")   # a graph comparing the centroids otherwise
+        m.setattr(stored_index_module, "HNSW_STORAGE", "float32")   # a graph comparing the centroids otherwise
         update_index(tmp_path / "graph", VisualWords(centroids, hnsw), hnsw, keys, reader(db), {"pca_dims": 40})
     with pytest.raises(AsmkIndexError, match=rf"^{folder}: holds 1 images that the database does not have now "
                                              r"\(e.g. 'i00'\)"):

@@ -1,20 +1,25 @@
-"""One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole run.
+"""Writing outputs safely, for train/ and extract/ alike: atomic replacement (:func:`atomic_path`),
+file identity (:func:`file_sha256`), and one writer per output (:class:`OutputLock`).
 
-The lock lives in a small side file ``<output>.lock`` beside the output (file or folder) that
-records the holder's pid and start time. The kernel releases the lock when its holder exits,
-however it exits (SIGKILL included), so a stale side file never blocks the next run; the file
-itself is left in place (removing it could race with a process that just opened it).
+One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole run. The lock lives
+in a small side file ``<output>.lock`` beside the output (file or folder) that records the holder's
+pid and start time. The kernel releases the lock when its holder exits, however it exits (SIGKILL
+included), so a stale side file never blocks the next run; the file itself is left in place
+(removing it could race with a process that just opened it).
 Forked children (DataLoader workers) close their copy of the lock file at once, so that workers
 orphaned by a killed holder never keep its lock alive.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import tempfile
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 _HELD: weakref.WeakSet[OutputLock] = weakref.WeakSet()
 
@@ -92,3 +97,30 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path in ``path``'s folder to write; renamed over ``path`` when the block succeeds,
+    removed when it fails. Readers see the old file or the complete new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import torch
 
-from extract.features import check_room
-from train.checkpoint import atomic_path
+from extract.extraction.feature_file import check_room
+from train.outputs import atomic_path
 
 PCA_KEYS = ("pca_matrix", "pca_mean", "pca_vars")
 
@@ -86,7 +86,7 @@ def fit_pca(descriptors: np.ndarray) -> dict[str, np.ndarray]:
 
 def save_pca(path: str | Path, params: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Write the PCA file atomically (temp file in the same folder, then rename); OSError(ENOSPC)
-    before anything is written when the disk lacks room (see extract.features.check_room)."""
+    before anything is written when the disk lacks room (see extract.extraction.feature_file.check_room)."""
     check_room(path, sum(np.asarray(params[key]).nbytes for key in PCA_KEYS))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in PCA_KEYS:

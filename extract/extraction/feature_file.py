@@ -5,9 +5,9 @@ float32 x, y; ``descriptors`` (N, D) float32, or float16 when the root attribute
 ``descriptor_dtype`` says so (readers return float32); ``scores`` (N,) float32; ``scales`` (N,) float32;
 ``image_size`` int32 [w, h]; optional ``attention`` float16 (h, w) at scale 1.0; with a DELG
 model, ``global_descriptor`` (D,) float32, unit length (zero for an image too small). Root attributes:
-``format`` and the extraction parameters (extract/extraction.py, ``feature_attrs``: the
+``format`` and the extraction parameters (extract/extraction/extract_features.py, ``feature_attrs``: the
 ExtractionConfig fields, the model, the checkpoint's and PCA file's sha256). Keypoints are in
-pixels of the original image (half-pixel mapping, see extract/pipeline.py).
+pixels of the original image (half-pixel mapping, see extract/extraction/delf_extractor.py).
 
 A group is built under ``/__incomplete__`` and moved to its name only when complete, then the
 file is flushed; so a killed run leaves whole groups only, and a rerun skips them.

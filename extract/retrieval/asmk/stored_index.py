@@ -21,7 +21,7 @@ arrays (never a pickle):
 
 The identity (the codebook's sha256, the aggregation parameters, the features' extraction
 attributes) is compared on reuse; an index made otherwise is refused with the differences.
-Concurrent builds of one folder are refused by a lock (train/locking.py).
+Concurrent builds of one folder are refused by a lock (train/outputs.py).
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from extract.asmk_index import (
-    DESCRIPTOR_ROUNDING,
-    HNSW_STORAGE,
-    VisualWords,
+from extract.config import AsmkConfig
+from extract.errors import UserError
+from extract.retrieval.asmk.codebook import DESCRIPTOR_ROUNDING, HNSW_STORAGE, VisualWords
+from extract.retrieval.asmk.kernel import (
     code_record,
     concat_ranges,
     image_norms,
@@ -46,10 +46,7 @@ from extract.asmk_index import (
     represent,
     similarity_kernel,
 )
-from extract.config import AsmkConfig
-from extract.errors import UserError
-from train.checkpoint import atomic_path
-from train.locking import OutputInUse, OutputLock
+from train.outputs import OutputInUse, OutputLock, atomic_path
 
 FORWARD_FORMAT = "delf-pytorch asmk forward store 1"
 INVERTED_FORMAT = "delf-pytorch asmk inverted file 1"
@@ -332,7 +329,7 @@ def build_inverted(forward: ForwardStore, out: Path, num_words: int, chunk: int 
 
 class StoredIndex:
     """An inverted file on disk (:func:`build_inverted`), memory-mapped: a query reads the lists
-    of its words only. Scores equal :class:`extract.asmk_index.AsmkIndex`'s on the same images."""
+    of its words only. Scores equal :class:`extract.retrieval.asmk.memory_index.AsmkIndex`'s on the same images."""
 
     def __init__(self, folder: Path, words: VisualWords, config: AsmkConfig | None = None,
                  identity: Mapping[str, Any] | None = None) -> None:
@@ -390,7 +387,7 @@ class StoredIndex:
 
     def search(self, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of an aggregated query (as
-        :meth:`extract.asmk_index.AsmkIndex.search`)."""
+        :meth:`extract.retrieval.asmk.memory_index.AsmkIndex.search`)."""
         lo = self.offsets[words]
         lengths = self.offsets[words + 1] - lo
         entry = concat_ranges(lo, lengths)

@@ -16,20 +16,26 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from extract.extraction import (
+from extract.evaluation.revisitop import Dataset, EvalError
+from extract.extraction.delf_extractor import DelfExtractor
+from extract.extraction.extract_features import (
     Existing,
-    OutputWriteError,
     Written,
     extract_features,
     feature_attrs,
     feature_writer,
     write_failure,
 )
-from extract.features import GLOBAL_KEY, FeatureFileError, feature_names, iter_features, open_features, read_array
-from extract.images import BadImage, InputError, list_images, load_image
-from extract.pipeline import DelfExtractor
-from extract.revisitop import Dataset, EvalError
-from train.locking import OutputInUse, OutputLock
+from extract.extraction.feature_file import (
+    GLOBAL_KEY,
+    FeatureFileError,
+    feature_names,
+    iter_features,
+    open_features,
+    read_array,
+)
+from extract.extraction.images import BadImage, InputError, list_images, load_image
+from train.outputs import OutputInUse, OutputLock, OutputWriteError
 
 log = logging.getLogger("delf")
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from extract.matching import MatchResult
+from extract.matching.verification import MatchResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

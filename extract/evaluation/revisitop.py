@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from extract.errors import InputMismatch
-from extract.metrics import check_ranks
+from extract.evaluation.metrics import check_ranks
 
 DATASETS = ("roxford5k", "rparis6k")
 

@@ -1,13 +1,13 @@
-"""Extraction over many images: a feature file (:func:`extract_features`) or a PCA file
-(:func:`fit_pca_file`) from an image folder or list. Callable from Python; extractor.py is the CLI.
+"""Extraction over many images into a feature file: :func:`extract_features` from an image folder
+or list. Callable from Python; extractor.py is the CLI.
 
-    from extract.config import ExtractionConfig, PcaFitConfig
-    from extract.extraction import extract_features
+    from extract.config import ExtractionConfig
+    from extract.extraction.extract_features import extract_features
     report = extract_features(ExtractionConfig(), "fix.pth.tar", "images/", "features.h5", pca_path="pca.h5")
 
-The feature file's layout is described in extract/features.py; its root attributes are the
-:class:`~extract.config.ExtractionConfig` in effect (``dataclasses.asdict``) plus the model and
-run facts of :func:`feature_attrs`. Rerunning resumes: images already in the file are skipped.
+The feature file's layout is described in extract/extraction/feature_file.py; its root attributes
+are the :class:`~extract.config.ExtractionConfig` in effect (``dataclasses.asdict``) plus the model
+and run facts of :func:`feature_attrs`. Rerunning resumes: images already in the file are skipped.
 Under torchrun, pass ``share=WorkShare.join(runtime)``: the images are split between processes
 and the result equals a single-process run.
 """
@@ -24,28 +24,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.config import ExtractionConfig, PcaFitConfig
+from extract.config import ExtractionConfig
 from extract.errors import OptionError
-from extract.features import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
-from extract.images import Decoded, image_loader, list_images
+from extract.extraction.delf_extractor import DelfExtractor, too_small
+from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
+from extract.extraction.images import Decoded, image_loader, list_images
+from extract.extraction.report import Report
+from extract.extraction.workshare import WorkShare
 from extract.paths import part_path
-from extract.pca import PcaError, Reservoir, merge_samples, save_pca
-from extract.pca import fit_pca as fit_pca_params
-from extract.pipeline import DelfExtractor, too_small
-from extract.report import Report
-from extract.workshare import WorkShare
-from train.checkpoint import file_sha256
 from train.dataloader import default_workers as loader_workers
-from train.locking import OutputLock, OutputWriteError
+from train.outputs import OutputLock, OutputWriteError, file_sha256
 from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
+
+
 # called with an image's name and its arrays as written to a feature file
 Written = Callable[[str, dict[str, np.ndarray]], None]
+
+
 # called with the names of the images already in a feature file
 Existing = Callable[[list[str]], None]
+
+
 # Stored in the feature file's attributes but free to change when a run is resumed.
 INFORMATIONAL = ("checkpoint", "pca_parameters_path", "device", "workers", "batch_size")
+
+
 # Compared attributes that older feature files lack, and the value such a file had: descriptors
 # were whitened whenever the PCA was applied; the device type was part of the informational
 # "device"; CUDA ran with PyTorch's default TF32 convolutions; the pyramid and boxes had this
@@ -177,7 +182,7 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
     if save_attention and 1.0 not in ex.scales:
         raise OptionError("--save_attention stores the attention map at scale 1.0: add 1.0 to --scale_list")
     attrs = feature_attrs(ex, checkpoint, pca_path, input_path, save_attention, workers)
-    with _claim(output, share):
+    with claim_output(output, share):
         done: set[str] = set()
         target = output
         if share.distributed:  # each process fills a part file; process 0 merges them at the end
@@ -201,14 +206,14 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
     return Report.total([r for r, _ in results])
 
 
-def _reason(error: OSError) -> str:
+def os_error_reason(error: OSError) -> str:
     """The OS's words for an I/O error (h5py's own text is many lines)."""
     return os.strerror(error.errno) if error.errno else first_line(error)
 
 
 @contextmanager
-def _claim(output: Path, share: WorkShare) -> Iterator[None]:
-    """Process 0 holds ``output``'s lock (train.locking.OutputLock) for the block; when another
+def claim_output(output: Path, share: WorkShare) -> Iterator[None]:
+    """Process 0 holds ``output``'s lock (train.outputs.OutputLock) for the block; when another
     run holds it, every process raises OutputInUse before anything is touched."""
     held: list[OutputLock] = []
     share.from_main(lambda: held.append(OutputLock(output, hint="choose another --output_path")))
@@ -242,7 +247,7 @@ def write_failure(path: Path, error: OSError, written: int) -> str:
     if isinstance(error, FileNotFoundError) or not path.exists():
         return (f"{path}: removed while it was written (its folder deleted?); the images written in this run "
                 f"({written}) went with it: rerun the same command to extract them again")
-    reason = _reason(error)
+    reason = os_error_reason(error)
     try:
         kept = f"; the file keeps {len(feature_names(path))} complete images"
     except FeatureFileError:
@@ -263,74 +268,3 @@ def _merge_parts(output: Path, attrs: dict[str, Any], world_size: int) -> None:
             for name, feats in iter_features(part):
                 writer.write(name, feats, save_attention="attention" in feats)
             part.unlink()
-
-
-def fit_pca_file(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
-                 fit: PcaFitConfig | None = None, *, workers: int | None = None, overwrite: bool = False,
-                 device: str | torch.device = "cpu", share: WorkShare | None = None) -> Report:
-    """Fit the PCA of the descriptors of the images of ``input_path`` (without PCA, a uniform
-    random sample of at most ``fit.pca_max_features``) and write the PCA file ``output_path``
-    (layout in extract/pca.py), tied to the checkpoint by its sha256. An existing file is refused
-    unless ``overwrite``. Returns the report (``report.output`` is the file)."""
-    share, fit = share or WorkShare(), fit or PcaFitConfig()
-    workers = default_workers(device) if workers is None else workers
-    max_features, seed = fit.pca_max_features, fit.seed
-    output = Path(output_path)
-    if max_features < 1:
-        raise OptionError("--pca_max_features must be >= 1")
-    with _claim(output, share):
-        if share.from_main(lambda: output.exists() and not overwrite):
-            raise PcaError(f"{output} exists: pass --overwrite to refit it (then extract the features again), "
-                           "or choose another --output_path")
-        items = list_images(input_path)
-        ex = load_extractor(conf, checkpoint, None, device)
-        reservoir = Reservoir(max_features, seed=seed + share.rank)
-        report = Report(output)
-        for _, feats in extract_all(ex, share.share(items), workers, report, share.is_main):
-            reservoir.add(feats["descriptors"])
-        try:
-            _save_pca_file(output, ex, reservoir, report, checkpoint, input_path, fit, share)
-        except OSError as e:
-            raise OutputWriteError(f"{output}: writing the PCA file failed ({_reason(e)}); nothing was replaced: "
-                                   "rerun the same command to fit it again") from None
-    return report
-
-
-def _save_pca_file(output: Path, ex: DelfExtractor, reservoir: Reservoir, report: Report, checkpoint: str | Path,
-                   input_path: str | Path, fit: PcaFitConfig, share: WorkShare) -> None:
-    """Merge the processes' samples (torchrun), fit and write the PCA file atomically (process 0)."""
-    sample = reservoir.sample
-    if share.distributed:
-        part = part_path(output, share.rank, share.size, ".npy")
-        try:
-            np.save(part, sample)
-            failure = ""
-        except OSError as e:
-            part.unlink(missing_ok=True)
-            failure = _reason(e)
-        results = share.gather((reservoir.seen, report, failure))
-        parts = [part_path(output, r, share.size, ".npy") for r in range(share.size)]
-        if any(f for _, _, f in results):
-            if share.is_main:
-                for p in parts:
-                    p.unlink(missing_ok=True)
-            raise OutputWriteError(f"{output}: writing the descriptor sample failed ("
-                                   f"{next(f for _, _, f in results if f)}); nothing was replaced: "
-                                   "rerun the same command to fit it again")
-        merged = Report.total([r for _, r, _ in results])
-        report.processed, report.existing, report.skipped = merged.processed, merged.existing, merged.skipped
-        if share.is_main:
-            sample = merge_samples([np.load(p, mmap_mode="r") for p in parts], [n for n, _, _ in results],
-                                   fit.pca_max_features, fit.seed)
-            for p in parts:
-                p.unlink()
-    if share.is_main:
-        extraction = {k: v for k, v in asdict(ex.conf).items()
-                      if k not in ("use_pca", "pca_dims", "use_whitening", "descriptor_dtype")}
-        save_pca(output, fit_pca_params(sample), {
-            "checkpoint_sha256": ex.checkpoint_sha256, "num_features": len(sample), "num_images": report.processed,
-            "checkpoint": str(Path(checkpoint).resolve()), "input_path": str(Path(input_path).resolve()),
-            **extraction, "scale_list": np.asarray(ex.scales), **asdict(fit),
-            "arch": ex.model.arch, "target_layer": ex.model.target_layer})
-        log.info("PCA of %d descriptors (%d-d) from %d images written to %s", len(sample), sample.shape[1],
-                 report.processed, output)

@@ -3,7 +3,7 @@
 Per image: shrink to ``max_image_size`` if needed; for each pyramid scale one forward pass gives
 the feature map F and the attention a; cells with a >= ``attn_thres`` are kept, all scales are
 concatenated, NMS on the receptive boxes (IoU ``iou_thres``, by attention) prunes them and the
-best ``top_k`` stay. Descriptors: L2-normalise, then, with the PCA file (extract/pca.py), subtract
+best ``top_k`` stay. Descriptors: L2-normalise, then, with the PCA file (extract/extraction/pca.py), subtract
 its mean, project on the first ``pca_dims`` components, divide by sqrt(variance) only when
 ``use_whitening`` (off by default, as the official DeLF), L2-normalise again.
 
@@ -16,7 +16,7 @@ x_orig = (x_scaled + 0.5) / r - 0.5.
 
 The official DELF extractor's conventions (``resize="tf1"``, ``boxes="official"``: converted
 official models default to them): TF1 ``resize_bilinear`` without half-pixel centres
-(:func:`extract.images.resize_tf1`), and boxes divided by the nominal scale times the shrink ratio,
+(:func:`extract.extraction.images.resize_tf1`), and boxes divided by the nominal scale times the shrink ratio,
 with no half-pixel shift, so the centre of cell (i, j) is at stride * (i, j) / scale.
 """
 from __future__ import annotations
@@ -36,11 +36,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.config import ExtractionConfig, with_recorded
 from extract.errors import OptionError
-from extract.images import fit_size, resize_tf1, shrink, to_rgb
-from extract.pca import PCA_KEYS, PcaError, apply_pca, load_pca
-from train.checkpoint import file_sha256, load_model
+from extract.extraction.images import fit_size, resize_tf1, shrink, to_rgb
+from extract.extraction.pca import PCA_KEYS, PcaError, apply_pca, load_pca
+from train.checkpoint import load_model
 from train.delf import Delf, ReceptiveField
 from train.delg import GLOBAL_SCALES, Delg, pool_scales
+from train.outputs import file_sha256
 from train.runtime import autocast
 
 MIN_IMAGE_SIDE = 32
@@ -219,7 +220,7 @@ class DelfExtractor:
         and its original size (w, h). Differentiable for float input.
 
         With ``original_size`` the image was already shrunk from that size by
-        :func:`extract.images.shrink` (as the decoding workers do)."""
+        :func:`extract.extraction.images.shrink` (as the decoding workers do)."""
         if isinstance(image, Image.Image):
             image = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)
         if image.ndim != 3 or image.shape[0] != 3:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from extract.images import BadImage, load_image
-from extract.metrics import compute_map, protocol_gnd
-from extract.revisitop import Dataset, EvalError
+from extract.evaluation.metrics import compute_map, protocol_gnd
+from extract.evaluation.revisitop import Dataset, EvalError
+from extract.extraction.images import BadImage, load_image
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -48,7 +48,7 @@ class RankingRow:
 
 def relevance(gnd: Mapping[str, np.ndarray], index: int) -> str:
     """"positive", "junk" or "negative": database image ``index`` under one query's protocol
-    ground truth (``ok``, ``junk``: :func:`extract.metrics.protocol_gnd`)."""
+    ground truth (``ok``, ``junk``: :func:`extract.evaluation.metrics.protocol_gnd`)."""
     if index in gnd["ok"]:
         return "positive"
     return "junk" if index in gnd["junk"] else "negative"

@@ -1,0 +1,1 @@
+"""Revisited Oxford / Paris: the dataset files, the feature cache, the evaluation's orchestration, metrics, figures."""

@@ -1,0 +1,1 @@
+"""`make demo`: the landmark dataset made from scikit-image's photos, and the demo's pipeline."""

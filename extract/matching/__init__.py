@@ -1,0 +1,1 @@
+"""Two images' features -> putative matches, RANSAC inliers, and their figure."""

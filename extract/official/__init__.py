@@ -1,0 +1,1 @@
+"""The official DELF releases (TensorFlow): reading their files and converting them into this project's."""
