@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from extract.config import EvalConfig, MatchConfig
+from extract.config import EvalConfig, MatchConfig, dataset_features_dir
 from extract.errors import UserError
 from extract.evaluation.evaluate_dataset import (
     METHOD_NAMES,
@@ -58,7 +58,6 @@ from extract.extraction.feature_file import FeatureFileError
 from extract.extraction.images import image_path
 from extract.extraction.pca import PcaError
 from extract.flags import add_extraction_args, add_match_args, extraction_from_args
-from extract.paths import dataset_features_dir
 from extract.retrieval.asmk.codebook import CodebookError
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given

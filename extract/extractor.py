@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=N extract/extractor.py --mode delf ...   # images split over processes
     python extract/extractor.py --config configs/extract_delf_gld.toml --input_path <images>
 
-The seed README's flags work as written. Defaults (extract/paths.py): the model is repo/<load_expr>/
+The seed README's flags work as written. Defaults (extract/config.py): the model is repo/<load_expr>/
 keypoint/ckpt/fix.pth.tar, the PCA file repo/<load_expr>/pca/pca.h5, the features repo/<load_expr>/
 features/<input folder name>.h5. Unusable images are skipped and listed in <output>.report.txt.
 The work itself is done by extract/extraction/extract_features.py.
@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from extract.config import PcaFitConfig
+from extract.config import PcaFitConfig, features_path, pca_path
 from extract.errors import UserError
 from extract.extraction.extract_features import extract_features
 from extract.extraction.feature_file import FeatureFileError
@@ -32,7 +32,6 @@ from extract.extraction.pca_fitting import fit_pca_file
 from extract.extraction.report import Report
 from extract.extraction.workshare import WorkShare
 from extract.flags import add_extraction_args, model_files
-from extract.paths import features_path, pca_path
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
 from train.outputs import OutputInUse, OutputWriteError

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from extract.config import ExtractionConfig, MatchConfig, with_recorded
+from extract.config import ExtractionConfig, MatchConfig, checkpoint_path, pca_path, with_recorded
 from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import load_extractor
-from extract.paths import checkpoint_path, pca_path
 from train.checkpoint import load_file
 from train.cli import add_config_args, config_from_args
 from train.runtime import setup_runtime

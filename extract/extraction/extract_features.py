@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.config import ExtractionConfig
+from extract.config import ExtractionConfig, part_path
 from extract.errors import OptionError
 from extract.extraction.delf_extractor import DelfExtractor, too_small
 from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
 from extract.extraction.images import Decoded, image_loader, list_images
 from extract.extraction.report import Report
 from extract.extraction.workshare import WorkShare
-from extract.paths import part_path
 from train.dataloader import default_workers as loader_workers
 from train.outputs import OutputLock, OutputWriteError, file_sha256
 from train.runtime import warn_if_slow_amp

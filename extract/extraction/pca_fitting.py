@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.config import ExtractionConfig, PcaFitConfig
+from extract.config import ExtractionConfig, PcaFitConfig, part_path
 from extract.errors import OptionError
 from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import (
@@ -25,7 +25,6 @@ from extract.extraction.pca import PcaError, Reservoir, merge_samples, save_pca
 from extract.extraction.pca import fit_pca as fit_pca_params
 from extract.extraction.report import Report
 from extract.extraction.workshare import WorkShare
-from extract.paths import part_path
 from train.outputs import OutputWriteError
 
 log = logging.getLogger("delf")
