@@ -26,7 +26,7 @@ R holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/<name>.jpg, as revisitop d
 (extract/evaluation/revisitop.py). --output's JSON holds the scores and the resolved settings ("config");
 --figures DIR draws each query's top 10 and the per-query AP (extract/evaluation/figures.py); --config FILE
 reads flags from a TOML file (configs/ holds the published setups). From Python:
-:func:`evaluate_dataset`, :func:`score_ranking`.
+extract/evaluation/evaluate_dataset.py (``evaluate_dataset``, ``score_ranking``).
 """
 from __future__ import annotations
 
