@@ -64,7 +64,8 @@ def file_url(item: Item, remote: Remote, base_url: str | None = None) -> str:
     return f"{base.rstrip('/')}/{item.name}/{remote.name}" if base else remote.url
 
 
-def download(url: str, path: Path, sha256: str | None, conf: DownloadConfig, hash_source: str = "published") -> bool:
+def download(url: str, path: Path, sha256: str | None, conf: DownloadConfig,
+             hash_source: str = "the published one") -> bool:
     """``url`` to ``path`` unless ``path`` is already there (with ``sha256``, when given); True
     when it downloaded. A wrong hash, an HTTP error, a connection failing more than
     ``conf.retries`` times or a full disk: DownloadError, and ``path`` is left as it was."""
@@ -95,7 +96,7 @@ def download(url: str, path: Path, sha256: str | None, conf: DownloadConfig, has
         except ValueError as e:
             if "hash" not in str(e):
                 raise
-            raise DownloadError(f"{url}: the download's sha256 is not the {hash_source} one ({sha256}): the file was "
+            raise DownloadError(f"{url}: the download's sha256 differs from {hash_source} ({sha256}): the file was "
                                 f"damaged on the way or changed on the server; {path} not written, rerun to try "
                                 "again") from None
         except OSError as e:
@@ -135,9 +136,9 @@ def fetch_item(item: Item, folder: Path, conf: DownloadConfig | None = None) -> 
                 log.warning("%s: %s recorded in %s, but %s: fetching it again", item.name, remote.name,
                             manifest.path, summary(problems))
                 done.repaired.append(remote.name)
-            known, source = remote.sha256, "published"
+            known, source = remote.sha256, "the published one"
             if known is None and record is not None:
-                known, source = record.sha256, f"recorded ({manifest.path})"
+                known, source = record.sha256, f"the one recorded in {manifest.path}"
             url = file_url(item, remote, conf.base_url)
             log.info("%s: [%d/%d] %s from %s", item.name, number, len(item.files), remote.name, url)
             if download(url, path, known, conf, source):
