@@ -27,6 +27,7 @@ from extract.config import DownloadConfig, data_root, parameters_dir, reproduce_
 from extract.errors import UserError
 from extract.evaluation.revisitop import EvalError
 from extract.extraction.feature_file import FeatureFileError
+from extract.extraction.images import InputError
 from extract.extraction.pca import PcaError
 from extract.reproduction.pipeline import reproduce, shown
 from extract.reproduction.setups import SETUPS
@@ -36,8 +37,8 @@ from train.checkpoint import CheckpointError
 from train.cli import add_config_args, config_from_args
 from train.outputs import OutputInUse, OutputWriteError
 
-EXPECTED_ERRORS = (UserError, EvalError, FeatureFileError, PcaError, CodebookError, CheckpointError, OutputInUse,
-                   OutputWriteError)
+EXPECTED_ERRORS = (UserError, EvalError, FeatureFileError, InputError, PcaError, CodebookError, CheckpointError,
+                   OutputInUse, OutputWriteError)
 
 
 def setup_name(text: str) -> str:

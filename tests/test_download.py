@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,27 @@ def test_a_damaged_archive_is_named(tmp_path: Path) -> None:
         with pytest.raises(DownloadError, match=rf"{archive}: damaged archive \(.*\); delete it and rerun"):
             unpack(archive, tmp_path / name.split(".")[0], Unpack("jpg"), progress=False)
     assert not [p for p in tmp_path.rglob("*.part")]  # no partial member left
+
+
+def test_no_member_replaces_the_manifest_or_another(tmp_path: Path) -> None:
+    for name, members, unpack_to, message in (
+            ("m.tgz", {"r/manifest.json": b"{}"}, Unpack(strip="r"), "member r/manifest.json would overwrite the "
+                                                                     "manifest"),
+            ("twice.tgz", {"a/x.jpg": b"1", "b/x.jpg": b"2"}, Unpack("jpg", flatten=True),
+             f"member b/x.jpg would overwrite {tmp_path / 'item' / 'jpg' / 'x.jpg'} twice")):
+        (tmp_path / name).write_bytes(tar_bytes(members))
+        with pytest.raises(DownloadError, match=re.escape(f"{tmp_path / name}: {message}; delete the archive")):
+            unpack(tmp_path / name, tmp_path / "item", unpack_to, progress=False)
+    assert not (tmp_path / "item" / "manifest.json").exists()
+
+
+def test_a_damaged_manifest_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "roxford5k").mkdir()
+    (tmp_path / "roxford5k" / "manifest.json").write_text('{"item": "rparis6k", "files": {}}')
+    status, _, errors = run(capsys, "roxford5k", "--data_root", str(tmp_path), "--base_url", "http://127.0.0.1:9")
+    assert status == 1 and errors == [
+        f"error: {tmp_path / 'roxford5k' / 'manifest.json'}: not a manifest of roxford5k (ValueError: it names "
+        "'rparis6k'); delete it (and the files it listed) to download again"]
 
 
 # --- datasets ----------------------------------------------------------------------------------

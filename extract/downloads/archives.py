@@ -25,6 +25,7 @@ from extract.downloads.registry import Unpack
 from extract.errors import DownloadError
 
 BLOCK = 1 << 20
+RESERVED = "manifest.json"  # extract/downloads/manifest.py's file, which no member may replace
 
 
 def member_path(name: str, spec: Unpack) -> str | None:
@@ -68,7 +69,7 @@ def _write(source: IO[bytes], dest: Path) -> tuple[int, str]:
 def unpack(archive: Path, folder: Path, spec: Unpack, progress: bool = True) -> dict[str, list]:
     """The regular files of ``archive`` into ``folder / spec.into``; returns each one's path under
     ``folder`` -> [size, sha256]. DownloadError (naming the archive) for a damaged archive, two
-    members of one name after flattening, or a full disk."""
+    members of one name after flattening (or one named as the manifest), or a full disk."""
     into = folder / spec.into
     members: dict[str, list] = {}
     bar = tqdm(desc=f"unpacking {archive.name}", unit=" files", disable=not progress, dynamic_ncols=True)
@@ -81,8 +82,9 @@ def unpack(archive: Path, folder: Path, spec: Unpack, progress: bool = True) -> 
                     continue
                 dest = into / rel
                 key = dest.relative_to(folder).as_posix()
-                if key in members:
-                    raise DownloadError(f"{archive}: two members unpack to {dest} (the second is {member.name})")
+                if key in members or key == RESERVED:
+                    what = "the manifest" if key == RESERVED else f"{dest} twice"
+                    raise DownloadError(f"{archive}: member {member.name} would overwrite {what}; delete the archive")
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file
                 members[key] = list(_write(source, dest))

@@ -14,15 +14,17 @@ sha256): what a rerun checks instead of downloading. The file is replaced atomic
 """
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from extract.downloads.archives import RESERVED, disk_full
 from extract.errors import DownloadError
 from train.outputs import atomic_path, file_sha256
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = RESERVED
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
             if data.get("item") != item:
-                raise ValueError(f"it is {data.get('item')!r}'s")
+                raise ValueError(f"it names {data.get('item')!r}")
             records = {name: Record(**fields) for name, fields in data["files"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise DownloadError(f"{path}: not a manifest of {item} ({type(e).__name__}: {e}); delete it (and "
@@ -79,8 +81,13 @@ class Manifest:
 
     def save(self) -> None:
         data = {"item": self.item, "files": {name: asdict(r) for name, r in self.records.items()}}
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1) + "\n")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(self.path, "recording what was downloaded") from None
+            raise
 
     def problems(self, name: str, verify: bool = False) -> list[str]:
         """What is wrong with the files record ``name`` says are in place (empty: it is complete):
