@@ -73,8 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for fetched in done:
+        again = f", {len(fetched.repaired)} fetched again (missing or damaged files)" if fetched.repaired else ""
         print(f"{fetched.item}: complete in {fetched.folder} ({len(fetched.downloaded)} downloaded, "
-              f"{len(fetched.in_place)} already in place; manifest.json records them)")
+              f"{len(fetched.in_place)} already in place{again}; manifest.json records them)")
     return 0
 
 

@@ -140,7 +140,7 @@ def fetch_item(item: Item, folder: Path, conf: DownloadConfig | None = None) -> 
             if known is None and record is not None:
                 known, source = record.sha256, f"the one recorded in {manifest.path}"
             url = file_url(item, remote, conf.base_url)
-            log.info("%s: [%d/%d] %s from %s", item.name, number, len(item.files), remote.name, url)
+            log.info("%s: [%d/%d] %s (%s)", item.name, number, len(item.files), remote.name, url)
             if download(url, path, known, conf, source):
                 done.downloaded.append(remote.name)
             size, sha256 = path.stat().st_size, known or file_sha256(path)
