@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 OFFICIAL_VENV ?= .venv-official
 
-.PHONY: install install-dev install-convert official-env test test-fast test-min lint demo demo-clean bench clean
+.PHONY: install install-dev install-convert official-env test test-fast test-min lint demo demo-clean reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,12 @@ demo: install
 
 demo-clean:
 	rm -rf "$${DELF_REPO_DIR:-repo}/demo"
+
+# A published result from nothing: make reproduce SETUP=delf_v1_roxf_asmk_sp (several: SETUP="a b"; the names:
+# python extract/reproduce.py --list). Downloads into repo/data and repo/parameters, converts with TensorFlow.
+reproduce: install-convert
+	@test -n "$(SETUP)" || { echo "usage: make reproduce SETUP=<name> (names: $(PY) extract/reproduce.py --list)"; exit 2; }
+	$(PY) extract/reproduce.py $(SETUP)
 
 bench: install-dev
 	for b in tests/bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,4 +1,4 @@
-"""Typed configurations of extraction, PCA fitting, matching and evaluation: each default is written
+"""Typed configurations of extraction, PCA fitting, matching, evaluation and downloads: each default is written
 here once; and the default paths of the models and outputs under repo/.
 
 The CLIs turn these fields into flags of the same name (``train.cli.add_config_args``, help from
@@ -188,12 +188,34 @@ class EvalConfig:
         return self.rerank > 0 and self.method != "global"
 
 
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How extract/download.py and extract/reproduce.py fetch the datasets and the official
+    releases (extract/downloads/)."""
+
+    keep_archives: bool = field(default=False, metadata={
+        "help": "keep each archive after unpacking it (default: deleted once its files are in place and recorded "
+                "in the manifest, which is what a rerun checks)"})
+    verify: bool = field(default=False, metadata={
+        "help": "also check the sha256 of every file the manifest records (sizes are always checked): reads "
+                "everything again, hours for revisitop1m"})
+    retries: int = field(default=2, metadata={
+        "help": "attempts after the first when a connection fails or is cut (an HTTP error or a wrong hash is "
+                "not retried)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on stderr (bytes, rate, time left)"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "fetch every file from <base_url>/<name>/<file name> (a mirror) instead of its authors' servers "
+                "(default: $DELF_DOWNLOAD_URL when set)"})
+
+
 # --- default paths ---------------------------------------------------------------------------------
 # Under ``train.runtime.repo_dir()`` ($DELF_REPO_DIR, else <project root>/repo), read at each call:
 #     repo/<expr>/keypoint/ckpt/fix.pth.tar    the model (a deliberate copy of bestshot.pth.tar)
 #     repo/<expr>/pca/pca.h5                   the PCA file
 #     repo/<expr>/features/<input name>.h5     the features of an image folder or list
 #     repo/<expr>/features/<dataset>/          evaluate.py's cache (db.h5, query.h5)
+#     repo/data/<dataset>/, repo/parameters/<release>/   what download.py fetches
+#     repo/reproduce/<setup>/                  reproduce.py's tables
 # train/ (torch) is imported inside the functions, so that a script's --help stays light.
 
 
@@ -242,3 +264,24 @@ def dataset_features_dir(load_expr: str, dataset: str) -> Path:
 def part_path(output: Path, rank: int, world_size: int, suffix: str = "") -> Path:
     """The file process ``rank`` of ``world_size`` fills under torchrun, merged into ``output``."""
     return output.with_name(f"{output.name}.part{rank}of{world_size}{suffix}")
+
+
+def data_root() -> Path:
+    """Where download.py puts the datasets by default: repo/data (<dataset>/jpg/, gnd_<dataset>.pkl)."""
+    from train.runtime import repo_dir
+
+    return repo_dir() / "data"
+
+
+def parameters_dir() -> Path:
+    """Where download.py puts the official releases by default: repo/parameters/<release>/."""
+    from train.runtime import repo_dir
+
+    return repo_dir() / "parameters"
+
+
+def reproduce_dir() -> Path:
+    """Where reproduce.py writes its tables by default: repo/reproduce/<setup>/."""
+    from train.runtime import repo_dir
+
+    return repo_dir() / "reproduce"

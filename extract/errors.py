@@ -22,3 +22,9 @@ class InputMismatch(UserError):
     """Inputs that do not fit together or are too few: descriptors of another dimension, features
     without global descriptors, a ranking of the wrong shape, fewer descriptors than visual
     words."""
+
+
+class DownloadError(UserError):
+    """A download or an unpacking that did not complete (cut off, HTTP error, wrong hash, disk
+    full, a damaged archive or manifest); the message names the file and what to do, and no
+    partial file is left where a complete one is expected."""

@@ -10,7 +10,7 @@ from train.runtime import PROJECT_ROOT
 
 PACKAGES = ("train", "extract")
 SCRIPTS = {"train/main.py", "extract/extractor.py", "extract/matcher.py", "extract/evaluate.py",
-           "extract/convert_official.py", "extract/demo.py"}
+           "extract/convert_official.py", "extract/demo.py", "extract/download.py", "extract/reproduce.py"}
 
 
 def modules() -> set[str]:
