@@ -8,8 +8,8 @@ softplus); it becomes a :class:`train.delf.Delf` with ``layout="slim"``, ``input
 :func:`convert_release` writes ``<repo>/<expr>/keypoint/ckpt/fix.pth.tar`` (an ordinary checkpoint
 of this project, with ``source`` and ``extraction``: the official extraction settings, which
 extraction then uses unless a flag says otherwise) and ``<repo>/<expr>/pca/pca.h5``. TensorFlow
-is needed only here, to read the variables (``pip install -r requirements-convert.txt``); no
-TensorFlow op is run.
+is needed only to read the release (``pip install -r requirements-convert.txt``); no TensorFlow op
+is run.
 """
 from __future__ import annotations
 
