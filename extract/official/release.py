@@ -265,7 +265,8 @@ def identify(source: str | Path, release: str | None, graph: GraphFacts, pca_sha
             raise ConversionError(
                 f"{graph.path}: written by TensorFlow {graph.writer}, newer than any TensorFlow of {name}'s date "
                 f"({known.published}: {known.newest_tf[0]}.{known.newest_tf[1]} at most), so not {name}; it fits "
-                f"{fits[0]} ({RELEASES[fits[0]].published}): rename the folder to the release it holds")
+                f"{fits[0]} ({RELEASES[fits[0]].published}): name the folder (or --release) after the release it "
+                "holds")
         verdict = (f"{graph.path.name} was written by TensorFlow {graph.writer}, after every known release was "
                    "published: not an original download (a re-export, or a test's release): identified by its name "
                    "only")
