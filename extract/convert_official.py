@@ -18,14 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.official.convert import (
-    RELEASES,
-    ConversionError,
-    UnknownModel,
-    convert_release,
-    format_variables,
-    list_variables,
-)
+from extract.official.convert import UnknownModel, convert_release
+from extract.official.release import RELEASES, ConversionError, format_variables, list_variables
 from train.checkpoint import CheckpointError
 from train.cli import add_bool_flag
 
@@ -36,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expr", help="experiment to write: repo/<expr>/keypoint/ckpt/fix.pth.tar and "
                                   "repo/<expr>/pca/pca.h5")
     p.add_argument("--release", choices=tuple(RELEASES),
-                   help="which release --source is (default: the folder's name; it sets the PCA dimension: "
-                        + ", ".join(f"{k} {v.pca_dims}-D" for k, v in RELEASES.items()) + ")")
+                   help="which release --source is, for a folder not named after it (default: the folder's name; a "
+                        "folder named after the other release is refused); it sets the PCA dimension: "
+                        + ", ".join(f"{k} {v.pca_dims}-D" for k, v in RELEASES.items()))
     add_bool_flag(p, "--list", default=False, help="print the release's variables (name, shape) and stop")
     add_bool_flag(p, "--overwrite", default=False, help="replace an existing model of --expr")
     return p
@@ -63,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print("\n".join(done.identity.lines()))
+    if done.identity.warning:
+        print(f"warning: {done.identity.warning}", file=sys.stderr)
     print(f"converted {args.source} in {time.perf_counter() - start:.1f} s:\n  model {done.checkpoint}\n"
           f"  PCA   {done.pca}\nignored (not part of the extraction model): {', '.join(done.unused) or 'nothing'}\n"
           f"extract with: python extract/extractor.py --load_expr {args.expr} --mode delf --input_path <images>")

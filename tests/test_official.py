@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -26,12 +27,22 @@ from extract.config import ExtractionConfig, with_recorded
 from extract.extraction.delf_extractor import to_original
 from extract.extraction.feature_file import file_attrs, read_features
 from extract.extraction.images import resize_tf1
-from extract.official.convert import OFFICIAL_EXTRACTION, tf_name
+from extract.official.convert import OFFICIAL_EXTRACTION, batchnorm_scopes, check_graph, convert_release, tf_name
 from extract.official.datum import DatumError, parse_datum, read_datum
+from extract.official.release import (
+    ConversionError,
+    GraphFacts,
+    Identity,
+    batchnorm_scope,
+    identify,
+    read_graph,
+    release_name,
+)
 from tests.official.datum_proto import datum_bytes
 from tests.utils import photo, script_env
 from train.checkpoint import load_file, load_model
 from train.delf import Delf
+from train.outputs import file_sha256
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.slim import SamePadMaxPool2d, Subsample
 
@@ -152,6 +163,107 @@ def test_datum_errors_name_the_file(tmp_path: Path) -> None:
         read_datum(tmp_path / "absent.datum")
 
 
+# --- which release, and the graph's checks (no TensorFlow needed) ------------------------------
+def graph(folder: Path, writer: str = "", epsilons: dict | None = None, resize: tuple = ((False, False),)
+          ) -> GraphFacts:
+    """GraphFacts of a release in ``folder``, by hand: every BatchNorm of the model at 1e-5 unless
+    ``epsilons`` says otherwise."""
+    eps = {scope: (1e-5,) for scope in batchnorm_scopes()} if epsilons is None else epsilons
+    return GraphFacts(folder / "model" / "saved_model.pb", writer, eps, resize)
+
+
+def identify_as(folder: Path, writer: str, release: str | None = None) -> Identity:
+    shapes = {"mean.datum": [1024], "pca_proj_mat.datum": [1024, 1024]}
+    return identify(folder, release, graph(folder, writer), shapes, 7, "ab" * 32)
+
+
+def test_batchnorm_scopes_of_graph_nodes() -> None:
+    """A graph node's BatchNorm, as its variables name it: outer scopes (a while loop) and a
+    re-entered model scope's suffix dropped; fused op or the unfused epsilon constant."""
+    assert batchnorm_scope("resnet_v1_50/conv1/BatchNorm/FusedBatchNormV3") == "resnet_v1_50/conv1/BatchNorm"
+    assert batchnorm_scope("while/resnet_v1_50_1/block3/unit_2/bottleneck_v1/conv2/BatchNorm/FusedBatchNorm") == (
+        "resnet_v1_50/block3/unit_2/bottleneck_v1/conv2/BatchNorm")
+    assert batchnorm_scope("attention_block/attention/compute/conv1/BatchNorm/batchnorm_1/add/y") == (
+        "attention_block/attention/compute/conv1/BatchNorm")
+    assert batchnorm_scope("resnet_v1_50/conv1/Conv2D") is None
+    assert batchnorm_scope("other_net/conv1/BatchNorm/FusedBatchNorm") is None
+    scopes = batchnorm_scopes()
+    assert len(scopes) == 44 and "attention_block/attention/compute/conv1/BatchNorm" in scopes
+
+
+def test_check_graph_refuses_a_batchnorm_epsilon_it_cannot_read(tmp_path: Path) -> None:
+    """No FusedBatchNorm node nor epsilon constant: refused, not passed; one BatchNorm without one
+    is named; a wrong epsilon is refused; all 44 at 1e-5 pass and are recorded."""
+    scopes = batchnorm_scopes()
+    with pytest.raises(ConversionError, match=r"saved_model.pb: no BatchNorm epsilon for 44 of the model's 44 "
+                                              r"BatchNorms \(e.g. attention_block/attention/compute/conv1/BatchNorm\)"):
+        check_graph(graph(tmp_path, epsilons={}), scopes)
+    some = {scope: (1e-5,) for scope in scopes if scope != "resnet_v1_50/conv1/BatchNorm"}
+    with pytest.raises(ConversionError, match=r"1 of the model's 44 BatchNorms \(e.g. resnet_v1_50/conv1/BatchNorm\)"):
+        check_graph(graph(tmp_path, epsilons=some), scopes)
+    wrong = {**some, "resnet_v1_50/conv1/BatchNorm": (0.001,)}
+    with pytest.raises(ConversionError, match=r"BatchNorm epsilon \[1e-05, 0.001\] \(1 BatchNorms, e.g. "
+                                              r"resnet_v1_50/conv1/BatchNorm\), only 1e-05 is supported"):
+        check_graph(graph(tmp_path, epsilons=wrong), scopes)
+    with pytest.raises(ConversionError, match=r"ResizeBilinear with \(align_corners, half_pixel_centers\) "
+                                              r"\[\(False, True\)\]"):
+        check_graph(graph(tmp_path, resize=((False, True),)), scopes)
+    record = check_graph(graph(tmp_path, writer="1.3.0"), scopes)
+    assert record == {"batchnorm_epsilon": 1e-5, "batchnorms_checked": 44, "written_by": "1.3.0",
+                      "resize_bilinear": [{"align_corners": False, "half_pixel_centers": False}]}
+
+
+def test_a_release_is_its_name_checked_against_the_tensorflow_that_wrote_it(tmp_path: Path) -> None:
+    """The files of the two releases have the same shapes; the graph's TensorFlow version is dated:
+    a graph no TensorFlow of delf_v1_20171026's date could write, in a folder named so, is refused
+    (delf_gld_20190411 unpacked there would extract at 40-D); the same graph named delf_gld_20190411
+    is confirmed; a graph older than both fits either; one newer than both is a warned re-export."""
+    v1, gld = tmp_path / "delf_v1_20171026", tmp_path / "delf_gld_20190411"
+    with pytest.raises(ConversionError, match=r"delf_v1_20171026/model/saved_model.pb: written by TensorFlow 1.13.1, "
+                                              r"newer than any TensorFlow of delf_v1_20171026's date \(2017-10-26: 1.5 "
+                                              r"at most\), so not delf_v1_20171026; it fits delf_gld_20190411"):
+        identify_as(v1, "1.13.1")
+    with pytest.raises(ConversionError, match="so not delf_v1_20171026"):  # a renamed folder, named by --release
+        identify_as(tmp_path / "mine", "1.13.1", "delf_v1_20171026")
+    confirmed = identify_as(gld, "1.13.1")
+    assert (confirmed.release, confirmed.pca_dims, confirmed.named_by, confirmed.warning) == (
+        "delf_gld_20190411", 128, "the folder's name", None)
+    assert confirmed.verdict.endswith("which fits delf_gld_20190411 (2019-04-11) and postdates delf_v1_20171026: "
+                                      "confirmed")
+    old = identify_as(v1, "1.3.0")
+    assert (old.release, old.pca_dims, old.warning) == ("delf_v1_20171026", 40, None)
+    assert "fits delf_gld_20190411 as well" in old.verdict and old.verdict.endswith("identified by its name")
+    new = identify_as(tmp_path / "mine", "2.12.1", "delf_gld_20190411")
+    assert (new.release, new.named_by) == ("delf_gld_20190411", "--release")
+    assert new.warning == (f"{tmp_path}/mine/model/saved_model.pb: written by TensorFlow 2.12.1, after "
+                           "delf_gld_20190411 was published (2019-04-11): the PCA dimension (128) rests on the name "
+                           "alone")
+    silent = identify_as(v1, "")
+    assert silent.warning is None and silent.verdict.endswith("identified by its name only")
+    assert identify_as(v1, "1.3.0", "delf_v1_20171026").named_by == "--release and the folder's name"
+    lines = old.lines()
+    assert lines[0] == ("release delf_v1_20171026 (DELF, ICCV 2017 (Google-Landmarks-clean)), named by the folder's "
+                        "name: extraction keeps 40 of the PCA's 1024 components")
+    assert lines[2] == ("evidence: graph written by TensorFlow 1.3.0; PCA mean.datum [1024], pca_proj_mat.datum "
+                        f"[1024, 1024]; global_step 7; variables sha256 {'ab' * 32}")
+
+
+def test_a_release_option_that_contradicts_the_folder_is_refused(tmp_path: Path, expr: str) -> None:
+    """--release naming the other release than the folder is refused in one line, before anything
+    is read (no TensorFlow needed); an unknown folder name needs --release."""
+    folder = tmp_path / "delf_v1_20171026"
+    folder.mkdir()
+    result = convert("--source", str(folder), "--expr", expr, "--release", "delf_gld_20190411")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {folder}: --release delf_gld_20190411 contradicts the folder's name delf_v1_20171026; rename the "
+        "folder to the release it holds"]
+    assert not (repo_dir() / expr).exists()
+    with pytest.raises(ConversionError, match=r"unknown release 'mine': name it with --release \(delf_v1_20171026, "
+                                              r"delf_gld_20190411\)"):
+        release_name(tmp_path / "mine")
+
+
 # --- the converter ----------------------------------------------------------------------------
 def convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(PROJECT_ROOT / "extract" / "convert_official.py"), *args],
@@ -169,7 +281,7 @@ def test_convert_refuses_a_folder_that_is_not_a_release(tmp_path: Path, expr: st
 
 
 def test_convert_without_tensorflow_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from extract.official.convert import ConversionError, list_variables
+    from extract.official.release import list_variables
 
     (tmp_path / "model" / "variables").mkdir(parents=True)
     (tmp_path / "model" / "saved_model.pb").write_bytes(b"")
@@ -193,23 +305,31 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         Image.fromarray(pixels).save(root / "images" / f"{name}.png")
         np.save(root / f"{name}.npy", pixels)
         arrays.append(str(root / f"{name}.npy"))
-    release, other = root / "delf_v1_20171026", root / "delg_like"
+    release, other, unfused = root / "delf_v1_20171026", root / "delg_like", root / "unfused" / "delf_v1_20171026"
     result = subprocess.run([str(OFFICIAL_PYTHON), str(PROJECT_ROOT / "tests" / "official" / "tf_reference.py"),
                              "--release", str(release), "--images", *arrays, "--out", str(root / "ref.npz"),
-                             "--max_feature_num", str(MAX_FEATURES), "--unknown_release", str(other)],
+                             "--max_feature_num", str(MAX_FEATURES), "--unknown_release", str(other),
+                             "--unfused_release", str(unfused)],
                             capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(PROJECT_ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"release": release, "other": other, "images": root / "images", "outputs": dict(np.load(root / "ref.npz"))}
+    return {"release": release, "other": other, "unfused": unfused, "images": root / "images",
+            "outputs": dict(np.load(root / "ref.npz"))}
 
 
 @pytest.fixture(scope="module")
-def converted(reference: dict) -> str:
-    """The reference release converted through the CLI, as experiment ``official``."""
+def conversion(reference: dict) -> subprocess.CompletedProcess:
+    """The reference release converted through the CLI, as experiment ``official``: the run."""
     result = convert("--source", str(reference["release"]), "--expr", "official")
     assert result.returncode == 0, result.stderr
     assert "ignored (not part of the extraction model): attention_block/logits/biases, attention_block/logits/" \
            "weights, global_step" in result.stdout
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(conversion: subprocess.CompletedProcess) -> str:
+    """The experiment the reference release was converted to."""
     return "official"
 
 
@@ -319,3 +439,103 @@ def test_convert_refuses_an_existing_model_without_overwrite(reference: dict, co
     replaced = convert("--source", str(reference["release"]), "--expr", converted, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert load_file(ckpt)["source"]["release"] == "delf_v1_20171026"
+
+
+def edited_release(release: Path, folder: Path, edit: Callable[[Any], None]) -> Path:
+    """``folder``: the release ``release`` (its variables and PCA linked) with its saved_model.pb
+    edited by ``edit`` (given the parsed SavedModel)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "variables").symlink_to(release / "model" / "variables")
+    (folder / "pca").symlink_to(release / "pca")
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((release / "model" / "saved_model.pb").read_bytes())
+    edit(saved)
+    (folder / "model" / "saved_model.pb").write_bytes(saved.SerializeToString())
+    return folder
+
+
+def written_by(version: str) -> Callable[[Any], None]:
+    def edit(saved: Any) -> None:
+        for meta in saved.meta_graphs:
+            meta.meta_info_def.tensorflow_version = version
+    return edit
+
+
+@needs_reference
+def test_converter_prints_the_release_and_its_evidence(reference: dict, conversion: subprocess.CompletedProcess,
+                                                       converted: str) -> None:
+    """What it identified and why, on stdout; the test's release was written by a TensorFlow newer than
+    both releases, which is said as a warning; all of it is recorded in the checkpoint."""
+    data = reference["release"] / "model" / "variables" / "variables.data-00000-of-00001"
+    lines = conversion.stdout.splitlines()
+    assert lines[0] == ("release delf_v1_20171026 (DELF, ICCV 2017 (Google-Landmarks-clean)), named by the folder's "
+                        "name: extraction keeps 40 of the PCA's 1024 components")
+    assert lines[1].startswith("why: saved_model.pb was written by TensorFlow 2.")
+    assert lines[1].endswith("after every known release was published: not an original download (a re-export, or a "
+                             "test's release): identified by its name only")
+    assert lines[2].endswith("PCA mean.datum [1024], pca_proj_mat.datum [1024, 1024], pca_vars.datum [1024]; "
+                             f"global_step 0; variables sha256 {file_sha256(data)}")
+    warnings = [line for line in conversion.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "after delf_v1_20171026 was published (2017-10-26): the PCA dimension (40) rests on the name alone")
+    identity = load_file(repo_dir() / converted / "keypoint" / "ckpt" / "fix.pth.tar")["source"]["identity"]
+    assert (identity["release"], identity["pca_dims"], identity["global_step"], identity["variables_sha256"]) == (
+        "delf_v1_20171026", 40, 0, file_sha256(data))
+    assert identity["verdict"] == lines[1][len("why: "):]
+
+
+@needs_reference
+def test_a_renamed_release_is_told_by_its_graph(reference: dict, tmp_path: Path, expr: str) -> None:
+    """delf_gld_20190411's graph (written in 2019: here the reference's, saying TensorFlow 1.13.1)
+    unpacked into a folder named delf_v1_20171026 is refused, nothing written; under its own name it
+    converts at 128-D, confirmed."""
+    graph_2019 = written_by("1.13.1")
+    wrong = edited_release(reference["release"], tmp_path / "a" / "delf_v1_20171026", graph_2019)
+    with pytest.raises(ConversionError, match=r"written by TensorFlow 1.13.1, newer than any TensorFlow of "
+                                              r"delf_v1_20171026's date .* it fits delf_gld_20190411"):
+        convert_release(wrong, expr)
+    assert not (repo_dir() / expr).exists()
+    right = edited_release(reference["release"], tmp_path / "b" / "delf_gld_20190411", graph_2019)
+    done = convert_release(right, expr)
+    assert (done.identity.release, done.identity.warning) == ("delf_gld_20190411", None)
+    assert done.identity.verdict.endswith("postdates delf_v1_20171026: confirmed")
+    ckpt = load_file(done.checkpoint)
+    assert ckpt["extraction"]["pca_dims"] == 128 and ckpt["source"]["identity"]["writer"] == "1.13.1"
+
+
+@needs_reference
+def test_batchnorm_epsilon_without_a_fused_batchnorm_node(reference: dict, tmp_path: Path, expr: str) -> None:
+    """tf_slim's unfused BatchNorm (no FusedBatchNorm node): the epsilon is read from its
+    batchnorm/add/y constants, all 44, and a changed one is refused; a graph whose BatchNorms have
+    neither is refused, not passed."""
+    facts = read_graph(reference["unfused"])
+    assert set(facts.epsilons) == batchnorm_scopes() and set(facts.epsilons.values()) == {(1e-5,)}
+    done = convert_release(reference["unfused"], expr)
+    assert load_file(done.checkpoint)["source"]["graph"]["batchnorms_checked"] == 44
+
+    def epsilon_1e3(saved: Any) -> None:
+        import tensorflow as tf
+
+        node = next(n for n in saved.meta_graphs[0].graph_def.node
+                    if n.name.startswith("resnet_v1_50/block2/unit_3/bottleneck_v1/conv1/BatchNorm/batchnorm")
+                    and n.name.endswith("/add/y"))
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.float32(1e-3)))
+
+    changed = edited_release(reference["unfused"], tmp_path / "changed" / "delf_v1_20171026", epsilon_1e3)
+    with pytest.raises(ConversionError, match=r"BatchNorm epsilon \[1e-05, 0.001\] \(1 BatchNorms, e.g. "
+                                              r"resnet_v1_50/block2/unit_3/bottleneck_v1/conv1/BatchNorm\)"):
+        check_graph(read_graph(changed), batchnorm_scopes())
+
+    def no_fused_batchnorm(saved: Any) -> None:  # the BatchNorms computed by ops that do not say their epsilon
+        for node in saved.meta_graphs[0].graph_def.node:
+            if node.op.startswith("FusedBatchNorm"):
+                node.op = "Identity"
+                del node.attr["epsilon"]
+
+    opaque = edited_release(reference["release"], tmp_path / "opaque" / "delf_v1_20171026", no_fused_batchnorm)
+    assert read_graph(opaque).epsilons == {}
+    with pytest.raises(ConversionError, match=r"no BatchNorm epsilon for 44 of the model's 44 BatchNorms"):
+        convert_release(opaque, f"{expr}-opaque")
+    assert not (repo_dir() / f"{expr}-opaque").exists()

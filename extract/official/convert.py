@@ -1,8 +1,6 @@
 """Converting the official DELF releases (tensorflow/models research/delf) into this project's files.
 
-A release folder (as unpacked from the official download) holds ``model/`` (a TF1 SavedModel:
-``saved_model.pb``, ``variables/variables.{index,data-00000-of-00001}``) and ``pca/``
-(``mean.datum``, ``pca_proj_mat.datum``, ``pca_vars.datum``: extract/official/datum.py). The network is
+What a release folder holds, and which release it is: extract/official/release.py. The network is
 TF-slim's ``resnet_v1_50`` up to block3 and DELF's attention block
 (``attention_block/attention/compute/{conv1 (1x1, BatchNorm, ReLU), conv2 (1x1, bias)}``, then
 softplus); it becomes a :class:`train.delf.Delf` with ``layout="slim"``, ``input_norm="tf"``.
@@ -10,12 +8,11 @@ softplus); it becomes a :class:`train.delf.Delf` with ``layout="slim"``, ``input
 :func:`convert_release` writes ``<repo>/<expr>/keypoint/ckpt/fix.pth.tar`` (an ordinary checkpoint
 of this project, with ``source`` and ``extraction``: the official extraction settings, which
 extraction then uses unless a flag says otherwise) and ``<repo>/<expr>/pca/pca.h5``. TensorFlow
-is needed only here, to read the variables (``pip install -r requirements-convert.txt``); no
-TensorFlow op is run.
+is needed only to read the release (``pip install -r requirements-convert.txt``); no TensorFlow op
+is run.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.errors import UserError
 from extract.extraction.pca import save_pca
-from extract.official.datum import DatumError, read_datum
+from extract.official.release import (
+    DATA_FILE,
+    RELEASES,
+    ConversionError,
+    GraphFacts,
+    Identity,
+    first_line,
+    identify,
+    open_variables,
+    read_graph,
+    read_pca,
+    release_name,
+    variable_shapes,
+    variables_prefix,
+)
 from train.checkpoint import checkpoint_dict
 from train.delf import Delf
 from train.outputs import atomic_path, file_sha256
@@ -34,32 +44,12 @@ from train.runtime import repo_dir
 
 SLIM_SCOPE = "resnet_v1_50"
 ATTENTION_SCOPE = "attention_block/attention/compute"
-FEATURE_DIM = 1024  # block3
 # the official configs' (delf_config_example.pbtxt, detect_to_retrieve/delf_gld_config.pbtxt)
 # extraction settings; pca_dims per release. No image-size limit: the configs set none.
 OFFICIAL_EXTRACTION = {"scale_list": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0), "attn_thres": 100.0,
                        "iou_thres": 1.0, "top_k": 1000, "max_image_size": 0, "use_pca": True,
                        "use_whitening": False, "resize": "tf1", "boxes": "official"}
 TF_BATCHNORM_EPS = 1e-5  # slim's resnet_arg_scope default, and PyTorch's
-
-
-@dataclass(frozen=True)
-class Release:
-    """A known official release: its PCA dimension and what it is."""
-
-    pca_dims: int
-    about: str
-
-
-RELEASES = {
-    "delf_v1_20171026": Release(40, "DELF, ICCV 2017 (Google-Landmarks-clean)"),
-    "delf_gld_20190411": Release(128, "DELF trained on Google Landmarks v1 (Detect-to-Retrieve, CVPR 2019)"),
-}
-
-
-class ConversionError(UserError):
-    """The source is not a convertible release, or the output may not be written; the message is
-    one line naming the file and the reason."""
 
 
 class UnknownModel(ConversionError):
@@ -72,63 +62,13 @@ class UnknownModel(ConversionError):
 
 @dataclass(frozen=True)
 class Converted:
-    """What :func:`convert_release` wrote, and the release's variables it left out."""
+    """What :func:`convert_release` wrote, the release's variables it left out, and which release
+    it converted, with the evidence."""
 
     checkpoint: Path
     pca: Path
     unused: list[str]
-
-
-def _tensorflow() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no start-up chatter: errors are one line
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # no TensorFlow op runs here; its notice is chatter too
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ConversionError("reading a TensorFlow release needs TensorFlow: "
-                              "pip install -r requirements-convert.txt") from None
-    return tf
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def variables_prefix(source: str | Path) -> Path:
-    """``<source>/model/variables/variables``, the checkpoint prefix of a release; ConversionError
-    when ``source`` does not look like one."""
-    source = Path(source)
-    prefix = source / "model" / "variables" / "variables"
-    for needed in (source / "model" / "saved_model.pb", prefix.with_name("variables.index")):
-        if not needed.is_file():
-            raise ConversionError(f"{source}: not an official DELF release (no {needed.relative_to(source)}; "
-                                  "expected model/saved_model.pb, model/variables/ and pca/)")
-    return prefix
-
-
-def _reader(source: str | Path) -> Any:
-    """TensorFlow's checkpoint reader of a release's variables."""
-    prefix = variables_prefix(source)
-    tf = _tensorflow()
-    try:
-        return tf.train.load_checkpoint(str(prefix))
-    except Exception as e:  # tf.errors.* (DataLossError, NotFoundError, ...)
-        raise ConversionError(f"{prefix}.index: unreadable TensorFlow checkpoint ({_first_line(e)})") from None
-
-
-def _shapes(reader: Any) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(int(d) for d in shape) for name, shape in reader.get_variable_to_shape_map().items()}
-
-
-def list_variables(source: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every variable of a release's checkpoint."""
-    return _shapes(_reader(source))
-
-
-def format_variables(shapes: dict[str, tuple[int, ...]]) -> str:
-    """One line per variable: name and shape, sorted by name."""
-    return "\n".join(f"{name}  {list(shape)}" for name, shape in sorted(shapes.items()))
+    identity: Identity
 
 
 def tf_name(key: str) -> str | None:
@@ -180,12 +120,13 @@ def new_model() -> Delf:
                 attention_pool="mean").eval()
 
 
-def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The :func:`new_model` state_dict from a release's variables, and the release's variables
-    that it does not use (global_step, optimiser slots, the training classifier). A variable the
-    model needs and the release lacks is a ConversionError listing them."""
-    reader = _reader(source)
-    shapes = _shapes(reader)
+def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list[str], int | None]:
+    """The :func:`new_model` state_dict from a release's variables, the release's variables that
+    it does not use (global_step, optimiser slots, the training classifier), and the release's
+    global_step (None without one). A variable the model needs and the release lacks is a
+    ConversionError listing them."""
+    reader = open_variables(source)
+    shapes = variable_shapes(reader)
     model = new_model()
     state = model.state_dict()
     wanted = {key: tf_name(key) for key in state}
@@ -200,81 +141,54 @@ def convert_variables(source: str | Path) -> tuple[dict[str, torch.Tensor], list
         if known:
             raise ConversionError(message)
         raise UnknownModel(message, shapes)
-    prefix = variables_prefix(source)
+    data = variables_prefix(source).with_name(DATA_FILE)
+
+    def tensor(name: str) -> np.ndarray:
+        try:
+            return reader.get_tensor(name)
+        except Exception as e:  # a truncated or corrupt data file
+            raise ConversionError(f"{data}: cannot read {name} ({first_line(e)})") from None
+
     converted: dict[str, torch.Tensor] = {}
     for key, like in state.items():
         name = wanted[key]
         if name is None:
             converted[key] = torch.zeros_like(like)  # step counters, the attention conv1 bias, the classifier
             continue
-        try:
-            value = reader.get_tensor(name)
-        except Exception as e:  # a truncated or corrupt data file
-            raise ConversionError(f"{prefix}.data-00000-of-00001: cannot read {name} ({_first_line(e)})") from None
-        converted[key] = _as_torch(name, value, like)
+        converted[key] = _as_torch(name, tensor(name), like)
     used = {name for name in wanted.values() if name is not None}
-    return converted, sorted(set(shapes) - used)
+    step = int(tensor("global_step")) if shapes.get("global_step") == () else None
+    return converted, sorted(set(shapes) - used), step
 
 
-def graph_facts(source: str | Path) -> dict[str, Any]:
-    """What the release's graph (``model/saved_model.pb``) says about the two settings the
-    variables cannot: the BatchNorm epsilons and the pyramid's ``ResizeBilinear`` attributes.
-    ConversionError when they differ from what this project computes."""
-    path = Path(source) / "model" / "saved_model.pb"
-    _tensorflow()
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    try:
-        saved.ParseFromString(path.read_bytes())
-    except Exception as e:
-        raise ConversionError(f"{path}: not a SavedModel ({_first_line(e)})") from None
-    nodes = [node for meta in saved.meta_graphs for node in meta.graph_def.node]
-    nodes += [node for meta in saved.meta_graphs for fn in meta.graph_def.library.function for node in fn.node_def]
-    eps = sorted({round(float(n.attr["epsilon"].f), 9) for n in nodes if n.op.startswith("FusedBatchNorm")})
-    resize = sorted({(n.attr["align_corners"].b, n.attr["half_pixel_centers"].b)
-                     for n in nodes if n.op == "ResizeBilinear"})
-    if any(abs(e - TF_BATCHNORM_EPS) > 1e-9 for e in eps):
-        raise ConversionError(f"{path}: BatchNorm epsilon {eps}, only {TF_BATCHNORM_EPS} is supported")
-    if any(resize_attrs != (False, False) for resize_attrs in resize):
-        raise ConversionError(f"{path}: ResizeBilinear with (align_corners, half_pixel_centers) {resize}; only "
-                              "TF1's default (False, False) is reproduced (--resize tf1)")
-    return {"batchnorm_epsilon": eps[0] if eps else None,
-            "resize_bilinear": [{"align_corners": a, "half_pixel_centers": h} for a, h in resize]}
+def batchnorm_scopes() -> set[str]:
+    """The variable scopes of the BatchNorms of :func:`new_model` (44: the base's and the attention's)."""
+    return {name.rpartition("/")[0] for key in new_model().state_dict() if key.endswith(".running_var")
+            for name in [tf_name(key)] if name is not None}
 
 
-def read_pca(source: str | Path) -> dict[str, np.ndarray]:
-    """The release's PCA as this project's PCA parameters: ``pca_matrix`` (1024, 1024; rows are
-    components), ``pca_mean`` (1024,), ``pca_vars`` (1024,; ones when the release has no
-    pca_vars.datum, which only whitening would use)."""
-    folder = Path(source) / "pca"
-    expected = {"mean.datum": (FEATURE_DIM,), "pca_proj_mat.datum": (FEATURE_DIM, FEATURE_DIM),
-                "pca_vars.datum": (FEATURE_DIM,)}
-    arrays = {}
-    for name, shape in expected.items():
-        path = folder / name
-        if name == "pca_vars.datum" and not path.exists():
-            arrays[name] = np.ones(FEATURE_DIM, np.float32)
-            continue
-        try:
-            value = read_datum(path)
-        except DatumError as e:
-            raise ConversionError(str(e)) from None
-        squeezed = value.reshape(shape) if value.size == np.prod(shape) and len(shape) == 1 else value
-        if squeezed.shape != shape or not np.isfinite(squeezed).all():
-            raise ConversionError(f"{path}: shape {list(value.shape)}, expected {list(shape)} of finite values")
-        arrays[name] = squeezed
-    return {"pca_matrix": arrays["pca_proj_mat.datum"], "pca_mean": arrays["mean.datum"],
-            "pca_vars": arrays["pca_vars.datum"]}
-
-
-def release_name(source: str | Path, release: str | None = None) -> str:
-    """``release`` if given, else the source folder's name; either must be a known release."""
-    name = release or Path(source).resolve().name
-    if name not in RELEASES:
-        raise ConversionError(f"{source}: unknown release {name!r}: name it with --release "
-                              f"({', '.join(RELEASES)})")
-    return name
+def check_graph(graph: GraphFacts, batchnorms: set[str]) -> dict[str, Any]:
+    """What the graph says about the two settings the variables cannot, checked against what this
+    project computes, as plain types: every BatchNorm of ``batchnorms`` uses epsilon 1e-5 (a
+    BatchNorm whose epsilon the graph does not give is refused: it is not guessed), and every
+    ResizeBilinear is TF1's (no align_corners, no half-pixel centres). ConversionError otherwise."""
+    unknown = sorted(batchnorms - set(graph.epsilons))
+    if unknown:
+        raise ConversionError(
+            f"{graph.path}: no BatchNorm epsilon for {len(unknown)} of the model's {len(batchnorms)} BatchNorms "
+            f"(e.g. {unknown[0]}): the graph has no FusedBatchNorm node nor batchnorm/add/y constant of theirs, "
+            "and the epsilon is not guessed")
+    found = sorted({eps for scope in batchnorms for eps in graph.epsilons[scope]})
+    if any(abs(eps - TF_BATCHNORM_EPS) > 1e-9 for eps in found):
+        wrong = sorted(scope for scope in batchnorms
+                       if any(abs(eps - TF_BATCHNORM_EPS) > 1e-9 for eps in graph.epsilons[scope]))
+        raise ConversionError(f"{graph.path}: BatchNorm epsilon {found} ({len(wrong)} BatchNorms, e.g. {wrong[0]}), "
+                              f"only {TF_BATCHNORM_EPS} is supported")
+    if any(attrs != (False, False) for attrs in graph.resize):
+        raise ConversionError(f"{graph.path}: ResizeBilinear with (align_corners, half_pixel_centers) "
+                              f"{list(graph.resize)}; only TF1's default (False, False) is reproduced (--resize tf1)")
+    return {"batchnorm_epsilon": found[0], "batchnorms_checked": len(batchnorms), "written_by": graph.writer,
+            "resize_bilinear": [{"align_corners": a, "half_pixel_centers": h} for a, h in graph.resize]}
 
 
 def output_paths(expr: str) -> tuple[Path, Path]:
@@ -285,26 +199,32 @@ def output_paths(expr: str) -> tuple[Path, Path]:
 
 def convert_release(source: str | Path, expr: str, release: str | None = None, overwrite: bool = False
                     ) -> Converted:
-    """Convert the release in ``source`` to ``<repo>/<expr>`` (see the module docstring). A model
-    that is not DELF v1's raises :class:`UnknownModel`. Everything is read and checked before anything is written;
-    both files are written atomically; an existing model is refused unless ``overwrite``."""
+    """Convert the release in ``source`` to ``<repo>/<expr>`` (see the module docstring), as the
+    release its name (the folder's, or ``release``) says, checked against its files
+    (:func:`~extract.official.release.identify`). A model that is not DELF v1's raises
+    :class:`UnknownModel`. Everything is read and checked before anything is written; both files
+    are written atomically; an existing model is refused unless ``overwrite``."""
     source = Path(source)
-    name = release_name(source, release)
+    name, _ = release_name(source, release)
     ckpt_path, pca_file = output_paths(expr)
     if not overwrite and (ckpt_path.exists() or pca_file.exists()):
         raise ConversionError(f"{repo_dir() / expr}: holds a model already ({ckpt_path.name} or {pca_file.name}); "
                               "pass --overwrite to replace it")
-    state, unused = convert_variables(source)
-    facts = graph_facts(source)
+    state, unused, step = convert_variables(source)
+    graph = read_graph(source)
+    facts = check_graph(graph, batchnorm_scopes())
     pca = read_pca(source)
+    pca_shapes = {"mean.datum": list(pca["pca_mean"].shape), "pca_proj_mat.datum": list(pca["pca_matrix"].shape)}
+    if (source / "pca" / "pca_vars.datum").exists():
+        pca_shapes["pca_vars.datum"] = list(pca["pca_vars"].shape)
+    identity = identify(source, release, graph, pca_shapes, step,
+                        file_sha256(variables_prefix(source).with_name(DATA_FILE)))
     model = new_model()
     model.load_state_dict(state)
-    extraction = {**OFFICIAL_EXTRACTION, "pca_dims": RELEASES[name].pca_dims}
+    extraction = {**OFFICIAL_EXTRACTION, "pca_dims": identity.pca_dims}
     ckpt = checkpoint_dict(model, extraction={k: list(v) if isinstance(v, tuple) else v for k, v in extraction.items()},
                            source={"release": name, "about": RELEASES[name].about, "path": str(source.resolve()),
-                                   "unused_variables": unused, "graph": facts,
-                                   "variables_sha256": file_sha256(variables_prefix(source).with_name(
-                                       "variables.data-00000-of-00001"))})
+                                   "unused_variables": unused, "graph": facts, "identity": identity.record()})
     created = _first_missing(ckpt_path.parent, pca_file.parent)
     try:
         with atomic_path(ckpt_path) as tmp:
@@ -315,7 +235,7 @@ def convert_release(source: str | Path, expr: str, release: str | None = None, o
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    return Converted(ckpt_path, pca_file, unused)
+    return Converted(ckpt_path, pca_file, unused, identity)
 
 
 def _first_missing(*folders: Path) -> list[Path]:

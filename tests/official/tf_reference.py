@@ -17,15 +17,19 @@ tests/test_official.py. It
    centres) to round(side * scale); receptive boxes 32 * [i, j, i, j] + [-145, -145, 145, 145],
    divided by the scale; cells with attention >= the threshold, all scales together;
    ``tf.image.non_max_suppression`` (IoU 1.0) keeps the best ``max_feature_num``; descriptors L2 ->
-   PCA (first ``pca_dim`` rows) -> L2; locations are the boxes' centres (y, x).
+   PCA (first ``pca_dim`` rows) -> L2; locations are the boxes' centres (y, x);
+4. optionally saves a release of another model (TF2 DELG-like variable names) and the same network
+   with unfused BatchNorms (no FusedBatchNorm node), for the converter's checks.
 
 Usage (PYTHONPATH=<project root>):
     python tests/official/tf_reference.py --release DIR --images a.npy b.npy --out ref.npz [--unknown_release DIR2]
+        [--unfused_release DIR3]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -97,6 +101,23 @@ def save_unknown_release(folder: str) -> None:
             builder.save()
 
 
+def save_unfused_release(folder: str, pca_folder: str) -> None:
+    """The same network built with TF's unfused BatchNorm (``fused=False``: no FusedBatchNorm node;
+    the epsilon is a ``batchnorm/add/y`` constant), freshly initialised, saved with ``pca_folder``'s
+    PCA files."""
+    with tf.Graph().as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [1, None, None, 3], name="input")
+        with arg_scope([layers.batch_norm], fused=False):
+            network(images)
+        tf.compat.v1.train.get_or_create_global_step()
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(os.path.join(folder, "model"))
+            builder.add_meta_graph_and_variables(sess, [tf.compat.v1.saved_model.tag_constants.SERVING])
+            builder.save()
+    shutil.copytree(pca_folder, os.path.join(folder, "pca"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--release", required=True, help="folder to write the release to (model/, pca/)")
@@ -106,6 +127,7 @@ def main() -> None:
     p.add_argument("--max_feature_num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unknown_release", help="also write a release of another model (DELG-like names) here")
+    p.add_argument("--unfused_release", help="also write the network with unfused BatchNorms here")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     tf.compat.v1.disable_eager_execution()
@@ -172,6 +194,8 @@ def main() -> None:
     np.savez(args.out, **out)
     if args.unknown_release:
         save_unknown_release(args.unknown_release)
+    if args.unfused_release:
+        save_unfused_release(args.unfused_release, os.path.join(args.release, "pca"))
 
 
 if __name__ == "__main__":
