@@ -23,6 +23,7 @@ from train.checkpoint import load_file
 from train.config import TrainConfig, parse_args
 from train.dataloader import default_workers, image_folders, loaders
 from train.delf import Delf
+from train.objective import Classification, StepOutput
 from train.run import _claim_output, _rank0_first, _seed
 from train.runtime import Runtime, amp_dtype, autocast, deterministic_mode, repo_dir, setup_runtime
 from train.solver import EpochMeter, LossWatch, Settings, Solver, TrainingDiverged
@@ -289,20 +290,29 @@ def test_amp_is_bf16_on_cpu_and_ampere_gpus_fp16_on_older_ones(monkeypatch: pyte
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+class BenchmarkSeen(Classification):
+    """Cross-entropy, recording cudnn.benchmark at each training step and validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def __call__(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, training: bool) -> StepOutput:
+        self.seen.append(("train" if training else "val", torch.backends.cudnn.benchmark))
+        return super().__call__(net, images, labels, training)
+
+
 def _fit_recording_cudnn_benchmark(before: bool) -> list[tuple[str, bool]]:
     """Set cudnn.benchmark to ``before``, fit a solver one epoch; the flag at each training step
-    and validation."""
+    and validation batch."""
     batches = data.TensorDataset(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                                  torch.tensor([0, 1, 2, 0]))
     torch.manual_seed(0)
-    solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(lr=0.01))
-    seen: list[tuple[str, bool]] = []
-    step, validate = solver.train_step, solver._validate
-    solver.train_step = lambda *a: seen.append(("train", torch.backends.cudnn.benchmark)) or step(*a)
-    solver._validate = lambda *a: seen.append(("val", torch.backends.cudnn.benchmark)) or validate(*a)
+    objective = BenchmarkSeen()
+    solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(lr=0.01), objective=objective)
     torch.backends.cudnn.benchmark = before
     solver.fit(data.DataLoader(batches, batch_size=2), data.DataLoader(batches, batch_size=4), epochs=1)
-    return seen
+    return objective.seen
 
 
 def test_fit_restores_cudnn_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
