@@ -84,6 +84,7 @@ def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int, local_rank: int, loc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", dev)))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # whatever tests ran before on a GPU
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     for key, value in {"RANK": local_rank, "WORLD_SIZE": local_world, "LOCAL_RANK": local_rank,

@@ -165,12 +165,11 @@ class DelfExtractor:
     descriptors of a DELG model with an autoencoder are its code (PCA is then not needed).
 
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
-    ``self.model``; the caller's model is not modified. ``conf.amp`` autocasts to
-    :func:`train.runtime.amp_dtype`: bf16 on CPU and recent GPUs, fp16 on GPUs without bf16, where a
-    folded weight beyond :data:`FP16_SAFE_WEIGHT` makes it run in float32 instead (a warning;
-    ``self.conf.amp`` is then False). ``self.conf`` is the configuration in
+    ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
     effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
-    file's attributes.
+    file's attributes. ``conf.amp`` autocasts to :func:`train.runtime.amp_dtype`: bf16 on CPU and
+    recent GPUs, fp16 on GPUs without bf16, where a folded weight beyond :data:`FP16_SAFE_WEIGHT`
+    makes it run in float32 instead (a warning; ``self.conf.amp`` is then False).
     """
 
     def __init__(self, model: Delf | Delg, conf: ExtractionConfig | None = None, *,
