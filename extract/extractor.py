@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     extracted or already in the output; 1: none, or an error, reported without a traceback)."""
     try:
         args = parse_args_given(build_parser(), argv)
-        runtime = setup_runtime(args.device, args.gpu_id)
+        runtime = setup_runtime(args.device, args.gpu_id, backend="gloo")  # its collectives are on the CPU
     except SystemExit as e:  # argparse errors and --help; a bad --device
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

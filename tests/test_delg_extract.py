@@ -19,6 +19,7 @@ from extract.extractor import main
 from tests.utils import photo, save_delg_checkpoint
 from train.checkpoint import CheckpointError, load_file, load_model
 from train.delg import GLOBAL_SCALES
+from train.runtime import deterministic_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NO_PCA = ExtractionConfig(use_pca=False, scale_list=(0.5, 0.7071, 1.0, 1.4142))
@@ -125,3 +126,28 @@ def test_bad_block3_strides_is_a_one_line_error(ckpt: Path, tmp_path: Path) -> N
     message = f"{tmp_path / 'bad.pth.tar'}: block3_strides is 'yes': expected true or false"
     with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
         load_model(tmp_path / "bad.pth.tar")
+
+
+@pytest.mark.cuda
+def test_delg_extraction_on_the_gpu_equals_the_cpu(ckpt: Path, image: Image.Image, tmp_path: Path) -> None:
+    """A DELG checkpoint on the GPU (deterministic, TF32 off): the CPU's keypoints, local and global
+    descriptors within 1e-3; the extractor CLI writes unit global descriptors from the GPU too."""
+    conf = ExtractionConfig(use_pca=False, scale_list=(0.5, 0.7071, 1.0), attn_thres=0.0, top_k=200)
+    with deterministic_mode():
+        cpu = DelfExtractor.from_checkpoint(ckpt, conf=conf)(image)
+        gpu = DelfExtractor.from_checkpoint(ckpt, conf=conf, device="cuda")(image)
+    np.testing.assert_allclose(gpu["global_descriptor"], cpu["global_descriptor"], atol=1e-3)
+    np.testing.assert_allclose(gpu["global_descriptor"], reference_global(ckpt, image), atol=1e-3)
+    a = np.lexsort((cpu["keypoints"][:, 0], cpu["keypoints"][:, 1], cpu["scales"]))
+    b = np.lexsort((gpu["keypoints"][:, 0], gpu["keypoints"][:, 1], gpu["scales"]))
+    np.testing.assert_array_equal(gpu["keypoints"][b], cpu["keypoints"][a])
+    np.testing.assert_allclose(gpu["descriptors"][b], cpu["descriptors"][a], atol=1e-3)
+    out = tmp_path / "f.h5"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    image.save(images / "a.png")
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), "--use_pca",
+                 "false", "--scale_list", "0.7071", "1.0", "--device", "cuda", "--amp"]) == 0
+    g = dict(iter_features(out))["a.png"]["global_descriptor"]
+    assert g.shape == (32,) and np.linalg.norm(g) == pytest.approx(1.0, abs=1e-5)
+    assert file_attrs(out)["device_type"] == "cuda"

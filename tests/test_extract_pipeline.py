@@ -1,6 +1,8 @@
 """DelfExtractor: selection, NMS/top-k invariants, descriptors, odd inputs."""
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -10,19 +12,23 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
+import extract.extraction.delf_extractor as extractor_module
 import extract.extraction.images as images_module
 from extract.config import ExtractionConfig
 from extract.extraction.delf_extractor import (
+    FP16_SAFE_WEIGHT,
     DelfExtractor,
     cell_boxes,
     fit_size,
     fold_batchnorm,
     gather_rows,
+    largest_weight,
     nms_top_k,
     too_small,
 )
-from extract.extraction.images import ImageDataset, shrink
+from extract.extraction.images import ImageDataset, resize_tf1, shrink
 from extract.extraction.pca import fit_pca
 from tests.utils import photo
 from train.delf import Delf, ReceptiveField
@@ -240,3 +246,68 @@ def test_images_shrunk_by_the_decoding_workers_give_the_same_features(model: Del
         np.testing.assert_array_equal(from_worker[key], direct[key], err_msg=key)
     with pytest.raises(ValueError, match="not a 400x200 one shrunk to max_image_size 150"):
         ex(small, original_size=(400, 200))
+
+
+class OutputDevices(TorchFunctionMode):
+    """Records the device of every tensor a torch function returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.devices.add(t.device.type)
+        return out
+
+
+def test_resize_tf1_makes_its_tables_on_the_images_device():
+    """The official resize's interpolation tables are made where the image is (here the meta
+    device, standing in for CUDA): nothing is made on the CPU and copied over, which would make
+    the host wait for a GPU at every pyramid level."""
+    image = torch.rand(3, 37, 53, device="meta")
+    with OutputDevices() as seen:
+        out = resize_tf1(image, (19, 75))
+    assert out.shape == (3, 19, 75) and out.device.type == "meta"
+    assert seen.devices == {"meta"}
+
+
+def test_fp16_amp_checks_the_folded_weights(model: Delf, image: Image.Image, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture):
+    """--amp on a GPU without bf16 runs fp16 (here on the CPU, as if): a model whose folded
+    weights fp16 cannot hold safely (a BatchNorm channel of tiny variance and large scale) is
+    extracted in float32 instead, with a warning, and the file's config says amp false. bf16
+    (float32's range) needs no check."""
+    monkeypatch.setattr(extractor_module, "amp_dtype", lambda device: torch.float16)
+    conf = ExtractionConfig(scale_list=(1.0,), attn_thres=0.0, top_k=100, amp=True)
+    small = image.resize((96, 72))
+    fp16 = DelfExtractor(model, conf)
+    assert fp16.conf.amp is True and largest_weight(fp16.model)[0] < FP16_SAFE_WEIGHT and not caplog.records
+    dtypes = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: dtypes.add(output.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+    try:
+        fp16(small)
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float16}
+
+    wide = copy.deepcopy(model)
+    bn = wide.base[1]  # bn1, folded into conv1
+    with torch.no_grad():
+        bn.running_var[5], bn.weight[5] = 0.0, 500.0  # 500 / sqrt(1e-5): 158 114 times conv1's weights
+    ex = DelfExtractor(wide, conf)
+    value, name = largest_weight(ex.model)
+    assert name == "base.0.weight" and value > FP16_SAFE_WEIGHT
+    assert ex.conf.amp is False
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, (
+        f"--amp: this GPU has no bf16 and fp16 cannot hold the model safely (|base.0.weight| reaches {value:.3g} "
+        "with BatchNorm folded, above 2048): extracting in float32"))]
+    fp32 = DelfExtractor(wide, replace(conf, amp=False))(small)
+    for key, expected in fp32.items():
+        if key != "attention":
+            np.testing.assert_array_equal(ex(small)[key], expected, err_msg=key)
+    monkeypatch.undo()  # bf16: no check
+    assert DelfExtractor(wide, conf).conf.amp is True

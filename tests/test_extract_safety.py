@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 from extract.config import ExtractionConfig
+from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import extract_features
 from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, read_features
 from extract.extractor import main
@@ -204,6 +206,62 @@ def test_write_error_is_one_line_and_the_rerun_resumes(tmp_path: Path, ckpt: Pat
     assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), *FAST]) == 0
     assert "2 images extracted, 2 already there" in capsys.readouterr().out
     assert_same_features(out, reference)
+
+
+def _failing_at_the_second_image(monkeypatch: pytest.MonkeyPatch, error: Exception, after: bool) -> list[int]:
+    """DelfExtractor raises ``error`` at its 2nd image (and, with ``after``, at every later one, as
+    a sticky CUDA error does); returns the list of its calls."""
+    real_call, calls = DelfExtractor.__call__, []
+
+    def call(self: DelfExtractor, *a: object, **k: object) -> dict:
+        calls.append(1)
+        if len(calls) == 2 or (after and len(calls) > 2):
+            raise error
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(DelfExtractor, "__call__", call)
+    return calls
+
+
+# --- the device fails -------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                           "asynchronously reported at some other API call"),
+    RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")], ids=["illegal-address", "assert", "cudnn"])
+def test_device_failure_stops_the_run_in_one_line_and_the_rerun_resumes(
+        tmp_path: Path, ckpt: Path, images: Path, reference: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+        error: Exception):
+    """A CUDA error is sticky (every later image would fail alike): the run stops at the image it
+    came with, exit 1 with one line; the file keeps the images before it and the rerun resumes."""
+    out = tmp_path / "f.h5"
+    calls = _failing_at_the_second_image(monkeypatch, error, after=True)
+    args = ["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), *FAST]
+    assert main(args) == 1
+    second = images / feature_names(reference)[1]
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: {second}: the device failed ({type(error).__name__}: {str(error).splitlines()[0]}); the run stopped "
+        "(CUDA cannot go on in this process) after 1 images written in this run; the file keeps 1 complete images: "
+        "rerun the same command to resume")
+    assert len(calls) == 2  # no image tried after it
+    assert feature_names(out) == feature_names(reference)[:1]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "3 images extracted, 1 already there, 0 skipped" in capsys.readouterr().out
+    assert_same_features(out, reference)
+
+
+def test_an_images_own_failure_skips_only_that_image(tmp_path: Path, ckpt: Path, images: Path, reference: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, capsys):
+    """Out of memory for one huge image (or any error of its own) skips it, and the run goes on."""
+    _failing_at_the_second_image(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                 after=False)
+    out = tmp_path / "f.h5"
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(out), *FAST]) == 0
+    second = images / feature_names(reference)[1]
+    assert (f"{second}: extraction failed (OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB)"
+            in capsys.readouterr().out)
+    assert feature_names(out) == [n for i, n in enumerate(feature_names(reference)) if i != 1]
 
 
 def test_output_folder_removed_during_the_run(tmp_path: Path, ckpt: Path, images: Path, reference: Path,

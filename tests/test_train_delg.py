@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.utils import assert_resume_is_exact, assert_same_training, run_trainer, training_conv_dtypes
 from train.checkpoint import describe, load_file, load_model
 from train.config import TrainConfig, parse_args
-from train.delg import Delg
+from train.delg import ArcFace, Delg
 from train.main import main
 from train.objective import DelgObjective
 from train.run import build_model
-from train.runtime import repo_dir
+from train.runtime import amp_dtype, repo_dir
 from train.solver import EpochMeter, Settings, Solver
 
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--delg_sample_size", "72", "--delg_crop_size", "64",
@@ -164,3 +165,55 @@ def test_epoch_meter_counts_parts_of_real_samples_only() -> None:
     assert avg["samples"] == 3
     assert (avg["loss"], avg["loss_a"], avg["loss_b"]) == pytest.approx((3.0, 1.5, 4.0))
     assert avg["top1"] == pytest.approx(100 * 2 / 3)
+
+
+def _arcface_under_autocast(device: str, dtype: torch.dtype) -> None:
+    """ArcFace's logits under ``dtype`` autocast on ``device``: float32 and equal to those without
+    autocast; an embedding 0.01 rad from class 0's weight gets scale * cos(0.01 + margin) for it
+    with its label, scale * cos(0.01) without (fp16 or bf16 would round cos(0.01) = 0.99995 to 1)."""
+    torch.manual_seed(0)
+    head = ArcFace(16, 3).to(device)
+    w = F.normalize(head.weight[0].detach(), dim=0)
+    side = torch.randn(16, device=device)
+    side = F.normalize(side - (side @ w) * w, dim=0)  # a unit vector orthogonal to w
+    emb = torch.randn(4, 16, device=device)
+    emb[0] = 5 * (math.cos(0.01) * w + math.sin(0.01) * side)
+    labels = torch.tensor([0, 1, 2, 0], device=device)
+    with torch.no_grad():
+        reference = head(emb, labels), head(emb)
+        with torch.autocast(device, dtype=dtype):
+            got = head(emb, labels), head(emb)
+    for logits, expected in zip(got, reference, strict=True):
+        assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+    assert got[0][0, 0].item() == pytest.approx(head.scale * math.cos(0.01 + head.margin), abs=1e-5)
+    assert got[1][0, 0].item() == pytest.approx(head.scale * math.cos(0.01), abs=1e-5)
+
+
+def test_arcface_logits_are_float32_under_autocast() -> None:
+    _arcface_under_autocast("cpu", torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_arcface_logits_are_float32_under_fp16_autocast() -> None:
+    _arcface_under_autocast("cuda", torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_delg_amp_trains(image_data: tuple[Path, Path], expr: str) -> None:
+    """DELG with --amp on the GPU: the convolutions in its amp dtype (bf16, or fp16 on GPUs without
+    bf16), the ArcFace logits float32, finite losses; a GradScaler only with fp16."""
+    dtype = amp_dtype(torch.device("cuda", 0))
+    arcface: set[torch.dtype] = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: arcface.add(output.dtype) if isinstance(module, ArcFace) else None)
+    try:
+        with training_conv_dtypes() as dtypes:
+            out = main(delg_argv(expr, image_data, "--amp", "--device", "cuda", "--delg_epoch", "2"))
+    finally:
+        hook.remove()
+    assert dtypes == {dtype} and arcface == {torch.float32}
+    for r in rows(out / "log" / "train.log") + rows(out / "log" / "val.log"):
+        assert math.isfinite(float(r["loss"])) and math.isfinite(float(r["loss_global"]))
+    ckpt = load_file(out / "ckpt" / "last.pth.tar")
+    assert ckpt["config"]["amp"] is True and ckpt["epoch"] == 2
+    assert ("scaler" in ckpt) == (dtype == torch.float16)

@@ -4,22 +4,28 @@ Tests marked ``cuda`` run where a GPU is present."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils.data as data
 
+import extract.extractor as extractor_cli
+import train.main as train_cli
 import train.runtime as runtime
 import train.solver as solver_module
-from tests.utils import run_trainer
+from extract.errors import UserError
+from tests.utils import assert_same_training, run_trainer
 from train.checkpoint import load_file
 from train.config import TrainConfig, parse_args
 from train.dataloader import default_workers, image_folders, loaders
 from train.delf import Delf
+from train.objective import Classification, StepOutput
 from train.run import _claim_output, _rank0_first, _seed
-from train.runtime import Runtime, deterministic_mode, repo_dir, setup_runtime
+from train.runtime import Runtime, amp_dtype, autocast, deterministic_mode, repo_dir, setup_runtime
 from train.solver import EpochMeter, LossWatch, Settings, Solver, TrainingDiverged
 
 META = torch.device("meta")
@@ -78,6 +84,7 @@ def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int, local_rank: int, loc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", dev)))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # whatever tests ran before on a GPU
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     for key, value in {"RANK": local_rank, "WORLD_SIZE": local_world, "LOCAL_RANK": local_rank,
@@ -104,6 +111,93 @@ def test_each_process_gets_its_gpu_and_nccl_its_device_id(monkeypatch: pytest.Mo
     assert (rt.device, rt.rank, rt.world_size, rt.local_rank, rt.local_world_size) == (
         torch.device("cuda", 1), 1, 2, 1, 2)
     assert calls == [("set_device", torch.device("cuda", 1)), ("nccl", {"device_id": torch.device("cuda", 1)})]
+
+
+def test_bad_device_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:7 on a 1-GPU machine, on a CPU machine, or an unknown device: one line each,
+    before any GPU or process group is touched."""
+    with pytest.raises(SystemExit) as exit_:
+        setup_runtime("cuda:7")  # this machine (the tests hide CUDA): no CUDA
+    assert str(exit_.value) == "error: --device cuda:7 asked for, but CUDA is not available"
+    with pytest.raises(SystemExit) as exit_:
+        setup_runtime("gpu")
+    assert str(exit_.value) == "error: --device gpu: expected auto, cpu, cuda or cuda:N"
+    calls = _fake_gpus(monkeypatch, count=1, local_rank=0, local_world=1)
+    with pytest.raises(SystemExit) as exit_:
+        setup_runtime("cuda:7")
+    assert str(exit_.value) == "error: --device cuda:7: no such GPU; this machine has 1 GPU(s): use cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(SystemExit) as exit_:
+        setup_runtime("cuda:4", gpu_id="0,1,2,3")
+    assert str(exit_.value) == ("error: --device cuda:4: no such GPU; --gpu_id 0,1,2,3 shows 4 GPU(s): "
+                                "use cuda:0 to cuda:3")
+    assert calls == []
+    assert setup_runtime("cuda:3").device == torch.device("cuda", 3)
+    assert calls == [("set_device", torch.device("cuda", 3))]
+
+
+def test_the_clis_print_a_bad_device_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                 tmp_path: Path) -> None:
+    _fake_gpus(monkeypatch, count=1, local_rank=0, local_world=1)
+    assert extractor_cli.main(["--input_path", str(tmp_path), "--device", "cuda:7"]) == 1
+    assert capsys.readouterr().err == "error: --device cuda:7: no such GPU; this machine has 1 GPU(s): use cuda:0\n"
+    with pytest.raises(SystemExit) as exit_:  # the interpreter prints a string exit code as it is
+        train_cli.main(["--finetune_train_path", "t", "--finetune_val_path", "v", "--device", "cuda:7"])
+    assert exit_.value.code == "error: --device cuda:7: no such GPU; this machine has 1 GPU(s): use cuda:0"
+
+
+def test_gpu_id_on_a_cpu_machine_is_the_same_warning_from_both_clis(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture,
+                                                                    tmp_path: Path) -> None:
+    """--gpu_id 4 without CUDA: trainer and extractor both say it falls back, as a warning (the
+    extractor sets up logging after the device: an info line was lost there; Python prints a
+    warning without any logging set up)."""
+    monkeypatch.setattr(train_cli, "train", lambda cfg, rt: tmp_path)
+    train_cli.main(["--finetune_train_path", "t", "--finetune_val_path", "v", "--gpu_id", "4"])
+    assert extractor_cli.main(["--input_path", str(tmp_path / "none"), "--gpu_id", "4",
+                               "--load_from", str(tmp_path / "none.pth.tar")]) == 1
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "CUDA" in r.getMessage()]
+    assert said == [(logging.WARNING, "CUDA is not available (--gpu_id 4 shows no GPU): running on CPU")] * 2
+
+
+def test_gpu_id_set_after_cuda_started_is_reported(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """CUDA reads CUDA_VISIBLE_DEVICES when it starts: --gpu_id set later changes nothing, and
+    says so, whether torch had started CUDA (a notebook's second run) or only the driver (it then
+    sees more GPUs than --gpu_id lists); not when it took effect."""
+    _fake_gpus(monkeypatch, count=1, local_rank=0, local_world=1)
+    warned = "--gpu_id 1 is ignored: CUDA had already started in this process (CUDA_VISIBLE_DEVICES={}); start a " \
+             "new process, or pick the GPU with --device cuda:N"
+    assert setup_runtime("auto", gpu_id="1").device == torch.device("cuda", 0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1" and not caplog.records  # took effect
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    setup_runtime("auto", gpu_id="1")
+    assert not caplog.records  # started with this very setting
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    setup_runtime("auto", gpu_id="1")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the driver started first: every GPU shows
+    setup_runtime("auto", gpu_id="1")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, warned.format("0")),
+                                                                     (logging.WARNING, warned.format("unset"))]
+
+
+def test_extraction_starts_no_nccl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Sharded extraction's collectives are all on the CPU (gloo): its default group is gloo
+    even on GPUs; the trainer's is NCCL."""
+    calls = _fake_gpus(monkeypatch, count=2, local_rank=1, local_world=2)
+    devices = []
+
+    def run(args: object, device: torch.device, share: object) -> None:
+        devices.append(device)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(extractor_cli, "run", run)
+    monkeypatch.setattr(extractor_cli.WorkShare, "join", lambda rt: None)
+    assert extractor_cli.main(["--input_path", str(tmp_path)]) == 1
+    assert devices == [torch.device("cuda", 1)]
+    assert calls == [("set_device", torch.device("cuda", 1)), ("gloo", {})]
 
 
 # --- fp16: GradScaler skips overflowing steps; repeated ones stop the run ---------------------
@@ -187,6 +281,51 @@ def test_keypoint_pooling_and_classifier_stay_fp32_under_autocast() -> None:
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+def test_amp_is_bf16_on_cpu_and_ampere_gpus_fp16_on_older_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)
+    for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert amp_dtype(cuda) == dtype
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16
+    with autocast(torch.device("cpu"), True):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+class BenchmarkSeen(Classification):
+    """Cross-entropy, recording cudnn.benchmark at each training step and validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, bool]] = []
+
+    def __call__(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, training: bool) -> StepOutput:
+        self.seen.append(("train" if training else "val", torch.backends.cudnn.benchmark))
+        return super().__call__(net, images, labels, training)
+
+
+def _fit_recording_cudnn_benchmark(before: bool) -> list[tuple[str, bool]]:
+    """Set cudnn.benchmark to ``before``, fit a solver one epoch; the flag at each training step
+    and validation batch."""
+    batches = data.TensorDataset(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                 torch.tensor([0, 1, 2, 0]))
+    torch.manual_seed(0)
+    objective = BenchmarkSeen()
+    solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(lr=0.01), objective=objective)
+    torch.backends.cudnn.benchmark = before
+    solver.fit(data.DataLoader(batches, batch_size=2), data.DataLoader(batches, batch_size=4), epochs=1)
+    return objective.seen
+
+
+def test_fit_restores_cudnn_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training autotunes cuDNN where it pays (Solver.autotune) and leaves the flag as it found it:
+    a notebook that then extracts does not autotune every pyramid shape."""
+    monkeypatch.setattr(Solver, "autotune", lambda self, training: training)  # on in training, off in validation
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored at the end
+    for before in (False, True):
+        assert _fit_recording_cudnn_benchmark(before) == [("train", True), ("train", True), ("val", False)]
+        assert torch.backends.cudnn.benchmark is before
+
+
 # --- host syncs -------------------------------------------------------------------------------
 def test_training_steps_do_not_wait_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """The host reads device values (item/tolist) a fixed number of times per epoch, not per step."""
@@ -268,7 +407,7 @@ def test_deterministic_flag_trains_under_deterministic_algorithms(image_data: tu
 @pytest.mark.slow
 def test_cuda_seed_readme_commands_under_torchrun_with_amp(image_data: tuple[Path, Path], expr: str) -> None:
     """The README's two training commands (no --manualSeed: the seed is broadcast over NCCL)
-    under torchrun, fp16 with GradScaler, on a tiny ImageFolder."""
+    under torchrun, --amp (bf16, or fp16 with GradScaler on GPUs without bf16), on a tiny ImageFolder."""
     tiny = ["--arch", "resnet18", "--pretrained", "none", "--finetune_sample_size", "72", "--finetune_crop_size",
             "64", "--keypoint_sample_size", "160", "--keypoint_crop_size", "128", "--train_batch_size", "4",
             "--val_batch_size", "4", "--amp"]
@@ -282,7 +421,8 @@ def test_cuda_seed_readme_commands_under_torchrun_with_amp(image_data: tuple[Pat
                  "--keypoint_val_path", val_dir, "--keypoint_epoch", "2", *tiny], nproc=1, timeout=900)
     for stage in ("finetune", "keypoint"):
         ckpt = load_file(repo_dir() / expr / stage / "ckpt" / "last.pth.tar")
-        assert ckpt["epoch"] == 2 and "scaler" in ckpt and ckpt["config"]["world_size"] == 1
+        assert ckpt["epoch"] == 2 and ckpt["config"]["world_size"] == 1
+        assert ("scaler" in ckpt) == (amp_dtype(torch.device("cuda", 0)) == torch.float16)
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
@@ -334,3 +474,46 @@ def test_cuda_every_collective_runs_over_nccl(tmp_path: Path, expr: str) -> None
         assert _rank0_first(rt, lambda: "built") == "built"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_cuda_amp_scales_losses_only_in_fp16() -> None:
+    """--amp on this GPU: bf16 without a GradScaler where it computes bf16 (Ampere and later),
+    fp16 with one elsewhere; either way the steps train and stay finite."""
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    solver = Solver(Delf(3, arch="resnet18", stage="finetune"), Settings(amp=True), Runtime(dev))
+    assert solver.scaler.is_enabled() == (amp_dtype(dev) == torch.float16)
+    assert amp_dtype(dev) == (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
+                              else torch.float16)
+    for images, labels in _batches(3):
+        out = solver.train_step(images, labels)
+    assert torch.isfinite(out.loss).item()
+    assert all(torch.isfinite(p).all() for p in solver.model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_torchrun_two_gpus_equal_one(uniform_data: tuple[Path, Path], expr: str) -> None:
+    """Two processes on two GPUs (NCCL: the seed's broadcast, DDP's gradient averaging, the
+    metrics' sums) of 4 images per step train as one process of 8, deterministic on both sides
+    (TF32 off). Skipped with fewer than 2 GPUs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from tests.test_train import finetune_argv
+
+    def argv(name: str, batch: str) -> list[str]:
+        return finetune_argv(name, uniform_data, "--finetune_sample_size", "64", "--finetune_crop_size", "64",
+                             "--train_batch_size", batch, "--device", "cuda", "--deterministic")
+
+    run_trainer(argv(expr + "-one", "8"), timeout=900)
+    result = run_trainer(argv(expr, "4"), nproc=2, timeout=900)
+    assert_same_training(repo_dir() / (expr + "-one") / "finetune", repo_dir() / expr / "finetune")
+    ckpt = load_file(repo_dir() / expr / "finetune" / "ckpt" / "last.pth.tar")
+    assert ckpt["config"]["world_size"] == 2 and ckpt["epoch"] == 1
+    assert result.stderr.count("epoch 1/1") == 1  # rank 0 logs
+    # no --manualSeed: rank 0 draws the seed and broadcasts it over NCCL
+    unseeded = argv(expr + "-seed", "4")
+    del unseeded[unseeded.index("--manualSeed"):unseeded.index("--manualSeed") + 2]
+    run_trainer(unseeded, nproc=2, timeout=900)
+    assert load_file(repo_dir() / (expr + "-seed") / "finetune" / "ckpt" / "last.pth.tar")["config"]["world_size"] == 2

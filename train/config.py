@@ -170,7 +170,8 @@ class TrainConfig:
     gpu_id: str | None = _opt(None, "CUDA_VISIBLE_DEVICES, set before CUDA starts; when omitted: left alone",
                               "device")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N", "device", type=_device)
-    amp: bool = _opt(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) and channels_last", "device")
+    amp: bool = _opt(False, "mixed precision (bf16 on CPU and Ampere+ GPUs, fp16 + GradScaler on older GPUs) and "
+                     "channels_last", "device")
     deterministic: bool = _opt(False, "deterministic algorithms only, no cuDNN autotuning, no TF32: a run "
                                "repeats bit for bit on the same GPU model, software and process count "
                                "(slower; CPU runs repeat without it)", "device")

@@ -81,21 +81,26 @@ class ArcFace(nn.Module):
         self.scale = math.sqrt(dim) if scale is None else scale
 
     def cosine(self, embedding: torch.Tensor) -> torch.Tensor:
-        """cos(theta) (B, ncls) between embeddings (B, dim) and the class weights, in float32."""
-        return F.linear(F.normalize(embedding.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        """cos(theta) (B, ncls) between embeddings (B, dim) and the class weights, in float32 (also
+        under autocast, which would run the product in fp16/bf16: near cos = 1 their steps of
+        ~5e-4 / 4e-3 round small angles to 0)."""
+        with torch.autocast(embedding.device.type, enabled=False):
+            return F.linear(F.normalize(embedding.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
     def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, ncls); the margin applies only when ``labels`` (B,) are given."""
-        cos = self.cosine(embedding)
-        if labels is not None and self.margin > 0:
-            # cos(theta + m) = cos cos m - sin sin m, theta in [0, pi]; no acos (its derivative
-            # is infinite at +-1); the clamp also zeroes the gradient of sin where cos = +-1.
-            sin = (1 - cos * cos).clamp(min=1e-12).sqrt()
-            with_margin = cos * math.cos(self.margin) - sin * math.sin(self.margin)
-            # theta <= pi - m  <=>  cos >= -cos(m)
-            target = F.one_hot(labels, cos.shape[1]).bool() & (cos >= -math.cos(self.margin))
-            cos = torch.where(target, with_margin, cos)
-        return self.scale * cos
+        """Logits (B, ncls), float32 (autocast disabled here); the margin applies only when
+        ``labels`` (B,) are given."""
+        with torch.autocast(embedding.device.type, enabled=False):
+            cos = self.cosine(embedding)
+            if labels is not None and self.margin > 0:
+                # cos(theta + m) = cos cos m - sin sin m, theta in [0, pi]; no acos (its derivative
+                # is infinite at +-1); the clamp also zeroes the gradient of sin where cos = +-1.
+                sin = (1 - cos * cos).clamp(min=1e-12).sqrt()
+                with_margin = cos * math.cos(self.margin) - sin * math.sin(self.margin)
+                # theta <= pi - m  <=>  cos >= -cos(m)
+                target = F.one_hot(labels, cos.shape[1]).bool() & (cos >= -math.cos(self.margin))
+                cos = torch.where(target, with_margin, cos)
+            return self.scale * cos
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, ncls={self.weight.shape[0]}, margin={self.margin}, scale={self.scale:.4g}"

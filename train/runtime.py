@@ -62,18 +62,23 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group
-    (nccl on CUDA, gloo on CPU).
+def setup_runtime(device: str = "auto", gpu_id: str | None = None, backend: str | None = None) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the default process group:
+    ``backend``, by default nccl on CUDA (the trainer's collectives run on the device) and gloo on
+    CPU; extraction, whose few collectives are all on the CPU, passes "gloo" and starts no NCCL.
 
     ``gpu_id`` sets CUDA_VISIBLE_DEVICES as the seed did; it must happen before CUDA initialises,
-    which is why it lives here. ``device``: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.
-    With CUDA, each of torchrun's processes on a node takes its own GPU (cuda:LOCAL_RANK); more
-    processes than visible GPUs, or one ``cuda:N`` for several processes, is a clear error (NCCL
-    fails obscurely when two processes share a GPU).
+    which is why it lives here (once CUDA has started in this process, it is ignored, with a
+    warning). ``device``: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. With CUDA, each of
+    torchrun's processes on a node takes its own GPU (cuda:LOCAL_RANK); more processes than
+    visible GPUs, one ``cuda:N`` for several processes, a GPU that is not there, or an unknown
+    device is a one-line error (SystemExit; NCCL fails obscurely when two processes share a GPU).
     """
-    if gpu_id is not None and gpu_id != "":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
+    gpu_id = str(gpu_id) if gpu_id else None
+    visible_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    started_before = torch.cuda.is_initialized()
+    if gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -82,12 +87,19 @@ def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
         if torch.cuda.is_available():
             dev = _local_gpu(local_rank, local_world_size, gpu_id)
         else:
-            hint = f" (--gpu_id {gpu_id} shows no GPU)" if gpu_id else ""
             if rank == 0:
-                log.info("CUDA is not available%s: running on CPU", hint)
+                if gpu_id:  # asked for a GPU: a warning, which both CLIs print however logging is set up
+                    log.warning("CUDA is not available (--gpu_id %s shows no GPU): running on CPU", gpu_id)
+                else:
+                    log.info("CUDA is not available: running on CPU")
             dev = torch.device("cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise SystemExit(f"error: --device {device}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise SystemExit(f"error: --device {device}: expected auto, cpu, cuda or cuda:N")
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise SystemExit(f"error: --device {device} asked for, but CUDA is not available")
@@ -96,27 +108,42 @@ def setup_runtime(device: str = "auto", gpu_id: str | None = None) -> Runtime:
             elif local_world_size > 1:
                 raise SystemExit(f"error: --device {device} puts all {local_world_size} processes of this node "
                                  "on one GPU; use --device cuda (one GPU per process) or --gpu_id")
+            elif dev.index >= (count := torch.cuda.device_count()):
+                choices = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+                raise SystemExit(f"error: --device {device}: no such GPU; {_shown(gpu_id)} {count} GPU(s): "
+                                 f"use {choices}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        # CUDA reads the variable when it starts: set later, it changed nothing (the runtime then
+        # sees more GPUs than --gpu_id lists)
+        if gpu_id is not None and ((started_before and visible_before != gpu_id)
+                                   or torch.cuda.device_count() > len(gpu_id.split(","))):
+            log.warning("--gpu_id %s is ignored: CUDA had already started in this process (CUDA_VISIBLE_DEVICES=%s); "
+                        "start a new process, or pick the GPU with --device cuda:N", gpu_id,
+                        "unset" if visible_before is None else visible_before or "''")
     if world_size > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        if backend == "nccl":
             dist.init_process_group("nccl", device_id=dev)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
     return Runtime(dev, rank, world_size, local_rank, local_world_size)
+
+
+def _shown(gpu_id: str | None) -> str:
+    """Who decided which GPUs this process sees, for messages: "--gpu_id 6 shows", ..."""
+    if gpu_id:
+        return f"--gpu_id {gpu_id} shows"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows"
+    return "this machine has"
 
 
 def _local_gpu(local_rank: int, local_world_size: int, gpu_id: str | None) -> torch.device:
     """cuda:LOCAL_RANK, after checking that every process of this node gets a GPU of its own."""
     count = torch.cuda.device_count()
     if local_world_size > count:
-        if gpu_id:
-            shown = f"--gpu_id {gpu_id} shows"
-        elif os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-            shown = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows"
-        else:
-            shown = "this machine has"
-        raise SystemExit(f"error: {local_world_size} processes per node (--nproc_per_node) but {shown} "
+        raise SystemExit(f"error: {local_world_size} processes per node (--nproc_per_node) but {_shown(gpu_id)} "
                          f"{count} GPU(s): start at most {count} per node, or give --gpu_id one GPU per process "
                          "(e.g. --gpu_id 0,1)")
     return torch.device("cuda", local_rank)
@@ -191,8 +218,30 @@ def warn_if_slow_amp(device: torch.device, enabled: bool) -> None:
                     "slower than fp32 (leave --amp out on this machine)")
 
 
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` (cuDNN autotuning: worth it only where input sizes
+    repeat) set to ``enabled`` inside the block, and the previous value back afterwards: a
+    notebook that trains and then extracts does not autotune every new pyramid shape."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of ``--amp`` on ``device``: bf16 on CPU and on GPUs that compute it natively
+    (compute capability 8.0, Ampere, and later: as torch.cuda.is_bf16_supported(including_emulation
+    =False) for that GPU); fp16 (with a GradScaler in training) on older GPUs. bf16 has float32's
+    range: no loss scaling, and BatchNorm folded into the convolutions cannot overflow it."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> torch.autocast:
-    """bf16 autocast on CPU; fp16 (default) or ``dtype`` on CUDA."""
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    """Autocast to ``dtype``, by default :func:`amp_dtype` (bf16 on CPU and recent GPUs, fp16 on older GPUs)."""
+    dtype = dtype or amp_dtype(device)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)

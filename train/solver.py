@@ -27,7 +27,7 @@ from .delf import Delf
 from .delg import Delg
 from .objective import Classification, Objective, StepOutput
 from .outputs import OutputWriteError
-from .runtime import Runtime, autocast, epoch_seed, seed_everything, warn_if_slow_amp
+from .runtime import Runtime, amp_dtype, autocast, cudnn_benchmark, epoch_seed, seed_everything, warn_if_slow_amp
 
 log = logging.getLogger("delf")
 
@@ -236,7 +236,9 @@ class Solver:
         self.objective: Objective = objective or Classification()
         self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), settings)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, settings.lr_stepsize, settings.lr_gamma)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        # fp16 (GPUs without bf16) needs loss scaling; bf16 has float32's range
+        fp16 = self.amp and self.device.type == "cuda" and amp_dtype(self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.start_epoch = 0
         self.best_acc = 0.0
         self.saved_epoch: int | None = None  # epoch of the last.pth.tar this run wrote or resumed from
@@ -252,7 +254,8 @@ class Solver:
         that would change the seed's augmentation, and the keypoint stage's trainable part (the
         attention head and classifier) is small, so autotuning its frozen backbone's forward
         gains little. Validation crops are fixed, so it benchmarks there. Never under
-        ``--deterministic`` (:func:`train.runtime.deterministic_mode`).
+        ``--deterministic`` (:func:`train.runtime.deterministic_mode`). Set for each epoch and
+        validation only: the previous value comes back after them.
         """
         if self.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
             return False
@@ -304,7 +307,10 @@ class Solver:
         The host waits for the device only every :data:`CHECK_EVERY` steps (progress bar and
         divergence check) and at the end."""
         self.net.train()
-        torch.backends.cudnn.benchmark = self.autotune(training=True)
+        with cudnn_benchmark(self.autotune(training=True)):
+            return self._train_epoch(loader, epoch, epochs)
+
+    def _train_epoch(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
         meter = EpochMeter(self.device, limit=real_samples(getattr(loader, "sampler", None)),
                            parts=self.objective.parts)
         watch = LossWatch(self.device)
@@ -328,7 +334,10 @@ class Solver:
     def validate(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
         """Loss and accuracy on ``loader`` (each process its own shard, then summed)."""
         self.model.eval()
-        torch.backends.cudnn.benchmark = self.autotune(training=False)
+        with cudnn_benchmark(self.autotune(training=False)):
+            return self._validate(loader, epoch, epochs)
+
+    def _validate(self, loader: data.DataLoader, epoch: int, epochs: int) -> dict[str, float]:
         meter = EpochMeter(self.device, parts=self.objective.parts)
         bar = tqdm(loader, desc=f"val {epoch + 1}/{epochs}", disable=not self.rt.is_main,
                    leave=False, dynamic_ncols=True)

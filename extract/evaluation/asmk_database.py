@@ -30,6 +30,7 @@ from extract.extraction.feature_file import file_attrs
 from extract.retrieval.asmk.codebook import VisualWords, codebook
 from extract.retrieval.asmk.kernel import hamming_bits
 from extract.retrieval.asmk.stored_index import AsmkIndexError, IndexBuild, StoredIndex, fix_hint
+from extract.retrieval.faiss_search import faiss_gpu
 
 log = logging.getLogger("delf")
 
@@ -49,8 +50,8 @@ def asmk_codebook(codebook_images: str | Path, features_root: str | Path, codebo
                   overwrite: bool = False) -> tuple[Path, np.ndarray]:
     """(file, centroids) of the codebook: <codebook_dir>/codebook_<size>_<set name>.h5 when it
     exists and was made from these features, else k-means of every descriptor of
-    ``codebook_images`` (extracted by ``ex`` into <features_root>/<set name>.h5, cached), stored
-    there."""
+    ``codebook_images`` (extracted by ``ex`` into <features_root>/<set name>.h5, cached; k-means on
+    ``ex``'s GPU with faiss-gpu), stored there."""
     features, names = cache_image_set(codebook_images, features_root, ex, checkpoint, pca_path, overwrite)
     attrs = {f"features.{k}": v for k, v in feature_identity(features).items()}
     path = Path(codebook_dir) / f"codebook_{conf.codebook_size}_{set_name(codebook_images)}.h5"
@@ -64,7 +65,7 @@ def asmk_codebook(codebook_images: str | Path, features_root: str | Path, codebo
 
     # one process trains and writes a codebook
     with hold_cache(path, hint="choose another --load_expr (codebooks are stored under repo/<expr>/asmk/)"):
-        return path, codebook(path, descriptors, conf, attrs, CODEBOOK_LEGACY)
+        return path, codebook(path, descriptors, conf, attrs, CODEBOOK_LEGACY, gpu=faiss_gpu(ex.device))
 
 
 def feature_identity(path: Path) -> dict[str, Any]:
@@ -127,12 +128,13 @@ def stream_distractors(build: IndexBuild, distractors: DistractorSet, read: Read
 
 
 def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_path: Path, conf: AsmkConfig,
-                  distractors: DistractorSet | None = None, overwrite: bool = False
+                  distractors: DistractorSet | None = None, overwrite: bool = False, gpu: int | None = None
                   ) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
     """The stored ASMK* index of the dataset's images (feature file ``db_path``), then the
     ``distractors``, in <codebook's folder>/index_<codebook name>_<database name>/: built when
     missing, completed when a build was killed, grown by new images, else loaded as stored (then
-    the database's descriptors are not read); ``overwrite`` builds it afresh. The distractors are
+    the database's descriptors are not read); ``overwrite`` builds it afresh; words assigned on
+    faiss's GPU ``gpu`` (the run's, :func:`~extract.retrieval.faiss_search.faiss_gpu`). The distractors are
     extracted here, each aggregated as it is extracted (:func:`stream_distractors`); those already
     in their file are read back once. Returns the index and the database's parts (feature file,
     image names) in its image order."""
@@ -145,7 +147,7 @@ def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_pa
     parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
     t = time.perf_counter()
     # the dataset's and the distractors' features are made alike (compared apart when extracted)
-    with IndexBuild(folder, VisualWords(centroids, conf), conf, feature_identity(db_path)) as build:
+    with IndexBuild(folder, VisualWords(centroids, conf, gpu), conf, feature_identity(db_path)) as build:
         build.append_missing(database_keys(db_path.stem, ds.imlist), read)   # first: they keep their places
         if distractors is not None:
             parts.append(stream_distractors(build, distractors, read))

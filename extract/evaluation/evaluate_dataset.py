@@ -41,6 +41,7 @@ from extract.extraction.extract_features import load_extractor
 from extract.extraction.feature_file import GLOBAL_KEY
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import StoredIndex
+from extract.retrieval.faiss_search import faiss_gpu
 from extract.retrieval.global_ranking import global_matrix, global_scores
 from extract.retrieval.rerank import Verifier, rerank
 from extract.retrieval.vote import Database, DescriptorIndex, rank
@@ -159,7 +160,8 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
             folder = Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk"
             path, centroids = asmk_codebook(codebook_images, features_dir.parent, folder, asmk_config(conf), ex,
                                             checkpoint, pca_path, overwrite)
-            asmk, parts = asmk_database(ds, db_path, centroids, path, asmk_config(conf), extra, overwrite)
+            asmk, parts = asmk_database(ds, db_path, centroids, path, asmk_config(conf), extra, overwrite,
+                                        gpu=faiss_gpu(ex.device))
             size = asmk.num_images
         elif extra is not None:
             parts.append(extra.extract())

@@ -21,9 +21,12 @@ from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import (
     Existing,
     Written,
+    default_workers,
+    device_failure,
     extract_features,
     feature_attrs,
     feature_writer,
+    stopped_by,
     write_failure,
 )
 from extract.extraction.feature_file import (
@@ -34,7 +37,7 @@ from extract.extraction.feature_file import (
     open_features,
     read_array,
 )
-from extract.extraction.images import BadImage, InputError, list_images, load_image
+from extract.extraction.images import InputError, image_loader, list_images
 from train.outputs import OutputInUse, OutputLock, OutputWriteError
 
 log = logging.getLogger("delf")
@@ -54,31 +57,46 @@ def hold_cache(output: str | Path, hint: str = "choose another --features_dir") 
 
 
 def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None,
-                   features_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+                   features_dir: str | Path, overwrite: bool = False, workers: int | None = None) -> tuple[Path, Path]:
     """(db.h5, query.h5) in ``features_dir`` holding every image of ``ds``; images already there
-    are skipped. ``checkpoint`` and ``pca_file`` are what ``ex`` was built from (recorded)."""
-    attrs = feature_attrs(ex, checkpoint, pca_file, ds.images, save_attention=False, workers=0)
-    jobs = {"db": [(n, ds.path(n), None) for n in ds.imlist],
-            "query": [(n, ds.path(n), g["bbx"]) for n, g in zip(ds.qimlist, ds.gnd, strict=True)]}
+    are skipped. ``checkpoint`` and ``pca_file`` are what ``ex`` was built from (recorded). The
+    images are decoded (queries cropped, all shrunk to ``max_image_size``) by ``workers``
+    background processes, as extraction's (default: its :func:`default_workers`), while ``ex``
+    extracts. An unusable image, or a failed device, stops it with the reason (EvalError,
+    DeviceFailure); the images written until then stay."""
+    workers = default_workers(ex.device) if workers is None else workers
+    attrs = feature_attrs(ex, checkpoint, pca_file, ds.images, save_attention=False, workers=workers)
+    jobs = {"db": ([(n, ds.path(n)) for n in ds.imlist], None),
+            "query": ([(n, ds.path(n)) for n in ds.qimlist],
+                      {n: np.asarray(g["bbx"]).ravel().tolist() for n, g in zip(ds.qimlist, ds.gnd, strict=True)})}
     paths = {}
-    for part, items in jobs.items():
+    for part, (items, crops) in jobs.items():
         paths[part] = Path(features_dir) / f"{part}.h5"
+        part_attrs = {**attrs, "crop_to_bbx": part == "query"}
         try:
-            writer = feature_writer(paths[part], {**attrs, "crop_to_bbx": part == "query"}, overwrite)
+            with feature_writer(paths[part], part_attrs, overwrite) as writer:
+                todo = [item for item in items if not writer.has(item[0])]
         except FeatureFileError as e:
             raise EvalError(f"{e}\n(here: --overwrite extracts again, --features_dir picks another "
                             "cache folder)") from None
+        # the decoding workers start before the file is opened again, so that they never inherit it
+        loader = image_loader(todo, workers, ex.conf.max_image_size, pin_memory=ex.device.type == "cuda", crops=crops)
+        decoded = iter(loader) if todo else iter(())
         written = 0
         try:
-            with writer:
-                todo = [item for item in items if not writer.has(item[0])]
-                for name, path, bbx in tqdm(todo, desc=f"{ds.name} {part} features", unit="img",
-                                            dynamic_ncols=True):
+            with feature_writer(paths[part], part_attrs) as writer:
+                for name, path, image, size, reason in tqdm(decoded, total=len(todo), desc=f"{ds.name} {part} features",
+                                                            unit="img", dynamic_ncols=True):
+                    if image is None or size is None:
+                        raise EvalError(f"{path}: {reason}")
                     try:
-                        image = load_image(path, crop=None if bbx is None else np.asarray(bbx).ravel().tolist())
-                    except BadImage as e:
-                        raise EvalError(f"{path}: {e}") from None
-                    writer.write(name, ex(image))
+                        feats = ex(image, original_size=(int(size[0]), int(size[1])))
+                    except RuntimeError as e:
+                        failure = device_failure(path, e)
+                        if failure is None:
+                            raise
+                        raise stopped_by(failure, paths[part], written) from e
+                    writer.write(name, feats)
                     written += 1
         except OSError as e:
             raise EvalError(write_failure(paths[part], e, written)) from None

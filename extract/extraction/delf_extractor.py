@@ -22,6 +22,7 @@ with no half-pixel shift, so the centre of cell (i, j) is at stride * (i, j) / s
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,14 @@ from train.checkpoint import load_model
 from train.delf import Delf, ReceptiveField
 from train.delg import GLOBAL_SCALES, Delg, pool_scales
 from train.outputs import file_sha256
-from train.runtime import autocast
+from train.runtime import amp_dtype, autocast, cudnn_benchmark
+
+log = logging.getLogger("delf")
 
 MIN_IMAGE_SIDE = 32
+# fp16 (--amp on a GPU without bf16) holds up to 65504: folded weights or biases above this, times
+# activations of a few tens, would overflow it
+FP16_SAFE_WEIGHT = 2048.0
 SCALE_TOLERANCE = 1e-3  # a pyramid scale within this of a global scale shares its forward pass
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
@@ -132,6 +138,15 @@ def fold_batchnorm(model: Delf) -> Delf:
     return model
 
 
+def largest_weight(model: nn.Module) -> tuple[float, str]:
+    """The largest |value| among the weights and biases of the convolutions and linear layers
+    (BatchNorm folded into them by :func:`fold_batchnorm`), and the parameter that holds it."""
+    found = [(p.detach().abs().max().item(), f"{module_name}.{name}")
+             for module_name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))
+             for name, p in module.named_parameters(recurse=False) if p.numel()]
+    return max(found, default=(0.0, ""))
+
+
 class DelfExtractor:
     """Image -> DeLF keypoints, descriptors, scores, scales and attention maps.
 
@@ -152,7 +167,9 @@ class DelfExtractor:
     ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
     effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
-    file's attributes.
+    file's attributes. ``conf.amp`` autocasts to :func:`train.runtime.amp_dtype`: bf16 on CPU and
+    recent GPUs, fp16 on GPUs without bf16, where a folded weight beyond :data:`FP16_SAFE_WEIGHT`
+    makes it run in float32 instead (a warning; ``self.conf.amp`` is then False).
     """
 
     def __init__(self, model: Delf | Delg, conf: ExtractionConfig | None = None, *,
@@ -174,6 +191,13 @@ class DelfExtractor:
                             use_whitening=conf.use_whitening and pca is not None)
         self.device = torch.device(device)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
+        self.amp_dtype = amp_dtype(self.device)
+        if self.conf.amp and self.amp_dtype == torch.float16:
+            value, name = largest_weight(self.model)
+            if value > FP16_SAFE_WEIGHT:
+                log.warning("--amp: this GPU has no bf16 and fp16 cannot hold the model safely (|%s| reaches %.3g "
+                            "with BatchNorm folded, above %g): extracting in float32", name, value, FP16_SAFE_WEIGHT)
+                self.conf = replace(self.conf, amp=False)
         self.receptive_field = model.receptive_field()
         # on the device once, not per image
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
@@ -265,7 +289,12 @@ class DelfExtractor:
 
         Every pyramid level is queued on the device before the host waits for it, once, to count
         the cells above ``attn_thres``; what follows (NMS of those cells, the result's copy to the
-        host) finds the device done."""
+        host) finds the device done. cuDNN does not autotune here (each image brings new pyramid
+        shapes); the previous setting comes back afterwards."""
+        with cudnn_benchmark(False):
+            return self._extract(image, original_size)
+
+    def _extract(self, image: Image.Image | torch.Tensor, original_size: tuple[int, int] | None) -> dict[str, Any]:
         base, size = self.prepare(image, original_size)
         if too_small(*size, self.conf.max_image_size):
             result = self._result(size, *self._nothing(), [np.zeros((0, 0), np.float32)] * len(self.scales))
@@ -276,7 +305,7 @@ class DelfExtractor:
         for scale, with_global in zip(self.scales, self._global_levels):
             x, ratio = self.scale_image(base, scale, size)
             x = x[None].contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.conf.amp):
+            with autocast(self.device, self.conf.amp, self.amp_dtype):
                 if with_global:
                     fmap, attn, g = self.model.extract_with_global(x)
                     global_descs.append(g[0])
@@ -313,7 +342,7 @@ class DelfExtractor:
     def _global_only(self, base: torch.Tensor, scale: float) -> torch.Tensor:
         """The global descriptor (D,) at a scale that is not a pyramid level: a pass of its own."""
         x, _ = self.scale_image(base, scale, (base.shape[-1], base.shape[-2]))
-        with autocast(self.device, self.conf.amp):
+        with autocast(self.device, self.conf.amp, self.amp_dtype):
             return self.model.global_descriptor(self.model.features(x[None].contiguous(
                 memory_format=torch.channels_last)))[0]
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from extract.config import ExtractionConfig, part_path
-from extract.errors import OptionError
+from extract.errors import OptionError, UserError
 from extract.extraction.delf_extractor import DelfExtractor, too_small
 from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
 from extract.extraction.images import Decoded, image_loader, list_images
@@ -60,6 +60,37 @@ LEGACY = {"descriptor_dtype": lambda stored: "float32",
           "boxes": lambda stored: "half_pixel",
           "device_type": lambda stored: str(stored.get("device", "cpu")).split(":")[0],
           "tf32": lambda stored: str(stored.get("device", "cpu")).startswith("cuda")}
+
+
+# Words of the errors that belong to the device, not to one image: CUDA's errors are sticky (every
+# later call fails alike), so skipping the image would skip every remaining one.
+DEVICE_FAILURES = ("CUDA error", "device-side assert", "illegal memory access", "illegal instruction",
+                   "misaligned address", "unspecified launch failure", "CUBLAS_STATUS", "CUDNN_STATUS",
+                   "cuDNN error", "NCCL error", "ECC error")
+
+
+class DeviceFailure(UserError):
+    """The device failed during extraction (a CUDA error): the run stops; the feature file keeps
+    the images written before, and a rerun resumes."""
+
+
+def device_failure(path: Path, error: BaseException) -> DeviceFailure | None:
+    """A DeviceFailure naming image ``path`` when ``error`` is the device's (torch.AcceleratorError,
+    or a RuntimeError whose message says one of :data:`DEVICE_FAILURES`), else None: the error is
+    the image's (a bad file, out of memory for a huge image), and skipping it is safe."""
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return None
+    text = str(error)
+    if "out of memory" in text or not any(words in text for words in DEVICE_FAILURES):
+        return None
+    return DeviceFailure(f"{path}: the device failed ({type(error).__name__}: {text.splitlines()[0]})")
+
+
+def stopped_by(failure: DeviceFailure, target: Path, written: int) -> DeviceFailure:
+    """``failure`` in one line with what the feature file ``target`` keeps after ``written``
+    images of this run, and how to go on."""
+    return DeviceFailure(f"{failure}; the run stopped (CUDA cannot go on in this process) after {written} images "
+                         f"written in this run{kept_images(target)}: rerun the same command to resume")
 
 
 def tf32_enabled(device: torch.device) -> bool:
@@ -144,7 +175,10 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size
     size = (int(size[0]), int(size[1]))
     try:
         feats = ex(image, original_size=size)
-    except Exception as e:  # one image must never cost the others
+    except Exception as e:  # one image must never cost the others; a failed device stops the run
+        failure = device_failure(path, e)
+        if failure is not None:
+            raise failure from e
         log.warning("%s: extraction failed: %s", path, e)
         report.skip(path, f"extraction failed ({type(e).__name__}: {e})")
         return None
@@ -199,7 +233,7 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
         results = share.gather((report, failure))  # every process learns of a failure, none waits forever
         failures = [f for _, f in results if f]
         if failures:
-            raise OutputWriteError(failures[0])
+            raise failures[0]
         if share.distributed and share.is_main:
             _merge_parts(output, attrs, share.size)
     return Report.total([r for r, _ in results])
@@ -224,9 +258,10 @@ def claim_output(output: Path, share: WorkShare) -> Iterator[None]:
 
 
 def _write_all(target: Path, attrs: dict[str, Any], stream: Iterator[tuple[str, dict[str, Any]]],
-               save_attention: bool, written: Written | None = None) -> str | None:
-    """Write the stream into ``target`` (each image then passed to ``written``); None, or on an
-    I/O error the one-line account of it."""
+               save_attention: bool, written: Written | None = None) -> OutputWriteError | DeviceFailure | None:
+    """Write the stream into ``target`` (each image then passed to ``written``); None, or the error
+    that stopped it, in one line: an I/O error, or a device failure (what the file keeps, how to
+    go on)."""
     count = 0
     try:
         with feature_writer(target, attrs) as writer:
@@ -236,7 +271,9 @@ def _write_all(target: Path, attrs: dict[str, Any], stream: Iterator[tuple[str, 
                 if written is not None:
                     written(name, stored)
     except OSError as e:
-        return write_failure(target, e, count)
+        return OutputWriteError(write_failure(target, e, count))
+    except DeviceFailure as e:
+        return stopped_by(e, target, count)
     return None
 
 
@@ -246,13 +283,16 @@ def write_failure(path: Path, error: OSError, written: int) -> str:
     if isinstance(error, FileNotFoundError) or not path.exists():
         return (f"{path}: removed while it was written (its folder deleted?); the images written in this run "
                 f"({written}) went with it: rerun the same command to extract them again")
-    reason = os_error_reason(error)
+    return (f"{path}: writing failed ({os_error_reason(error)}) after {written} images written in this run"
+            f"{kept_images(path)}: rerun the same command to resume")
+
+
+def kept_images(path: Path) -> str:
+    """"; the file keeps N complete images", or "" when the file cannot be read."""
     try:
-        kept = f"; the file keeps {len(feature_names(path))} complete images"
+        return f"; the file keeps {len(feature_names(path))} complete images"
     except FeatureFileError:
-        kept = ""
-    return (f"{path}: writing failed ({reason}) after {written} images written in this run{kept}: "
-            "rerun the same command to resume")
+        return ""
 
 
 def _done(output: Path, attrs: dict[str, Any], items: list[tuple[str, Path]], overwrite: bool) -> list[str]:

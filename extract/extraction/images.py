@@ -4,7 +4,7 @@ from __future__ import annotations
 import posixpath
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -144,21 +144,22 @@ def resize_tf1(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, H, W) float -> (C, h, w) as TF1's ``resize_bilinear`` (align_corners=False,
     half_pixel_centers=False), the official DELF extractor's pyramid: output cell i samples input
     position i * (H / h) (float32; no half-pixel shift, no antialiasing), between its floor and the
-    next cell, clamped to the last."""
+    next cell, clamped to the last. The interpolation tables are made on the image's device (no
+    copy from the host, so no wait for a GPU)."""
     out = image
     # columns first, then rows: TF's order of the two interpolations
     for dim, (n_in, n_out) in ((2, (image.shape[2], size[1])), (1, (image.shape[1], size[0]))):
         if n_in == n_out:
             continue
-        ratio = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
-        where = torch.arange(n_out, dtype=torch.float32) * ratio
+        ratio = float(np.float32(n_in) / np.float32(n_out))  # the float32 quotient (a float32 multiplier below)
+        where = torch.arange(n_out, dtype=torch.float32, device=image.device) * ratio
         low = where.floor()
-        lerp = (where - low).to(image.device, image.dtype)
+        lerp = (where - low).to(image.dtype)
         low = low.long().clamp(max=n_in - 1)
         high = (low + 1).clamp(max=n_in - 1)
         shape = [1, 1, 1]
         shape[dim] = n_out
-        a, b = out.index_select(dim, low.to(image.device)), out.index_select(dim, high.to(image.device))
+        a, b = out.index_select(dim, low), out.index_select(dim, high)
         out = torch.lerp(a, b, lerp.view(shape))  # TF computes a + (b - a) * lerp: equal to rounding
     return out
 
@@ -170,10 +171,12 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decodes images for a DataLoader: item = (name, path, uint8 tensor (3, h, w) or None,
     original (width, height) or None, reason or None). With ``max_image_size`` the tensor is
     already shrunk to it (:func:`shrink`), so that the decoding processes do that work too.
-    Failures come back as reasons, never as exceptions."""
+    ``crops`` maps names to a crop box [x1, y1, x2, y2] (see :func:`load_image`); the original
+    size is then the crop's. Failures come back as reasons, never as exceptions."""
 
-    def __init__(self, items: list[tuple[str, Path]], max_image_size: int | None = None) -> None:
-        self.items, self.max_image_size = items, max_image_size
+    def __init__(self, items: list[tuple[str, Path]], max_image_size: int | None = None,
+                 crops: Mapping[str, Sequence[float]] | None = None) -> None:
+        self.items, self.max_image_size, self.crops = items, max_image_size, crops or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -181,7 +184,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Decoded:
         name, path = self.items[index]
         try:
-            image = load_image(path)
+            image = load_image(path, crop=self.crops.get(name))
         except BadImage as e:
             return name, path, None, None, str(e)
         tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
@@ -191,10 +194,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def image_loader(items: list[tuple[str, Path]], workers: int = 1, max_image_size: int | None = None,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Images in ``items`` order (see :class:`ImageDataset`), decoded (and shrunk to
-    ``max_image_size``) by ``workers`` background processes (0: in this one); ``pin_memory``
+                 pin_memory: bool = False, crops: Mapping[str, Sequence[float]] | None = None
+                 ) -> torch.utils.data.DataLoader:
+    """Images in ``items`` order (see :class:`ImageDataset`), decoded (cropped to ``crops``, shrunk
+    to ``max_image_size``) by ``workers`` background processes (0: in this one); ``pin_memory``
     for fast, asynchronous copies to a GPU."""
-    return torch.utils.data.DataLoader(ImageDataset(items, max_image_size), batch_size=None, shuffle=False,
+    return torch.utils.data.DataLoader(ImageDataset(items, max_image_size, crops), batch_size=None, shuffle=False,
                                        num_workers=workers, prefetch_factor=2 if workers else None,
                                        pin_memory=pin_memory)

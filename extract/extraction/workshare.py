@@ -25,7 +25,8 @@ class WorkShare:
 
     @classmethod
     def join(cls, runtime: Runtime) -> WorkShare:
-        """The share of this process under torchrun (``train.runtime.setup_runtime``)."""
+        """The share of this process under torchrun (``train.runtime.setup_runtime``, whose default
+        group needs no NCCL for this: ``backend="gloo"``)."""
         group = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if runtime.distributed else None
         return cls(runtime.rank, runtime.world_size, group)
 

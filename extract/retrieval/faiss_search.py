@@ -5,6 +5,10 @@ are searched exactly (``faiss.knn`` over the caller's array, no copy); large one
 inverted file: rows are grouped by their nearest of ``nlist`` k-means centroids and a query scans
 the ``nprobe`` most similar cells, storing the rows as they are (IVF-Flat) or product-quantised
 (IVF-PQ, ``pq_m`` bytes per row). faiss's OpenMP pool sets the threads (``faiss_threads``).
+
+k-means and ASMK*'s exact word assignment run on the run's GPU when faiss has GPU support
+(faiss-gpu): :func:`faiss_gpu` maps the run's device to the GPU faiss uses, and None (the CPU) for
+a CPU run, never GPU 0 or every GPU by default.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Iterator
 
 import faiss
 import numpy as np
+import torch
 
 from extract.config import INDEX_KINDS, IndexConfig
 from extract.errors import InputMismatch, OptionError
@@ -31,9 +36,15 @@ def faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def use_gpu() -> bool:
-    """Whether faiss was built with GPU support and sees a GPU (faiss-gpu)."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+def faiss_gpu(device: str | torch.device | None) -> int | None:
+    """The GPU faiss runs on for a run on ``device``: its index when ``device`` is a CUDA device
+    and this faiss has GPU support that sees it (faiss-gpu), else None (the CPU). faiss numbers the
+    GPUs as torch does (both after CUDA_VISIBLE_DEVICES); "cuda" alone is torch's current GPU."""
+    if device is None or torch.device(device).type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return None
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return index if index < faiss.get_num_gpus() else None
 
 
 def as_rows(x: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -48,15 +59,18 @@ def as_rows(x: np.ndarray, dim: int | None = None) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 10, seed: int = 0,
-           max_points_per_centroid: int = 256) -> np.ndarray:
-    """k-means (L2) centroids (k, D) float32 of the rows of ``x`` (faiss.Kmeans; on the GPU
-    when faiss-gpu sees one). At most ``max_points_per_centroid`` * k rows are used (a random
-    sample), as faiss does."""
+           max_points_per_centroid: int = 256, gpu: int | None = None) -> np.ndarray:
+    """k-means (L2) centroids (k, D) float32 of the rows of ``x`` (faiss.Kmeans), on faiss's GPU
+    ``gpu`` (:func:`faiss_gpu`; None: the CPU). At most ``max_points_per_centroid`` * k rows are
+    used (a random sample), as faiss does."""
     x = as_rows(x)
     if len(x) < k:
         raise InputMismatch(f"k-means of {len(x)} vectors into {k} clusters: need at least {k} vectors")
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=use_gpu(),
-                      max_points_per_centroid=max_points_per_centroid, verbose=False)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
+                      verbose=False)
+    if gpu is not None:  # faiss.Kmeans(gpu=True) would spread it over every GPU
+        resources = faiss.StandardGpuResources()  # kept alive while the index is used
+        km.index = faiss.index_cpu_to_gpu(resources, gpu, km.index)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 

@@ -30,7 +30,7 @@ from asmk.index import initialize_index
 from extract.config import ASSIGNMENTS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
 from extract.errors import OptionError
 from extract.extraction.feature_file import plain_attr, storable_attr
-from extract.retrieval.faiss_search import as_rows, faiss_threads, kmeans, use_gpu
+from extract.retrieval.faiss_search import as_rows, faiss_threads, kmeans
 from train.outputs import atomic_path
 
 CODEBOOK_FORMAT = "delf-pytorch asmk codebook 1"
@@ -54,10 +54,11 @@ def rounded(descriptors: np.ndarray, dim: int | None = None) -> np.ndarray:
     return as_rows(as_rows(descriptors, dim).astype(DESCRIPTOR_ROUNDING))
 
 
-def train_codebook(descriptors: np.ndarray, config: AsmkConfig | None = None) -> np.ndarray:
-    """k-means centroids (codebook_size, D) float32 of (n, D) descriptors, :func:`rounded` (faiss)."""
+def train_codebook(descriptors: np.ndarray, config: AsmkConfig | None = None, gpu: int | None = None) -> np.ndarray:
+    """k-means centroids (codebook_size, D) float32 of (n, D) descriptors, :func:`rounded` (faiss;
+    on faiss's GPU ``gpu``, see :func:`extract.retrieval.faiss_search.faiss_gpu`)."""
     config = config or AsmkConfig()
-    return kmeans(rounded(descriptors), config.codebook_size, niter=config.kmeans_iters, seed=config.seed)
+    return kmeans(rounded(descriptors), config.codebook_size, niter=config.kmeans_iters, seed=config.seed, gpu=gpu)
 
 
 def codebook_attrs(config: AsmkConfig) -> dict[str, Any]:
@@ -91,11 +92,13 @@ def load_codebook(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConfig | None = None,
-             attrs: Mapping[str, Any] | None = None, legacy: Mapping[str, Any] | None = None) -> np.ndarray:
+             attrs: Mapping[str, Any] | None = None, legacy: Mapping[str, Any] | None = None,
+             gpu: int | None = None) -> np.ndarray:
     """The codebook stored at ``path`` when it was made the same way (``config``'s training
     parameters and ``attrs``, e.g. the descriptors' extraction parameters), else trained on
-    ``descriptors()`` and stored there. A stored codebook made otherwise is refused; ``legacy``
-    gives the value of attributes that files written before they existed lack."""
+    ``descriptors()`` (on faiss's GPU ``gpu``, None: the CPU) and stored there. A stored codebook
+    made otherwise is refused; ``legacy`` gives the value of attributes that files written before
+    they existed lack."""
     config = config or AsmkConfig()
     wanted = {**codebook_attrs(config), **(attrs or {})}
     if path.is_file():
@@ -108,14 +111,15 @@ def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConf
                                 + "; ".join(diffs) + "): delete it to train a new one")
         return centroids
     x = as_rows(descriptors())
-    centroids = train_codebook(x, config)
+    centroids = train_codebook(x, config, gpu)
     save_codebook(path, centroids, {**wanted, "dim": x.shape[1], "num_descriptors": len(x)})
     return centroids
 
 
 class VisualWords:
     """A codebook's centroids and nearest-word assignment (L2). Exact: asmk's Codebook (a flat
-    faiss index over the centroids, on the GPU when faiss-gpu sees one). HNSW: a faiss
+    faiss index over the centroids, on faiss's GPU ``gpu`` when given: the run's, see
+    :func:`extract.retrieval.faiss_search.faiss_gpu`; None: the CPU). HNSW: a faiss
     IndexHNSWSQ graph over the centroids held as float16 (HNSW_STORAGE: half the memory the
     search walks, so faster, and the same recall on the bench), built here in memory (never
     stored) on one thread, so that the same centroids give the same graph and the same words;
@@ -123,10 +127,10 @@ class VisualWords:
     with the defaults (48 links, efConstruction 160, efSearch 32): several times faster than exact
     and nearly the same words; at 128-D faster but markedly fewer equal (docs/benchmarks.md).
     ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
-    HNSW_MAX_DIM dimensions on the CPU, else exact (cheap for small codebooks; a flat GPU search
-    is fast)."""
+    HNSW_MAX_DIM dimensions on the CPU (``gpu`` None), else exact (cheap for small codebooks; a
+    flat GPU search is fast)."""
 
-    def __init__(self, centroids: np.ndarray, config: AsmkConfig | None = None) -> None:
+    def __init__(self, centroids: np.ndarray, config: AsmkConfig | None = None, gpu: int | None = None) -> None:
         config = config or AsmkConfig()
         self.centroids = as_rows(centroids)
         self.size, self.dim = self.centroids.shape
@@ -136,7 +140,7 @@ class VisualWords:
         self.kind = config.assignment
         if self.kind == "auto":
             large = self.size >= HNSW_MIN_WORDS and self.dim <= HNSW_MAX_DIM
-            self.kind = "hnsw" if large and not use_gpu() else "exact"
+            self.kind = "hnsw" if large and gpu is None else "exact"
         self.ef_search = config.hnsw_ef_search
         if self.kind == "hnsw":
             self._hnsw = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_fp16, config.hnsw_neighbors)
@@ -145,7 +149,7 @@ class VisualWords:
                 self._hnsw.train(self.centroids)
                 self._hnsw.add(self.centroids)
         else:
-            self._book = Codebook(initialize_index(gpu_id=0 if use_gpu() else None), size=self.size)
+            self._book = Codebook(initialize_index(gpu_id=gpu), size=self.size)
             self._book.index(self.centroids)
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
