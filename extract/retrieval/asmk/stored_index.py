@@ -582,7 +582,7 @@ class StoredIndex:
                 raise damaged(path, f"{found} bytes, {self.meta.name} records {size}", self._hint)
             if name in LISTS:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
-                header = size - array.nbytes
+                _check_crc(path, crc32_file(path, 0, array.offset), crc, self.meta, self._hint, "its header's crc32")
             else:
                 data = path.read_bytes()
                 _check_crc(path, zlib.crc32(data), crc, self.meta, self._hint)
@@ -595,8 +595,6 @@ class StoredIndex:
         if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):
             raise AsmkIndexError(f"{path}: {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
                                  f"{shape or '(n,)'}; {self._hint}")
-        if name in LISTS:
-            _check_crc(path, crc32_file(path, 0, header), crc, self.meta, self._hint, "its header's crc32")
         return array
 
     def _check_structure(self, counts: np.ndarray) -> None:
