@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,6 +28,8 @@ from extract.retrieval.asmk.stored_index import (
     ForwardStore,
     IndexBuild,
     StoredIndex,
+    block_crcs,
+    crc_blocks,
     decode_varints,
     encode_varints,
     update_index,
@@ -36,7 +39,7 @@ from tests.utils import unit
 from train.outputs import OutputLock, OutputLockUnavailable, OutputWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
-INVERTED = ("codes.npy", "ids.npy", "offsets.npy", "id_offsets.npy", "counts.npy", "list_crc.npy", "keys.txt",
+INVERTED = ("codes.npy", "ids.npy", "offsets.npy", "id_offsets.npy", "counts.npy", "block_crc.npy", "keys.txt",
             "meta.json")
 
 
@@ -286,7 +289,9 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny index, queries that read every list, its scores, and the scores once it grew by one
     image ("new")."""
     tmp = tmp_path_factory.mktemp("pristine")
-    cfg, words, db, folder = built(tmp)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stored_index_module, "CRC_BLOCK_BYTES", 256)   # a few blocks
+        cfg, words, db, folder = built(tmp)
     queries = every_list_queries(words, db)
     extra = {**db, "new": db["i07"][:40]}
     grown = update_index(tmp / "grown", words, cfg, [*extra], reader(extra))[0].scores(queries)
@@ -333,10 +338,11 @@ def resign(inverted: Path) -> None:
     then only the structure checks stand between damage and the scores."""
     arrays = {n: np.load(inverted / n, mmap_mode="r") for n in ("codes.npy", "ids.npy", "offsets.npy",
                                                                  "id_offsets.npy")}
-    words = np.arange(len(arrays["offsets.npy"]) - 1)
-    np.save(inverted / "list_crc.npy", stored_index_module._list_crcs(
-        arrays["codes.npy"], arrays["ids.npy"], arrays["offsets.npy"], arrays["id_offsets.npy"], words))
     meta = json.loads((inverted / "meta.json").read_text())
+    first_words = crc_blocks(arrays["offsets.npy"], arrays["id_offsets.npy"], 5, meta["crc_block_bytes"])
+    np.save(inverted / "block_crc.npy", block_crcs(arrays["codes.npy"], arrays["ids.npy"], arrays["offsets.npy"],
+                                                   arrays["id_offsets.npy"], first_words,
+                                                   np.arange(len(first_words) - 1)))
     del meta["json_crc32"]
     for name in meta["files"]:
         size = (inverted / name).stat().st_size
@@ -388,19 +394,37 @@ def test_list_structure_is_checked_on_every_read(tmp_path: Path, damage: str) ->
         assert "among the lists of visual words " in str(e.value)
 
 
-def test_verify_reads_every_byte(tmp_path: Path) -> None:
-    """verify() finds damage in a list no query read, in the forward store's residuals, in the keys."""
+def test_crc_blocks_by_hand() -> None:
+    """Blocks: the consecutive words whose lists start in one window of the lists' bytes (codes
+    and ids together); word 3's list starts at byte 5 * 10 + 9 = 59, in the fourth 16-byte window."""
+    offsets, id_offsets = np.array([0, 2, 2, 10, 11]), np.array([0, 2, 2, 9, 10])
+    assert crc_blocks(offsets, id_offsets, 5, 16).tolist() == [0, 3, 4]
+    assert crc_blocks(offsets, id_offsets, 5, 1 << 12).tolist() == [0, 4]
+    assert crc_blocks(offsets, id_offsets, 5, 1).tolist() == [0, 1, 3, 4]   # words 1 and 2 start at one byte
+    codes, ids = np.arange(55, dtype=np.uint8).reshape(11, 5), np.arange(10, dtype=np.uint8)
+    got = block_crcs(codes, ids, offsets, id_offsets, np.array([0, 3, 4]), np.array([1, 0]))
+    assert got.tolist() == [[zlib.crc32(codes[10:].tobytes()), zlib.crc32(ids[9:].tobytes())],
+                            [zlib.crc32(codes[:10].tobytes()), zlib.crc32(ids[:9].tobytes())]]
+
+
+def test_verify_reads_every_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify() finds damage in a list no query read, and in the forward store's residuals."""
+    monkeypatch.setattr(stored_index_module, "CRC_BLOCK_BYTES", 64)   # many blocks in a tiny index
     cfg, words, db, folder = built(tmp_path)
     index = StoredIndex(folder / "inverted", words, cfg)
     index.verify()
+    assert json.loads((folder / "inverted" / "meta.json").read_text())["crc_block_bytes"] == 64
     offsets = np.load(folder / "inverted" / "offsets.npy")
     w = int(np.flatnonzero(np.diff(offsets))[-1])   # the last word with a list
     codes = folder / "inverted" / "codes.npy"
     data = bytearray(codes.read_bytes())
     data[len(data) - 1] ^= 1   # the last list's last byte
     codes.write_bytes(bytes(data))
-    index.search(np.zeros((1, 5), np.uint8), np.array([0]) if w else np.array([1]))   # another list: not read
-    with pytest.raises(AsmkIndexError, match=rf"^{codes}: damaged \(the list of visual word {w} does not match"):
+    index = StoredIndex(folder / "inverted", words, cfg)
+    index.search(np.zeros((1, 5), np.uint8), np.array([0]))   # another block: read and checked alone
+    assert index._checked.sum() == 1 and len(index._checked) > 10
+    with pytest.raises(AsmkIndexError, match=rf"^{codes}: damaged \(the lists of visual words \d+..{w} do not match "
+                                             r"their crc32 in block_crc.npy\); delete "):
         index.verify()
     with ForwardStore(folder / "forward", stored_index_module.index_identity(words, cfg, {}), 5) as store:
         store.verify()
@@ -462,18 +486,28 @@ def test_deleted_parts_cost_what_the_docs_say(tmp_path: Path, caplog: pytest.Log
                             + WHOLE.format(folder=folder) + ", which aggregates every image again")
 
 
-def test_inverted_file_is_renamed_then_its_folder_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_renames_are_followed_by_a_folder_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverted file's folder renamed into place, then the index folder synced; a manifest
+    replaced (atomic_path), then its folder synced."""
     synced: list[tuple[Path, bool, bool]] = []
-    fsync_folder = stored_index_module.fsync_folder
+    replaced: list[tuple[Path, list[str]]] = []
+    fsync_folder = outputs_module.fsync_folder
 
     def spy(folder: Path) -> None:
         folder = Path(folder)
         synced.append((folder, (folder / "inverted" / "meta.json").exists(), (folder / ".inverted.tmp").exists()))
         fsync_folder(folder)
 
+    def atomic_spy(folder: Path) -> None:
+        replaced.append((Path(folder), sorted(p.name for p in Path(folder).iterdir())))
+        fsync_folder(folder)
+
     monkeypatch.setattr(stored_index_module, "fsync_folder", spy)
+    monkeypatch.setattr(outputs_module, "fsync_folder", atomic_spy)
     _, _, _, folder = built(tmp_path)
     assert synced[-1] == (folder, True, False)   # after the rename, before anything else
+    forward = [names for f, names in replaced if f == folder / "forward"]
+    assert forward and all("manifest.json" in names and not any(n.endswith(".tmp") for n in names) for names in forward)
 
 
 def test_a_filesystem_without_flock_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,8 @@ descriptors) on synthetic clustered descriptors.
   first --stored_images size, queried, then grown to the next: build and growth time (and that
   of remaking the inverted file alone, as growth does), size on disk and bytes per (image,
   word), query time (HNSW assignment, 40-D) and the querying process's RSS (a fresh process:
-  the index memory-mapped), the checks' cost (loading; the scan when each list's crc32s are
-  checked at its first read, and again once they all are; StoredIndex.verify(), every byte),
+  the index memory-mapped), the checks' cost (loading; the scan when each block of lists is
+  checked against its crc32s at its first read, and again once they all are; StoredIndex.verify(), every byte),
   extrapolated to ROxf+1M; and the feature file's size with float32 and float16 descriptors.
 - real: how real extracted features share words within an image, on the outputs of `make demo`
   (--demo_expr under repo/ or $DELF_REPO_DIR; skipped with a note when they are absent):
@@ -310,14 +310,14 @@ def query_stored(folder: str, centroids: np.ndarray, queries: list[np.ndarray], 
         before = rss_mib()[0]
         assigned, t_assign, _ = timed(assign_all, words, queries, cfg.query_assignments)
         aggregated, t_agg, _ = timed(aggregate_all, queries, assigned, centroids)
-        scores, t_scan, _ = timed(search_all, index, aggregated)   # each list's crc32s checked at its first read
-        checked = int(index._checked.sum())
+        scores, t_scan, _ = timed(search_all, index, aggregated)   # each block's crc32s checked at its first read
+        checked = (int(index._checked.sum()), len(index._checked))
         after, peak = rss_mib()
         _, t_again, _ = timed(search_all, index, aggregated)      # every list read checked already
         _, t_verify, c_verify = timed(index.verify)
     n = len(queries)
     return {"assign": t_assign / n, "aggregate": t_agg / n, "scan": t_scan / n, "scan_again": t_again / n,
-            "load": t_load, "verify": t_verify, "verify_cpu": c_verify, "checked_lists": checked,
+            "load": t_load, "verify": t_verify, "verify_cpu": c_verify, "checked_blocks": checked,
             "rss_before": before, "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1)}
 
 
@@ -367,8 +367,8 @@ def bench_stored(args: argparse.Namespace) -> None:
                       f"{q['scan'] * 1e3:.1f} ms; top-1 {np.mean(q['top1'] == targets):.0%}; RSS {q['rss_before']:.0f}"
                       f" MiB loaded, {q['rss_after']:.0f} MiB after {len(queries)} queries (peak {q['rss_peak']:.0f})")
                 print(f"  checks: loading {q['load'] * 1e3:.0f} ms (small files' crc32s, headers, offsets); the "
-                      f"queries' first pass checked {q['checked_lists']} of {cfg.codebook_size} lists' crc32s, "
-                      f"{q['scan'] * 1e3:.1f} ms per scan; again, every list checked already "
+                      f"queries' first pass checked {q['checked_blocks'][0]} of {q['checked_blocks'][1]} blocks' "
+                      f"crc32s, {q['scan'] * 1e3:.1f} ms per scan; again, every block checked already "
                       f"{q['scan_again'] * 1e3:.1f} ms; verify() (every byte, page cache hot) {q['verify']:.2f} s "
                       f"(CPU {q['verify_cpu']:.2f} s, {index.nbytes / q['verify'] / 1e9:.2f} GB/s)")
                 built = size

@@ -17,19 +17,22 @@ arrays (never a pickle):
   ``ids.npy`` uint8: each list's image ids as LEB128 varints of their differences (the first
   one as is; 7 bits a byte, low bits first, the top bit set on every byte but a value's last);
   ``id_offsets.npy`` int64 (K + 1,) each list's first byte; ``counts.npy`` uint32 (N,) words per
-  image (the images' norms); ``keys.txt`` the images' keys (as forward/'s); ``list_crc.npy``
-  uint32 (K, 2) the crc32 of each word's bytes in codes.npy and in ids.npy; ``meta.json``. Queries
-  memory-map the big arrays and read only the lists of their words.
+  image (the images' norms); ``keys.txt`` the images' keys (as forward/'s); ``block_crc.npy``
+  uint32 (blocks, 2) the crc32 of each block's bytes in codes.npy and in ids.npy (a block: the
+  consecutive words whose lists start in one window of ``crc_block_bytes`` bytes of the two files'
+  lists together, :func:`crc_blocks`); ``meta.json``. Queries memory-map the big arrays and read
+  only the lists of their words.
 
 Checksums: each json file carries the crc32 of its own contents (``json_crc32``); a manifest
 records each data file's size and crc32 — of the whole file, except codes.npy and ids.npy, whose
-header it covers while list_crc.npy covers their lists. Loading the inverted file checks its
-small files in full, the sizes and headers of the big ones and their structure (offsets
-increasing and consistent); a query checks each word list against list_crc.npy the first time it
-reads it, and the decoded ids of every list it reads (strictly increasing, below the image
-count, as many as the offsets say). :meth:`StoredIndex.verify` and :meth:`ForwardStore.verify`
-check everything (a full read). The forward store's residuals and words are checked when the
-inverted file is made from them. Any mismatch is an AsmkIndexError naming the file, in one line.
+header it covers while block_crc.npy covers their lists. Loading the inverted file checks its
+small files and keys in full, the sizes and headers of the big ones and their structure (offsets
+increasing and consistent); a query checks the block of each list it reads against block_crc.npy
+the first time it reads one of its lists, and the decoded ids of every list it reads (strictly
+increasing, below the image count, as many as the offsets say). :meth:`StoredIndex.verify` and
+:meth:`ForwardStore.verify` check everything (a full read). The forward store's residuals and
+words are checked when the inverted file is made from them. Any mismatch is an AsmkIndexError
+naming the file, in one line.
 
 The identity (the codebook's sha256, the aggregation parameters, the features' extraction
 attributes) is compared on reuse; an index made otherwise is refused with the differences.
@@ -70,7 +73,10 @@ INVERTED_FORMAT = "delf-pytorch asmk inverted file 2"
 # entries handled at once when the inverted file is made (bounded memory at any database size)
 CHUNK_ENTRIES = 1 << 22
 # bytes read at once when a file's crc32 is computed
-CRC_BLOCK = 1 << 24
+CRC_READ = 1 << 24
+# the inverted file's lists are checked by blocks of about this many bytes (recorded in meta.json):
+# a page, which reading a list maps in anyway
+CRC_BLOCK_BYTES = 1 << 12
 
 
 class AsmkIndexError(UserError):
@@ -130,7 +136,7 @@ def crc32_file(path: Path, start: int = 0, stop: int | None = None) -> int:
         f.seek(start)
         left = None if stop is None else stop - start
         while left is None or left > 0:
-            block = f.read(CRC_BLOCK if left is None else min(CRC_BLOCK, left))
+            block = f.read(CRC_READ if left is None else min(CRC_READ, left))
             if not block:
                 break
             crc = zlib.crc32(block, crc)
@@ -396,12 +402,12 @@ class ForwardStore:
 
 
 # --- inverted file ------------------------------------------------------------------------------
-# the inverted file's arrays: dtype, and shape from (images, entries, code bytes, words) (None: 1-D)
-INVERTED_ARRAYS: dict[str, tuple[type, Callable[[int, int, int, int], tuple[int, ...]] | None]] = {
-    "codes.npy": (np.uint8, lambda n, e, b, k: (e, b)), "ids.npy": (np.uint8, None),
+# the inverted file's arrays: dtype, and shape from (images, entries, code bytes, words) (-1: any length)
+INVERTED_ARRAYS: dict[str, tuple[type, Callable[[int, int, int, int], tuple[int, ...]]]] = {
+    "codes.npy": (np.uint8, lambda n, e, b, k: (e, b)), "ids.npy": (np.uint8, lambda n, e, b, k: (-1,)),
     "offsets.npy": (np.int64, lambda n, e, b, k: (k + 1,)), "id_offsets.npy": (np.int64, lambda n, e, b, k: (k + 1,)),
-    "counts.npy": (np.uint32, lambda n, e, b, k: (n,)), "list_crc.npy": (np.uint32, lambda n, e, b, k: (k, 2))}
-LISTS = ("codes.npy", "ids.npy")   # covered by list_crc.npy; the manifest's crc32 is their header's
+    "counts.npy": (np.uint32, lambda n, e, b, k: (n,)), "block_crc.npy": (np.uint32, lambda n, e, b, k: (-1, 2))}
+LISTS = ("codes.npy", "ids.npy")   # covered by block_crc.npy; the manifest's crc32 is their header's
 INVERTED_FILES = (*INVERTED_ARRAYS, "keys.txt")
 
 
@@ -430,24 +436,33 @@ def _flat_bytes(array: np.ndarray) -> memoryview:
     return memoryview(np.asarray(array).reshape(-1)).cast("B")
 
 
-def _list_crcs(codes: np.ndarray, ids: np.ndarray, offsets: np.ndarray, id_offsets: np.ndarray,
-               words: np.ndarray) -> np.ndarray:
-    """(crc32 of its residuals' bytes in ``codes``, crc32 of its bytes in ``ids``) (len(words), 2)
-    uint32 of the lists of ``words``."""
+def crc_blocks(offsets: np.ndarray, id_offsets: np.ndarray, code_bytes: int, block_bytes: int) -> np.ndarray:
+    """The first word of each crc32 block, then the number of words ((blocks + 1,) int64): a block
+    is the consecutive words whose lists start in one window of ``block_bytes`` bytes of the
+    lists' bytes in codes.npy and ids.npy together (a long list: a block of its own)."""
+    window = (offsets[:-1] * code_bytes + id_offsets[:-1]) // block_bytes
+    return np.concatenate([[0], np.flatnonzero(np.diff(window)) + 1, [len(offsets) - 1]]).astype(np.int64)
+
+
+def block_crcs(codes: np.ndarray, ids: np.ndarray, offsets: np.ndarray, id_offsets: np.ndarray,
+               first_words: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """(crc32 of the block's residuals in ``codes``, crc32 of its bytes in ``ids``) (len(blocks),
+    2) uint32 of the blocks ``blocks`` of :func:`crc_blocks` ``first_words``."""
     code_bytes, id_bytes = _flat_bytes(codes), _flat_bytes(ids)
     b = codes.shape[1]
-    code_lo, code_hi = (offsets[words] * b).tolist(), (offsets[words + 1] * b).tolist()
-    id_lo, id_hi = id_offsets[words].tolist(), id_offsets[words + 1].tolist()
-    crcs = [(zlib.crc32(code_bytes[a:z]), zlib.crc32(id_bytes[c:d]))
-            for a, z, c, d in zip(code_lo, code_hi, id_lo, id_hi, strict=True)]
+    first, end = first_words[blocks], first_words[blocks + 1]
+    code_lo, code_hi = (offsets[first] * b).tolist(), (offsets[end] * b).tolist()
+    id_lo, id_hi = id_offsets[first].tolist(), id_offsets[end].tolist()
+    crcs = [(zlib.crc32(code_bytes[p:q]), zlib.crc32(id_bytes[r:t]))
+            for p, q, r, t in zip(code_lo, code_hi, id_lo, id_hi, strict=True)]
     return np.array(crcs, np.uint32).reshape(len(crcs), 2)
 
 
 def build_inverted(forward: ForwardStore, out: Path, num_words: int, chunk: int = CHUNK_ENTRIES) -> None:
     """The inverted file of ``forward``'s committed images in the folder ``out`` (replaced
     atomically, then its folder synced): a counting sort of the entries by word in chunks of
-    ``chunk`` entries, then each list's image ids delta- and varint-coded; each list's crc32s,
-    then each file's size and crc32 in meta.json. The forward store's words and residuals are
+    ``chunk`` entries, then each list's image ids delta- and varint-coded; each block's crc32s
+    (:func:`crc_blocks`), then each file's size and crc32 in meta.json. The forward store's words and residuals are
     checked against their crc32 as they are read: on a mismatch, AsmkIndexError naming the file
     and ``out`` left as it was."""
     words, codes, counts = forward.arrays()
@@ -496,12 +511,13 @@ def build_inverted(forward: ForwardStore, out: Path, num_words: int, chunk: int 
             ids[id_offsets[w0]:id_offsets[w1]] = encode_varints(deltas)
         for array in (sorted_codes, ids):
             array.flush()
-        list_crc = _list_crcs(sorted_codes, ids, offsets, id_offsets, np.arange(num_words))
+        first_words = crc_blocks(offsets, id_offsets, forward.code_bytes, CRC_BLOCK_BYTES)
+        block_crc = block_crcs(sorted_codes, ids, offsets, id_offsets, first_words, np.arange(len(first_words) - 1))
         data_bytes = {"codes.npy": sorted_codes.nbytes, "ids.npy": ids.nbytes}
         del sorted_codes, ids, sorted_ids
         (tmp / "ids.tmp").unlink(missing_ok=True)
         for name, array in (("offsets.npy", offsets), ("id_offsets.npy", id_offsets),
-                            ("counts.npy", np.asarray(counts, np.uint32)), ("list_crc.npy", list_crc)):
+                            ("counts.npy", np.asarray(counts, np.uint32)), ("block_crc.npy", block_crc)):
             np.save(tmp / name, array)
         (tmp / "keys.txt").write_bytes("".join(key + "\n" for key in forward.keys).encode())
         files = {}
@@ -512,8 +528,8 @@ def build_inverted(forward: ForwardStore, out: Path, num_words: int, chunk: int 
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         _write_json(tmp / "meta.json", {"format": INVERTED_FORMAT, "images": forward.num_images, "entries": entries,
-                                        "code_bytes": forward.code_bytes, "identity": forward.identity,
-                                        "files": files})
+                                        "code_bytes": forward.code_bytes, "crc_block_bytes": CRC_BLOCK_BYTES,
+                                        "identity": forward.identity, "files": files})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -530,8 +546,8 @@ class StoredIndex:
     """An inverted file on disk (:func:`build_inverted`), memory-mapped: a query reads the lists
     of its words only. Scores equal :class:`extract.retrieval.asmk.memory_index.AsmkIndex`'s on
     the same images. Checked on loading (its small files and keys in full, the big ones' sizes
-    and headers, the offsets' structure), each list against its crc32s the first time a query reads
-    it, and the ids of every list read; :meth:`verify` checks every byte. Damage is an
+    and headers, the offsets' structure), each list's block against its crc32s the first time a
+    query reads it, and the ids of every list read; :meth:`verify` checks every byte. Damage is an
     AsmkIndexError naming the file, never other scores."""
 
     def __init__(self, folder: Path, words: VisualWords, config: AsmkConfig | None = None,
@@ -546,7 +562,8 @@ class StoredIndex:
             if diffs:
                 raise AsmkIndexError(f"{self.meta}: index made from another codebook or other "
                                      "features (" + "; ".join(diffs) + f"): {fix_hint(self.folder.parent)}")
-        self.num_images, self.num_entries = _counts(meta, ("images", "entries"), self.meta, self._hint)
+        self.num_images, self.num_entries, block_bytes = _counts(meta, ("images", "entries", "crc_block_bytes"),
+                                                                 self.meta, self._hint)
         self._files = _file_records(meta, INVERTED_FILES, self.meta, self._hint)
         code_bytes = (self.dim + 7) // 8
         self._expected = {name: (dtype, shape and shape(self.num_images, self.num_entries, code_bytes, words.size))
@@ -559,10 +576,15 @@ class StoredIndex:
         self._code_rows, self._id_bytes = np.asarray(self.codes), np.asarray(self.ids)
         self._record = code_record(code_bytes)
         self.offsets, self.id_offsets = arrays["offsets.npy"], arrays["id_offsets.npy"]
-        self._list_crc = arrays["list_crc.npy"]
-        self._checked = np.zeros(words.size, bool)   # lists whose crc32s a query checked
+        self._block_crc = arrays["block_crc.npy"]
         counts = arrays["counts.npy"].astype(np.int64)
         self._check_structure(counts)
+        self._first_words = crc_blocks(self.offsets, self.id_offsets, code_bytes, max(block_bytes, 1))
+        if len(self._block_crc) != len(self._first_words) - 1:
+            raise damaged(self.folder / "block_crc.npy", f"{len(self._block_crc)} blocks, the offsets make "
+                          f"{len(self._first_words) - 1}", self._hint)
+        self._block_of_word = np.repeat(np.arange(len(self._block_crc)), np.diff(self._first_words))
+        self._checked = np.zeros(len(self._block_crc), bool)   # blocks whose crc32s a query checked
         self._keys_bytes()
         self.norm = image_norms(counts)
         self.kernel = similarity_kernel(self.dim, self.config)
@@ -571,7 +593,7 @@ class StoredIndex:
     def _hint(self) -> str:
         return fix_hint(self.folder.parent, inverted=True)
 
-    def _load(self, name: str, dtype: type, shape: tuple[int, ...] | None) -> np.ndarray:
+    def _load(self, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
         """The array ``name``, its size and crc32 checked against meta.json: a small one read (and
         checked) in full, a list file (codes.npy, ids.npy) memory-mapped, its header checked."""
         path = self.folder / name
@@ -592,9 +614,11 @@ class StoredIndex:
                 raise
             raise AsmkIndexError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                  f"{self._hint}") from None
-        if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):
-            raise AsmkIndexError(f"{path}: {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
-                                 f"{shape or '(n,)'}; {self._hint}")
+        if array.dtype != dtype or len(array.shape) != len(shape) or any(
+                n not in (found, -1) for found, n in zip(array.shape, shape, strict=True)):
+            expected = str(shape).replace("-1", "n")
+            raise AsmkIndexError(f"{path}: {array.dtype} {array.shape}, expected {np.dtype(dtype)} {expected}; "
+                                 f"{self._hint}")
         return array
 
     def _check_structure(self, counts: np.ndarray) -> None:
@@ -630,17 +654,19 @@ class StoredIndex:
         return _parse_keys(self._keys_bytes(), self.folder / "keys.txt", self.num_images, self._hint)
 
     def _check_lists(self, words: np.ndarray) -> None:
-        """Check the lists of ``words`` not checked yet against list_crc.npy."""
-        todo = np.unique(words[~self._checked[words]])
+        """Check the blocks of the lists of ``words`` not checked yet against block_crc.npy."""
+        blocks = np.unique(self._block_of_word[words])
+        todo = blocks[~self._checked[blocks]]
         if not len(todo):
             return
-        crcs = _list_crcs(self._code_rows, self._id_bytes, self.offsets, self.id_offsets, todo)
-        bad = np.flatnonzero((crcs != self._list_crc[todo]).any(axis=1))
+        crcs = block_crcs(self._code_rows, self._id_bytes, self.offsets, self.id_offsets, self._first_words, todo)
+        bad = np.flatnonzero((crcs != self._block_crc[todo]).any(axis=1))
         if len(bad):
-            w = int(todo[bad[0]])
-            name = "codes.npy" if crcs[bad[0], 0] != self._list_crc[w, 0] else "ids.npy"
-            raise damaged(self.folder / name, f"the list of visual word {w} does not match its crc32 in list_crc.npy",
-                          self._hint)
+            block = int(todo[bad[0]])
+            name = "codes.npy" if crcs[bad[0], 0] != self._block_crc[block, 0] else "ids.npy"
+            first, end = int(self._first_words[block]), int(self._first_words[block + 1])
+            raise damaged(self.folder / name, f"the lists of visual words {first}..{end - 1} do not match their "
+                          "crc32 in block_crc.npy", self._hint)
         self._checked[todo] = True
 
     def _read_ids(self, words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
