@@ -3,9 +3,14 @@ index, resumed and grown builds equal to one build, refusals and corrupt files i
 bytes per entry on clustered data."""
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,22 +19,28 @@ import numpy as np
 import pytest
 
 import extract.retrieval.asmk.stored_index as stored_index_module
+import train.outputs as outputs_module
 from extract.config import AsmkConfig
 from extract.retrieval.asmk.codebook import VisualWords
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import (
     AsmkIndexError,
+    ForwardStore,
+    IndexBuild,
     StoredIndex,
+    block_crcs,
+    crc_blocks,
     decode_varints,
     encode_varints,
     update_index,
     varint_sizes,
 )
 from tests.utils import unit
-from train.outputs import OutputLock
+from train.outputs import OutputLock, OutputLockUnavailable, OutputWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
-INVERTED = ("codes.npy", "ids.npy", "offsets.npy", "id_offsets.npy", "counts.npy", "meta.json")
+INVERTED = ("codes.npy", "ids.npy", "offsets.npy", "id_offsets.npy", "counts.npy", "block_crc.npy", "keys.txt",
+            "meta.json")
 
 
 def clustered(rng: np.random.Generator, n: int, dim: int, centres: int, noise: float) -> np.ndarray:
@@ -201,22 +212,31 @@ def test_changed_codebook_features_or_database_are_refused(tmp_path: Path, monke
         update_index(folder, VisualWords(centroids, cfg), cfg, keys, reader(db), {"pca_dims": 40})
 
 
-@pytest.mark.parametrize("damage", ["codes", "offsets", "meta", "manifest", "words", "counts"])
+WHOLE = "delete {folder} to rebuild the index (or pass --overwrite, which also extracts the features again)"
+INVERTED_HINT = "delete {folder}/inverted to remake it from the forward store, or " + WHOLE
+
+
+@pytest.mark.parametrize("damage", ["codes", "offsets", "meta", "manifest", "words", "counts", "format"])
 def test_corrupt_files_are_named_in_one_line(tmp_path: Path, damage: str) -> None:
     cfg = AsmkConfig(codebook_size=64)
     centroids, db = database(5)
     words, keys, folder = VisualWords(centroids, cfg), list(db), tmp_path / "ix"
     update_index(folder, words, cfg, keys, reader(db))
     path, message = {
-        "codes": (folder / "inverted" / "codes.npy", "unreadable"),
-        "offsets": (folder / "inverted" / "offsets.npy", "inconsistent with the index's other files"),
+        "codes": (folder / "inverted" / "codes.npy", "damaged (14 bytes, meta.json records "),
+        "offsets": (folder / "inverted" / "offsets.npy", "damaged (its crc32 is "),
         "meta": (folder / "inverted" / "meta.json", "unreadable"),
         "manifest": (folder / "forward" / "manifest.json", "unreadable"),
         "words": (folder / "forward" / "words.bin", "shorter than"),
-        "counts": (folder / "forward" / "manifest.json", "lacks the counts images, entries, keys_bytes"),
+        "counts": (folder / "forward" / "manifest.json", "damaged (its contents do not match their crc32)"),
+        "format": (folder / "forward" / "manifest.json", "an index of another version of this code "
+                                                         "('delf-pytorch asmk forward store 1'; this one reads "
+                                                         "'delf-pytorch asmk forward store 2')"),
     }[damage]
     if damage == "counts":
         path.write_text(path.read_text().replace('"entries"', '"entry"'))
+    elif damage == "format":
+        path.write_text(path.read_text().replace("forward store 2", "forward store 1"))
     elif damage == "offsets":
         np.save(path, np.zeros(65, np.int64))
     elif damage == "words":
@@ -227,11 +247,287 @@ def test_corrupt_files_are_named_in_one_line(tmp_path: Path, damage: str) -> Non
     with pytest.raises(AsmkIndexError) as e:
         update_index(folder, words, cfg, keys, reader(db))
     assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
-    assert str(e.value).endswith(f"delete {folder} to rebuild the index (or pass --overwrite, which also extracts "
-                                 "the features again)")
+    hint = INVERTED_HINT if path.parent.name == "inverted" else WHOLE
+    assert str(e.value).endswith(hint.format(folder=folder))
     if damage in ("codes", "offsets"):   # the inverted file alone: loading it fails the same way
         with pytest.raises(AsmkIndexError, match=f"^{path}"):
             StoredIndex(folder / "inverted", words, cfg)
+
+
+def built(tmp_path: Path, seed: int = 5) -> tuple[AsmkConfig, VisualWords, dict[str, np.ndarray], Path]:
+    """A tiny index of :func:`database` (64 words) in tmp_path / "ix": (config, words, images, folder)."""
+    cfg = AsmkConfig(codebook_size=64)
+    centroids, db = database(seed)
+    words, folder = VisualWords(centroids, cfg), tmp_path / "ix"
+    update_index(folder, words, cfg, list(db), reader(db))
+    return cfg, words, db, folder
+
+
+def every_list_queries(words: VisualWords, db: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Queries that read every word's list: the centroids (each assigned to its own word), and two images."""
+    return [words.centroids, db["i03"], db["i11"]]
+
+
+def index_file_names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_index_files_are_the_documented_ones(tmp_path: Path) -> None:
+    _, _, _, folder = built(tmp_path)
+    assert index_file_names(folder) == sorted(
+        [f"forward/{n}" for n in ("words.bin", "codes.bin", "counts.bin", "keys.txt", "manifest.json")]
+        + [f"inverted/{n}" for n in INVERTED])
+
+
+def flipped_positions(size: int) -> list[int]:
+    """Where one test flips a byte of a file of ``size`` bytes: its first and last byte and six between."""
+    return sorted({0, size - 1, *np.linspace(0, size - 1, 8).astype(int).tolist()})
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny index, queries that read every list, its scores, and the scores once it grew by one
+    image ("new")."""
+    tmp = tmp_path_factory.mktemp("pristine")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stored_index_module, "CRC_BLOCK_BYTES", 256)   # a few blocks
+        cfg, words, db, folder = built(tmp)
+    queries = every_list_queries(words, db)
+    extra = {**db, "new": db["i07"][:40]}
+    grown = update_index(tmp / "grown", words, cfg, [*extra], reader(extra))[0].scores(queries)
+    return {"cfg": cfg, "words": words, "db": extra, "folder": folder, "queries": queries, "grown": grown,
+            "scores": StoredIndex(folder / "inverted", words, cfg).scores(queries)}
+
+
+@pytest.mark.parametrize("name", [f"forward/{n}" for n in ("words.bin", "codes.bin", "counts.bin", "keys.txt",
+                                                            "manifest.json")] + [f"inverted/{n}" for n in INVERTED])
+def test_a_flipped_byte_is_refused_in_one_line_never_other_scores(tmp_path: Path, pristine: dict, name: str) -> None:
+    """One byte of one index file changed (its top bit, or its low bit: a varint's continuation,
+    an id lowered by one), at eight places: the index is refused in one line naming the file, or
+    it scores as before; never other scores. Every flip in the inverted file is refused by queries
+    that read every list; every flip in the forward store by the time the index grows (it reads
+    the forward store's words and residuals then, not before)."""
+    cfg, words, db, queries = pristine["cfg"], pristine["words"], pristine["db"], pristine["queries"]
+    keys = [k for k in db if k != "new"]
+    data = (pristine["folder"] / name).read_bytes()
+    refusals = {"reuse": 0, "grow": 0}
+    for i, at in enumerate(flipped_positions(len(data))):
+        work = tmp_path / f"work{i}"
+        shutil.copytree(pristine["folder"], work)
+        damaged = bytearray(data)
+        damaged[at] ^= 0x80 if i % 2 else 0x01
+        (work / name).write_bytes(bytes(damaged))
+        for step, database_keys, expected in (("reuse", keys, pristine["scores"]),
+                                              ("grow", [*keys, "new"], pristine["grown"])):
+            try:
+                scores = update_index(work, words, cfg, database_keys, reader(db))[0].scores(queries)
+            except AsmkIndexError as e:
+                assert str(e).startswith(f"{work / name}: ") and "\n" not in str(e), (at, str(e))
+                refusals[step] += 1
+                break   # refused: nothing was changed, the next step would be refused alike
+            np.testing.assert_array_equal(scores, expected, err_msg=f"byte {at} of {name}")
+    flips = len(flipped_positions(len(data)))
+    if name.startswith("inverted/"):
+        assert refusals["reuse"] == flips
+    else:
+        assert refusals["reuse"] + refusals["grow"] == flips
+
+
+def resign(inverted: Path) -> None:
+    """Record the inverted file's present bytes as its checksums (as a build with a bug would):
+    then only the structure checks stand between damage and the scores."""
+    arrays = {n: np.load(inverted / n, mmap_mode="r") for n in ("codes.npy", "ids.npy", "offsets.npy",
+                                                                 "id_offsets.npy")}
+    meta = json.loads((inverted / "meta.json").read_text())
+    first_words = crc_blocks(arrays["offsets.npy"], arrays["id_offsets.npy"], 5, meta["crc_block_bytes"])
+    np.save(inverted / "block_crc.npy", block_crcs(arrays["codes.npy"], arrays["ids.npy"], arrays["offsets.npy"],
+                                                   arrays["id_offsets.npy"], first_words,
+                                                   np.arange(len(first_words) - 1)))
+    del meta["json_crc32"]
+    for name in meta["files"]:
+        size = (inverted / name).stat().st_size
+        data = arrays[name].nbytes if name in ("codes.npy", "ids.npy") else 0
+        meta["files"][name] = {"bytes": size, "crc32": stored_index_module.crc32_file(inverted / name, 0, size - data)}
+    stored_index_module._write_json(inverted / "meta.json", meta)
+
+
+@pytest.mark.parametrize("damage", ["continued", "repeated", "beyond", "shorter", "offsets"])
+def test_list_structure_is_checked_on_every_read(tmp_path: Path, damage: str) -> None:
+    """Damage that the checksums were made to accept (re-signed): a list read is refused in one
+    line naming ids.npy when its last id continues into the next list, an id repeats, an id is
+    beyond the image count, or it holds fewer ids than the offsets say; offsets that disagree with
+    the files, on loading."""
+    cfg, words, db, folder = built(tmp_path)
+    inverted = folder / "inverted"
+    ids = np.load(inverted / "ids.npy")
+    id_offsets, offsets = np.load(inverted / "id_offsets.npy"), np.load(inverted / "offsets.npy")
+    lengths = np.diff(offsets)
+    w = int(np.argmax(lengths))   # the longest list: a few one-byte differences, then the next list
+    lo, hi = int(id_offsets[w]), int(id_offsets[w + 1])
+    assert (ids[lo:hi] < 128).all() and hi - lo == lengths[w] >= 3
+    path, message = inverted / "ids.npy", None
+    if damage == "continued":
+        ids[hi - 1] |= 0x80
+        message = "a list's last id continues past its bytes"
+    elif damage == "repeated":
+        ids[lo + 1] = 0
+        message = "ids not strictly increasing"
+    elif damage == "beyond":
+        ids[lo] = len(db)
+        message = f"an id or difference not below the image count {len(db)}"
+    elif damage == "shorter":   # the second and third ids read as one
+        ids[lo + 1] |= 0x80
+        message = "a list holds another number of ids than offsets.npy says"
+    if damage == "offsets":
+        offsets[-1] += 1
+        np.save(inverted / "offsets.npy", offsets)
+        path, message = inverted / "offsets.npy", "damaged (inconsistent with the index's other files)"
+    else:
+        np.save(inverted / "ids.npy", ids)
+    resign(inverted)
+    with pytest.raises(AsmkIndexError) as e:
+        index = StoredIndex(inverted, words, cfg)
+        index.scores(every_list_queries(words, db))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).endswith(INVERTED_HINT.format(folder=folder))
+    if damage != "offsets":
+        assert "among the lists of visual words " in str(e.value)
+
+
+def test_crc_blocks_by_hand() -> None:
+    """Blocks: the consecutive words whose lists start in one window of the lists' bytes (codes
+    and ids together); word 3's list starts at byte 5 * 10 + 9 = 59, in the fourth 16-byte window."""
+    offsets, id_offsets = np.array([0, 2, 2, 10, 11]), np.array([0, 2, 2, 9, 10])
+    assert crc_blocks(offsets, id_offsets, 5, 16).tolist() == [0, 3, 4]
+    assert crc_blocks(offsets, id_offsets, 5, 1 << 12).tolist() == [0, 4]
+    assert crc_blocks(offsets, id_offsets, 5, 1).tolist() == [0, 1, 3, 4]   # words 1 and 2 start at one byte
+    codes, ids = np.arange(55, dtype=np.uint8).reshape(11, 5), np.arange(10, dtype=np.uint8)
+    got = block_crcs(codes, ids, offsets, id_offsets, np.array([0, 3, 4]), np.array([1, 0]))
+    assert got.tolist() == [[zlib.crc32(codes[10:].tobytes()), zlib.crc32(ids[9:].tobytes())],
+                            [zlib.crc32(codes[:10].tobytes()), zlib.crc32(ids[:9].tobytes())]]
+
+
+def test_verify_reads_every_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify() finds damage in a list no query read, and in the forward store's residuals."""
+    monkeypatch.setattr(stored_index_module, "CRC_BLOCK_BYTES", 64)   # many blocks in a tiny index
+    cfg, words, db, folder = built(tmp_path)
+    index = StoredIndex(folder / "inverted", words, cfg)
+    index.verify()
+    assert json.loads((folder / "inverted" / "meta.json").read_text())["crc_block_bytes"] == 64
+    offsets = np.load(folder / "inverted" / "offsets.npy")
+    w = int(np.flatnonzero(np.diff(offsets))[-1])   # the last word with a list
+    codes = folder / "inverted" / "codes.npy"
+    data = bytearray(codes.read_bytes())
+    data[len(data) - 1] ^= 1   # the last list's last byte
+    codes.write_bytes(bytes(data))
+    index = StoredIndex(folder / "inverted", words, cfg)
+    index.search(np.zeros((1, 5), np.uint8), np.array([0]))   # another block: read and checked alone
+    assert index._checked.sum() == 1 and len(index._checked) > 10
+    with pytest.raises(AsmkIndexError, match=rf"^{codes}: damaged \(the lists of visual words \d+..{w} do not match "
+                                             r"their crc32 in block_crc.npy\); delete "):
+        index.verify()
+    with ForwardStore(folder / "forward", stored_index_module.index_identity(words, cfg, {}), 5) as store:
+        store.verify()
+        path = folder / "forward" / "codes.bin"
+        data = bytearray(path.read_bytes())
+        data[7] ^= 0x10
+        path.write_bytes(bytes(data))
+        with pytest.raises(AsmkIndexError, match=rf"^{path}: damaged \(its crc32 is [0-9a-f]{{8}}, manifest.json "
+                                                 r"records [0-9a-f]{8}\); delete "):
+            store.verify()
+
+
+def test_a_key_is_stored_once(tmp_path: Path) -> None:
+    """The forward store refuses a key it holds; an index build ignores an image appended again
+    (its stored entries kept, counted) and a key listed twice; the index's bytes do not change."""
+    cfg, words, db, folder = built(tmp_path)
+    keys = list(db)
+    before = {n: (folder / n).read_bytes() for n in index_file_names(folder)}
+    with ForwardStore(folder / "forward", stored_index_module.index_identity(words, cfg, {}), 5) as store:
+        with pytest.raises(AsmkIndexError, match=rf"^'i03': already in the index {folder} \(an image is stored "
+                                                 r"once\)$"):
+            store.append("i03", np.zeros((1, 5), np.uint8), np.array([4]))
+    with IndexBuild(folder, words, cfg) as build:
+        for key in ("i03", "i17"):   # features extracted again: other descriptors, kept as stored
+            build.append(key, db["i00"])
+        build.append_missing([*keys, "i03"], reader({}))
+        _, order, report = build.finish(keys)
+    assert order == keys and (report.added, report.reused, report.repeated) == (0, len(keys), 2)
+    assert {n: (folder / n).read_bytes() for n in index_file_names(folder)} == before
+    # a key listed twice in one build: stored once
+    read: list[str] = []
+    _, order, report = update_index(tmp_path / "twice", words, cfg, [*keys, *keys[:3]], reader(db, read))
+    assert order == keys and read == keys and report.added == len(keys)
+    assert files(tmp_path / "twice") == files(folder)
+
+
+def test_deleted_parts_cost_what_the_docs_say(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """inverted/ deleted: remade from forward/, the same bytes, no image read. forward/ deleted:
+    the inverted file serves the same scores, said in the log; a new image is refused in one line
+    (no image read); deleting the folder rebuilds it all."""
+    cfg, words, db, folder = built(tmp_path)
+    keys, queries = list(db), every_list_queries(words, db)
+    expected = StoredIndex(folder / "inverted", words, cfg).scores(queries)
+    pristine = files(folder)
+    shutil.rmtree(folder / "inverted")
+    _, order, report = update_index(folder, words, cfg, keys, reader({}))
+    assert files(folder) == pristine and order == keys and report.reused == len(keys)
+    shutil.rmtree(folder / "forward")
+    with caplog.at_level(logging.INFO, logger="delf"):
+        index, order, report = update_index(folder, words, cfg, keys, reader({}))
+    assert order == keys and (report.added, report.reused) == (0, len(keys))
+    np.testing.assert_array_equal(index.scores(queries), expected)
+    assert f"ASMK* index {folder}: no forward store (forward/ deleted)" in caplog.text
+    assert not (folder / "forward").exists()
+    with pytest.raises(AsmkIndexError) as e:
+        update_index(folder, words, cfg, [*keys, "new"], reader({}))
+    assert str(e.value) == (f"{folder / 'forward'}: deleted, so the index cannot take 1 new images (e.g. 'new'); its "
+                            f"inverted file serves the {len(keys)} images it holds; to add images, "
+                            + WHOLE.format(folder=folder) + ", which aggregates every image again")
+
+
+def test_renames_are_followed_by_a_folder_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverted file's folder renamed into place, then the index folder synced; a manifest
+    replaced (atomic_path), then its folder synced."""
+    synced: list[tuple[Path, bool, bool]] = []
+    replaced: list[tuple[Path, list[str]]] = []
+    fsync_folder = outputs_module.fsync_folder
+
+    def spy(folder: Path) -> None:
+        folder = Path(folder)
+        synced.append((folder, (folder / "inverted" / "meta.json").exists(), (folder / ".inverted.tmp").exists()))
+        fsync_folder(folder)
+
+    def atomic_spy(folder: Path) -> None:
+        replaced.append((Path(folder), sorted(p.name for p in Path(folder).iterdir())))
+        fsync_folder(folder)
+
+    monkeypatch.setattr(stored_index_module, "fsync_folder", spy)
+    monkeypatch.setattr(outputs_module, "fsync_folder", atomic_spy)
+    _, _, _, folder = built(tmp_path)
+    assert synced[-1] == (folder, True, False)   # after the rename, before anything else
+    forward = [names for f, names in replaced if f == folder / "forward"]
+    assert forward and all("manifest.json" in names and not any(n.endswith(".tmp") for n in names) for names in forward)
+
+
+def test_a_filesystem_without_flock_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(outputs_module.fcntl, "flock", no_flock)
+    lock = tmp_path / "out.lock"
+    line = (f"{lock}: cannot lock it ({os.strerror(errno.ENOLCK)}): this filesystem gives no flock, so two runs "
+            "could write one output; put the output on a local filesystem")
+    with pytest.raises(OutputLockUnavailable) as e:
+        OutputLock(tmp_path / "out")
+    assert str(e.value) == line and e.value.errno == errno.ENOLCK
+    assert isinstance(e.value, OSError) and isinstance(e.value, OutputWriteError)
+    cfg = AsmkConfig(codebook_size=64)
+    centroids, db = database(7, images=3)
+    with pytest.raises(AsmkIndexError) as e:
+        update_index(tmp_path / "ix", VisualWords(centroids, cfg), cfg, list(db), reader(db))
+    assert str(e.value) == line.replace(str(lock), str(tmp_path / "ix.lock"))
+    assert not (tmp_path / "ix").exists()
 
 
 def test_entry_bytes_on_clustered_data(tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 DeLF end to end on a tiny Revisited-Oxford-layout dataset made from real photos."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from PIL import Image
 import extract.evaluate as evaluate_module
 import extract.retrieval.asmk.codebook as codebook_module
 import extract.retrieval.asmk.stored_index as stored_index_module
+import train.outputs as outputs_module
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
 from extract.errors import InputMismatch
 from extract.evaluate import build_parser, main
@@ -37,7 +41,7 @@ from extract.extraction.images import list_images
 from extract.extraction.pca import fit_pca, save_pca
 from extract.retrieval.asmk.codebook import load_codebook
 from extract.retrieval.asmk.memory_index import AsmkIndex
-from extract.retrieval.asmk.stored_index import IndexBuild, StoredIndex
+from extract.retrieval.asmk.stored_index import AsmkIndexError, IndexBuild, StoredIndex
 from extract.retrieval.rerank import Verifier, rerank
 from extract.retrieval.vote import Database, DescriptorIndex, rank, vote_scores
 from tests.utils import held_bytes, photo, save_delg_checkpoint, save_keypoint_checkpoint, unit
@@ -472,7 +476,7 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     # the index: plain arrays beside the codebook
     index_dir = stored.parent / f"index_{stored.stem}_roxford5k"
     assert sorted(p.name for p in (index_dir / "inverted").iterdir()) == [
-        "codes.npy", "counts.npy", "id_offsets.npy", "ids.npy", "meta.json", "offsets.npy"]
+        "block_crc.npy", "codes.npy", "counts.npy", "id_offsets.npy", "ids.npy", "keys.txt", "meta.json", "offsets.npy"]
     num_db = len(load_dataset(tiny["root"], "roxford5k").imlist)
     assert np.load(index_dir / "inverted" / "counts.npy").shape == (num_db,)
 
@@ -493,7 +497,7 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     capsys.readouterr()
     assert main(args) == 1
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and error[0].startswith(f"error: {index_dir / 'inverted' / 'codes.npy'}: unreadable (")
+    assert len(error) == 1 and error[0].startswith(f"error: {index_dir / 'inverted' / 'codes.npy'}: damaged (7 bytes")
     assert main(args + ["--overwrite", "--output", str(out)]) == 0
     assert json.loads(out.read_text()) == res
 
@@ -712,6 +716,65 @@ def test_asmk_index_behind_the_distractors_file_is_completed(tiny: dict[str, Pat
     assert index_files(tmp_path / "killed") == index_files(tmp_path / "read")
     np.testing.assert_array_equal(resumed.initial_ranks, reference.initial_ranks)
     assert list(resumed.distractor_names) == list(reference.distractor_names)
+
+
+@pytest.mark.slow
+def test_asmk_distractors_extracted_again_are_not_appended_again(tiny: dict[str, Path], tmp_path: Path,
+                                                                 one_thread: None, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An evaluation with distractors builds the index; the distractors' feature file is deleted
+    (an initial ranking reads none of it) and the same evaluation runs again: every distractor is
+    extracted again (for re-ranking), none is appended again: the index's files and the metrics
+    are the first run's. Then one byte of a list in ids.npy lowered by one, or its top bit set:
+    the evaluation is refused in one line naming the file."""
+    first = asmk_with_distractors(tiny, tmp_path)
+    before = index_files(tmp_path)
+    distractors = distractor_file(tmp_path, tiny)
+    distractors.unlink()
+    calls: list[object] = []
+    call = DelfExtractor.__call__
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="delf"):
+        m.setattr(DelfExtractor, "__call__", lambda *a, **k: calls.append(a) or call(*a, **k))
+        again = asmk_with_distractors(tiny, tmp_path)
+    assert len(calls) == 6 and len(feature_names(distractors)) == 6   # extracted again, into a new file
+    assert again.database_size == first.database_size and again.distractors == first.distractors == 6
+    assert again.initial == first.initial and again.final == first.final
+    np.testing.assert_array_equal(again.initial_ranks, first.initial_ranks)
+    assert list(again.distractor_names) == list(first.distractor_names)
+    assert index_files(tmp_path) == before
+    assert "6 images extracted again were in it already: their stored entries are kept" in caplog.text
+
+    inverted = index_folder(tmp_path) / "inverted"
+    ids, id_offsets = inverted / "ids.npy", np.load(inverted / "id_offsets.npy")
+    pristine = ids.read_bytes()
+    w = int(np.argmax(np.diff(id_offsets)))   # the longest list: read by the queries
+    at = len(pristine) - int(id_offsets[-1]) + int(id_offsets[w]) + 1
+    for change in (lambda b: b - 1 if b else 1, lambda b: b | 0x80):
+        data = bytearray(pristine)
+        data[at] = change(data[at])
+        ids.write_bytes(bytes(data))
+        with pytest.raises(AsmkIndexError) as e:
+            asmk_with_distractors(tiny, tmp_path)
+        assert re.match(rf"{ids}: damaged \(the lists of visual words \d+..\d+ do not match their crc32", str(e.value))
+        assert "\n" not in str(e.value)
+    ids.write_bytes(pristine)
+    assert asmk_with_distractors(tiny, tmp_path).initial == first.initial
+
+
+def test_a_filesystem_without_flock_is_refused_in_one_line(tiny: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(outputs_module.fcntl, "flock", no_flock)
+    feats = tmp_path / "features"
+    assert main(["--dataset", "roxford5k", "--data_root", str(tiny["root"]), "--load_from", str(tiny["ckpt"]),
+                 "--pca_parameters_path", str(tiny["pca"]), "--device", "cpu", "--features_dir", str(feats),
+                 "--method", "vote"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {feats}.lock: cannot lock it ({os.strerror(errno.ENOLCK)}): this filesystem gives no flock, so two "
+        "runs could write one output; put the output on a local filesystem")
 
 
 def test_set_name_and_feature_store(tmp_path: Path) -> None:

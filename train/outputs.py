@@ -1,5 +1,6 @@
-"""Writing outputs safely, for train/ and extract/ alike: atomic replacement (:func:`atomic_path`),
-file identity (:func:`file_sha256`), and one writer per output (:class:`OutputLock`).
+"""Writing outputs safely, for train/ and extract/ alike: atomic replacement (:func:`atomic_path`,
+the folder synced after the rename: :func:`fsync_folder`), file identity (:func:`file_sha256`), and
+one writer per output (:class:`OutputLock`).
 
 One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole run. The lock lives
 in a small side file ``<output>.lock`` beside the output (file or folder) that records the holder's
@@ -7,10 +8,12 @@ pid and start time. The kernel releases the lock when its holder exits, however 
 included), so a stale side file never blocks the next run; the file itself is left in place
 (removing it could race with a process that just opened it).
 Forked children (DataLoader workers) close their copy of the lock file at once, so that workers
-orphaned by a killed holder never keep its lock alive.
+orphaned by a killed holder never keep its lock alive. A filesystem that gives no ``flock`` (some
+network and FUSE mounts) is refused in one line (:class:`OutputLockUnavailable`).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -49,6 +52,21 @@ class OutputWriteError(RuntimeError):
     line: what failed, what is kept (e.g. which checkpoint, how many images), and how to go on."""
 
 
+class OutputLockUnavailable(OutputWriteError, OSError):
+    """The filesystem refused the lock (an ``OSError`` from ``flock`` other than "held": ENOLCK on
+    some network mounts, EOPNOTSUPP or EINVAL on some FUSE ones). ``str(e)`` is one line naming
+    the lock file; ``errno`` and ``strerror`` are the OS's, so callers that catch OSError read it too."""
+
+    def __init__(self, lock_file: Path, error: OSError) -> None:
+        reason = error.strerror or type(error).__name__
+        super().__init__(f"{lock_file}: cannot lock it ({reason}): this filesystem gives no flock, so two runs "
+                         "could write one output; put the output on a local filesystem")
+        self.errno, self.strerror = error.errno, reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def lock_file_for(output: str | os.PathLike) -> Path:
     """The side file that guards ``output`` (a file or a folder): ``<output>.lock`` beside it."""
     output = Path(output)
@@ -59,7 +77,8 @@ class OutputLock:
     """Exclusive, non-blocking lock on ``output`` for the life of the object (or ``with`` block).
 
     ``hint`` ends the refusal message, e.g. "choose another --expr". Raises :class:`OutputInUse`
-    at construction when another process holds it.
+    at construction when another process holds it, :class:`OutputLockUnavailable` when the
+    filesystem gives no lock.
     """
 
     def __init__(self, output: str | os.PathLike, hint: str = "choose another output") -> None:
@@ -74,6 +93,10 @@ class OutputLock:
             self._file.close()
             self._file = None
             raise OutputInUse(self.output, holder, hint) from None
+        except OSError as e:
+            self._file.close()
+            self._file = None
+            raise OutputLockUnavailable(self.path, e) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -101,8 +124,9 @@ class OutputLock:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path in ``path``'s folder to write; renamed over ``path`` when the block succeeds,
-    removed when it fails. Readers see the old file or the complete new one, never a part."""
+    """A temp path in ``path``'s folder to write; synced and renamed over ``path`` when the block
+    succeeds (then the folder is synced, so that the rename survives a power loss), removed when it
+    fails. Readers see the old file or the complete new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -115,6 +139,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Sync ``folder``'s entries (a rename or a new file in it) to disk; a filesystem that cannot
+    sync a folder (EINVAL, e.g. some FUSE mounts) is left as it is."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -115,7 +115,9 @@ def stream_distractors(build: IndexBuild, distractors: DistractorSet, read: Read
     """Extract the distractors, each image appended to ``build`` once its features are in the
     file. Those already in the file and not in the index (extracted by another command, or by a
     run killed before its index caught up) are read back (``read``) first, in list order, so that
-    the index keeps the list's order. Returns the file and its images in list order."""
+    the index keeps the list's order. Images already in the index keep their entries: extracted
+    again (their feature file deleted), they are not appended again. Returns the file and its
+    images in list order."""
     label = distractors.path.stem
 
     def existing(names: list[str]) -> None:
@@ -155,6 +157,9 @@ def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_pa
         index, order, report = build.finish(keys)
     if order[:len(ds.imlist)] != keys[:len(ds.imlist)]:
         raise AsmkIndexError(f"{folder}: holds the images of {ds.name} in another order; {fix_hint(folder)}")
+    if report.repeated:
+        log.info("ASMK* index %s: %d images extracted again were in it already: their stored entries are kept",
+                 folder, report.repeated)
     log.info("ASMK* index %s: %d images (%d aggregated now, %d stored), %.1f words each on average, %.1f s; "
              "Hamming distances of %d-bit residuals divided by %d (--hamming_norm %s)", folder, index.num_images,
              report.added, report.reused, index.num_entries / max(index.num_images, 1), time.perf_counter() - t,

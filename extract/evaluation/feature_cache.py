@@ -38,7 +38,7 @@ from extract.extraction.feature_file import (
     read_array,
 )
 from extract.extraction.images import InputError, image_loader, list_images
-from train.outputs import OutputInUse, OutputLock, OutputWriteError
+from train.outputs import OutputInUse, OutputLock, OutputLockUnavailable, OutputWriteError
 
 log = logging.getLogger("delf")
 
@@ -50,7 +50,7 @@ def hold_cache(output: str | Path, hint: str = "choose another --features_dir") 
     (and ``hint``), before anything is touched."""
     try:
         lock = OutputLock(output, hint=hint)
-    except OutputInUse as e:
+    except (OutputInUse, OutputLockUnavailable) as e:
         raise EvalError(str(e)) from None
     with lock:
         yield

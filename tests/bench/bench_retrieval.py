@@ -16,8 +16,9 @@ descriptors) on synthetic clustered descriptors.
   first --stored_images size, queried, then grown to the next: build and growth time (and that
   of remaking the inverted file alone, as growth does), size on disk and bytes per (image,
   word), query time (HNSW assignment, 40-D) and the querying process's RSS (a fresh process:
-  the index memory-mapped), extrapolated to ROxf+1M; and the feature file's size with float32
-  and float16 descriptors.
+  the index memory-mapped), the checks' cost (loading; the scan when each block of lists is
+  checked against its crc32s at its first read, and again once they all are; StoredIndex.verify(), every byte),
+  extrapolated to ROxf+1M; and the feature file's size with float32 and float16 descriptors.
 - real: how real extracted features share words within an image, on the outputs of `make demo`
   (--demo_expr under repo/ or $DELF_REPO_DIR; skipped with a note when they are absent):
   DeLF features of the demo's training and query images extracted as the demo did (the
@@ -305,15 +306,19 @@ def query_stored(folder: str, centroids: np.ndarray, queries: list[np.ndarray], 
     and RSS (MiB) before and after the queries."""
     with faiss_threads(threads):
         words = VisualWords(centroids, replace(cfg, assignment="hnsw"))
-        index = StoredIndex(Path(folder), words, cfg)
+        index, t_load, _ = timed(StoredIndex, Path(folder), words, cfg)
         before = rss_mib()[0]
         assigned, t_assign, _ = timed(assign_all, words, queries, cfg.query_assignments)
         aggregated, t_agg, _ = timed(aggregate_all, queries, assigned, centroids)
-        scores, t_scan, _ = timed(search_all, index, aggregated)
-    after, peak = rss_mib()
+        scores, t_scan, _ = timed(search_all, index, aggregated)   # each block's crc32s checked at its first read
+        checked = (int(index._checked.sum()), len(index._checked))
+        after, peak = rss_mib()
+        _, t_again, _ = timed(search_all, index, aggregated)      # every list read checked already
+        _, t_verify, c_verify = timed(index.verify)
     n = len(queries)
-    return {"assign": t_assign / n, "aggregate": t_agg / n, "scan": t_scan / n, "rss_before": before,
-            "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1)}
+    return {"assign": t_assign / n, "aggregate": t_agg / n, "scan": t_scan / n, "scan_again": t_again / n,
+            "load": t_load, "verify": t_verify, "verify_cpu": c_verify, "checked_blocks": checked,
+            "rss_before": before, "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1)}
 
 
 def bench_stored(args: argparse.Namespace) -> None:
@@ -361,6 +366,11 @@ def bench_stored(args: argparse.Namespace) -> None:
                       f"{q['assign'] * 1e3:.0f} + aggregation {q['aggregate'] * 1e3:.1f} + memory-mapped scan "
                       f"{q['scan'] * 1e3:.1f} ms; top-1 {np.mean(q['top1'] == targets):.0%}; RSS {q['rss_before']:.0f}"
                       f" MiB loaded, {q['rss_after']:.0f} MiB after {len(queries)} queries (peak {q['rss_peak']:.0f})")
+                print(f"  checks: loading {q['load'] * 1e3:.0f} ms (small files' crc32s, headers, offsets); the "
+                      f"queries' first pass checked {q['checked_blocks'][0]} of {q['checked_blocks'][1]} blocks' "
+                      f"crc32s, {q['scan'] * 1e3:.1f} ms per scan; again, every block checked already "
+                      f"{q['scan_again'] * 1e3:.1f} ms; verify() (every byte, page cache hot) {q['verify']:.2f} s "
+                      f"(CPU {q['verify_cpu']:.2f} s, {index.nbytes / q['verify'] / 1e9:.2f} GB/s)")
                 built = size
             grow = ROXF_1M / size
             append_cpu = c / max(report.added, 1)
@@ -373,7 +383,8 @@ def bench_stored(args: argparse.Namespace) -> None:
                   f"store {disk[1]:.1f} GiB on disk; build ~{sum(build_h):.0f} CPU h (word assignment "
                   f"{build_h[0]:.0f} h + aggregation, append and inverted file {build_h[1]:.1f} h); query "
                   f"~{query_ms:.0f} ms (the scan grows with the lists); RSS ~{rss:.0f} MiB after the queries (the "
-                  "touched lists grow with the database, up to the whole inverted file)")
+                  f"touched lists grow with the database, up to the whole inverted file); verify() "
+                  f"~{q['verify'] * grow:.0f} s from the page cache (more from a cold disk)")
         bench_feature_files(dim, args)
 
 
