@@ -52,9 +52,10 @@ def test_words_equal_faiss_flat_on_random_data(method: str, dim: int, data: str)
         got = words(x, m)
         assert got.shape == (1000, m) and got.dtype == np.int64
         np.testing.assert_array_equal(got, flat_l2(centroids, x, m)[1])
-        # the short list does the work: nearly every descriptor's list certifies
-        _, certified = shortlist(torch.from_numpy(x), words.prepared(torch.device("cpu")), m, kept_groups(m))
-        assert certified.float().mean() >= 0.95
+        # the short lists do the work: nearly every descriptor's certifies (the first list most)
+        prep = words.prepared(torch.device("cpu"))
+        first, last = (shortlist(torch.from_numpy(x), prep, m, keep)[1].float().mean() for keep in kept_groups(m))
+        assert first >= 0.6 and last >= 0.99, (first, last)
 
 
 def near_ties(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -120,9 +121,10 @@ def test_a_too_small_margin_gives_wrong_words(scale: float, monkeypatch: pytest.
     for m in (1, 5):
         ref = flat_l2(centroids, x, m)[1]
         assert ref[0, 0] == nearest
-        # the right margin does not certify the list (word 25 is outside it): exact words for the row
-        _, certified = shortlist(torch.from_numpy(x), prep, m, kept_groups(m))
-        assert not certified[0]
+        # the right margin does not certify the first list (word 25 is outside it); a list it certifies holds it
+        lists = [shortlist(torch.from_numpy(x), prep, m, keep) for keep in kept_groups(m)]
+        assert not lists[0][1][0]
+        assert all(found[0, 0] == nearest for found, certified in lists if certified[0])
         np.testing.assert_array_equal(words(x, m), ref)
     right = assignment.margin
     monkeypatch.setattr(assignment, "margin", lambda *args: scale * right(*args))

@@ -83,9 +83,11 @@ FLOAT64_ROUNDOFF = 2.0 ** -53
 
 
 
-def kept_groups(m: int) -> int:
-    """Groups kept per descriptor for its m words: enough that nearly all lists certify (the bench)."""
-    return 2 * m + 3
+def kept_groups(m: int) -> tuple[int, ...]:
+    """Groups kept per descriptor for its m words, in turn: the first short list certifies for
+    nearly all descriptors of the bench's codebook (tests/bench/bench_retrieval.py --part assign),
+    the longer one for those it does not."""
+    return m + 3, 4 * (m + 3)
 
 
 Words = TypeVar("Words", np.ndarray, torch.Tensor)
@@ -149,7 +151,7 @@ class Prepared:
     augmented: torch.Tensor    # C (blocks * tile, D + 4) in the product's dtype; padding keys -inf
     centroids: torch.Tensor    # (K, D) float64
     half_norms: torch.Tensor   # b = |c|^2 / 2 (K,) float64
-    grouped: torch.Tensor      # (groups, GROUP, D) float64: the centroids of each group, padding 0
+    grouped: torch.Tensor      # (groups, GROUP, D) float32: the centroids of each group, padding 0
     grouped_half_norms: torch.Tensor  # (groups, GROUP) float64, padding inf
     residual_max: float        # max |c^ - c|
     norm_max: float            # max |c|
@@ -174,11 +176,11 @@ def prepare(centroids: torch.Tensor, product: str) -> Prepared:
     fill[:, -2] = -torch.inf
     aug = torch.cat([aug, fill])
     # group j of block t: words t tile + j + i tile / GROUP (i < GROUP), its centroids side by side
-    shape = (-1, GROUP, tile // GROUP)
-    grouped = torch.cat([c64, c64.new_zeros((pad, c64.shape[1]))]).view(*shape, c64.shape[1]).transpose(1, 2)
+    shape, dim = (-1, GROUP, tile // GROUP), centroids.shape[1]
+    grouped = torch.cat([centroids, centroids.new_zeros((pad, dim))]).view(*shape, dim).transpose(1, 2)
     grouped_b = torch.cat([b, b.new_full((pad,), torch.inf)]).view(shape).transpose(1, 2)
     return Prepared(product, tile, aug.contiguous(), c64, b,
-                    grouped.reshape(-1, GROUP, c64.shape[1]).contiguous(), grouped_b.reshape(-1, GROUP).contiguous(),
+                    grouped.reshape(-1, GROUP, dim).contiguous(), grouped_b.reshape(-1, GROUP).contiguous(),
                     residual_max=float((chat.double() - c64).norm(dim=1).max()),
                     norm_max=float(c64.norm(dim=1).max()),
                     augmented_max=float(real.norm(dim=1).max()),
@@ -228,14 +230,15 @@ def margin(tau: torch.Tensor, x: torch.Tensor, x64: torch.Tensor, a: torch.Tenso
 
 def group_distances(x64: torch.Tensor, prep: Prepared, groups: torch.Tensor) -> torch.Tensor:
     """float64 squared distances (n, keep * GROUP) of the rows of ``x64`` (n, D) to the words of
-    their (n, keep) ``groups``, group by group; in batches of rows (the gathered centroids stay small)."""
+    their (n, keep) ``groups``, group by group (the products of float32 values are exact in float64);
+    in batches of rows (the gathered centroids stay small)."""
     n, keep = groups.shape
     dim = x64.shape[1]
     dots = torch.empty((n, keep * GROUP), dtype=torch.float64, device=x64.device)
     rows = max(1, RERANK_VALUES // (keep * GROUP * dim))
     for s in range(0, n, rows):
         c = torch.index_select(prep.grouped, 0, groups[s:s + rows].reshape(-1)).view(-1, keep * GROUP, dim)
-        torch.bmm(c, x64[s:s + rows, :, None], out=dots[s:s + rows, :, None])
+        torch.sum(c.double() * x64[s:s + rows, None], dim=2, out=dots[s:s + rows])
     a2 = (x64 * x64).sum(1, keepdim=True)
     return a2 + 2 * prep.grouped_half_norms[groups].reshape(n, -1) - 2 * dots
 
@@ -262,7 +265,7 @@ def shortlist(x: torch.Tensor, prep: Prepared, m: int, keep: int) -> tuple[torch
             torch.mm(prep.augmented[t * tile:(t + 1) * tile], xaug.T, out=keys)
             torch.amax(keys.view(GROUP, width, n), dim=0, out=best[t])
     # step 2: super-groups (the j-th group of every block), then their groups
-    sv, si = (v.T for v in torch.topk(best.amax(0), keep + 1, dim=0))
+    sv, si = torch.topk(best.amax(0).T.contiguous(), keep + 1, dim=1)
     tau = sv[:, keep]
     if blocks > 1:
         inner = best.permute(2, 1, 0).gather(1, si[:, :keep, None].expand(n, keep, blocks)).reshape(n, -1)
@@ -320,14 +323,19 @@ class NearestWords:
             return torch.from_numpy(words).to(x.device)
         x = x.float()
         prep = self.prepared(x.device)
-        keep = kept_groups(m)
-        if prep.tile // GROUP <= keep:
-            return search_all(x.double(), prep, m)
+        keeps = [keep for keep in kept_groups(m) if keep < prep.tile // GROUP]
         out = []
         for s in range(0, len(x), ROWS):
-            words, certified = shortlist(x[s:s + ROWS], prep, m, keep)
-            redo = torch.nonzero(~certified)[:, 0]
-            if len(redo):
-                words[redo] = search_all(x[s:s + ROWS][redo].double(), prep, m)
+            rows = x[s:s + ROWS]
+            words = torch.empty((len(rows), m), dtype=torch.int64, device=x.device)
+            todo = torch.arange(len(rows), device=x.device)
+            for keep in keeps:   # shorter lists first, longer ones for the descriptors they leave
+                found, certified = shortlist(rows[todo], prep, m, keep)
+                words[todo[certified]] = found[certified]
+                todo = todo[~certified]
+                if not len(todo):
+                    break
+            if len(todo):
+                words[todo] = search_all(rows[todo].double(), prep, m)
             out.append(words)
         return torch.cat(out)
