@@ -266,7 +266,15 @@ def blocked_product(x: torch.Tensor, prep: Prepared) -> None:
 
 
 def bench_assign(args: argparse.Namespace) -> None:
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        assign_parts(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def assign_parts(args: argparse.Namespace) -> None:
     print(f"\n[assign] exact word assignment of one image ({PER_IMAGE} descriptors, rounded to float16 as ASMK* "
           f"does) against {args.codebook_size} words; faiss and torch threads {args.threads}; medians of "
           f"{args.repeats} interleaved rounds; this CPU's exact method: {default_method(torch.device('cpu'), 128)} "
