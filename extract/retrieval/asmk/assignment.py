@@ -22,8 +22,9 @@ then certified:
 3. **Exact re-ranking.** The candidates' distances are computed in float64, rounded to float32
    and sorted (ties to the lower index). The list is certified when every word outside it is
    provably farther than the m-th, ``d_m``: ``-2 (tau + u_out |tau| + E) - e64 > next(d_m)``
-   (below; next: the float32 after). A descriptor whose list is not certified gets its words
-   from the same float64 distances to all centroids.
+   (below; next: the float32 after). A descriptor whose list is not certified gets a longer one
+   (:func:`kept_groups`), then, if that is not certified either, its words from the same float64
+   distances to all centroids.
 
 **The bound E.** For a word ``c`` outside the list (computed key ``<= tau``), with ``u`` the unit
 roundoff of the product's inputs (bfloat16: 2^-8, float32: 2^-24), ``u_acc`` that of its float32
@@ -40,14 +41,16 @@ accumulation and ``n = D + 4``:
 - output: a bfloat16 product rounds each key: ``|fl(v) - v| <= u |fl(v)|``, so the exact key of a
   word outside is ``<= tau + u_out |tau| + E`` (u_out = 0 for a float32 product).
 
-E sums these terms with each centroid's norms replaced by their maximum; ``e64 = (D + 4) 2^-53 (2a
-+ |c|^2_max + 2 |x| |c|_max)`` bounds the float64 distances' own error. The m nearest are then in
-the list, and an outside word with the m-th's float32 distance (which the index order would
-decide) never certifies. With bfloat16 the margin is ~2^-8 |x| |c|: 0.004 of squared distances
-up to 4 between unit vectors.
+E sums these terms with each centroid's norms replaced by their maximum; ``e64 = 2 (D + 4) 2^-53 (2a
++ |c|^2_max + 2 |x| |c|_max)`` bounds the float64 distances' own error and that of the float64 norms
+the split starts from. The m nearest are then in the list, and an outside word with the m-th's
+float32 distance (which the index order would decide) never certifies. With bfloat16 the margin
+``2 (u_out |tau| + E) + e64`` is about 0.01 in squared distance between unit vectors (at most 4
+apart): the measured residuals are ~2^-8.5 of the norms.
 
 Without native bfloat16 (CPUs without avx512_bf16/AMX) the product is float32: the same
-certificate, margin ~1e-4. Descriptors given as torch tensors are assigned on their device and
+certificate, margin ~1e-4 (the accumulation's); on the CPU from FAISS_MIN_DIM dimensions, faiss's
+flat search, faster there (:func:`default_method`). Descriptors given as torch tensors are assigned on their device and
 their words returned there (CUDA: bfloat16).
 """
 from __future__ import annotations
@@ -61,12 +64,12 @@ import faiss
 import numpy as np
 import torch
 
-# words per group, words per block of the product, descriptors per batch (bounds the memory: ~6
-# bytes per (descriptor, word of a block) with bfloat16)
+# words per group, words per block of the product, descriptors per batch (its memory, bfloat16:
+# 2 bytes per descriptor and word of a block, and per descriptor and group)
 GROUP = 8
 TILE = 4096
 ROWS = 2048
-# float64 values of the centroids gathered at once for the re-ranking
+# centroid values gathered at once for the re-ranking
 RERANK_VALUES = 1 << 18
 
 # the exact methods: a certified product in bfloat16 or float32, or faiss's flat search
@@ -79,8 +82,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp32": 2.0 ** -24}
 ACCUMULATION_ROUNDOFF = 2.0 ** -22
 FLOAT64_ROUNDOFF = 2.0 ** -53
-
-
 
 
 def kept_groups(m: int) -> tuple[int, ...]:
