@@ -140,8 +140,8 @@ class AsmkConfig:
     similarity_threshold: float = 0.0
     db_assignments: int = 1        # visual words per database descriptor
     query_assignments: int = 5     # visual words per query descriptor
-    # word assignment: exact (flat faiss index) or approximate (HNSW graph over the centroids,
-    # built in memory on one thread: deterministic); auto: see HNSW_MIN_WORDS
+    # word assignment: exact (extract/retrieval/asmk/assignment.py) or approximate (HNSW graph over
+    # the centroids, built in memory on one thread: deterministic); auto: see HNSW_MIN_WORDS
     assignment: str = "auto"
     # HNSW: graph links per word (faiss's M), candidate lists when building and per query
     # descriptor (at least m); tuned on tests/bench/bench_retrieval.py (figures: docs/benchmarks.md)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import extract.evaluate as evaluate_module
+import extract.extraction.extract_features as extract_features_module
 import extract.retrieval.asmk.codebook as codebook_module
 import extract.retrieval.asmk.stored_index as stored_index_module
 import train.outputs as outputs_module
@@ -36,7 +37,8 @@ from extract.evaluation.figures import write_figures
 from extract.evaluation.metrics import PROTOCOLS, evaluate
 from extract.evaluation.revisitop import Dataset, EvalError, load_dataset
 from extract.extraction.delf_extractor import DelfExtractor
-from extract.extraction.feature_file import FeatureWriter, feature_names, iter_features
+from extract.extraction.extract_features import LazyExtractor, feature_attrs, load_extractor
+from extract.extraction.feature_file import FeatureWriter, feature_names, file_attrs, iter_features
 from extract.extraction.images import list_images
 from extract.extraction.pca import fit_pca, save_pca
 from extract.retrieval.asmk.codebook import load_codebook
@@ -659,6 +661,49 @@ def test_asmk_distractors_aggregated_as_extracted_equal_read_back(tiny: dict[str
     assert list(streamed.distractor_names) == list(reference.distractor_names) == feature_names(copy)
     np.testing.assert_array_equal(streamed.initial_ranks, reference.initial_ranks)
     assert streamed.initial == reference.initial
+
+
+@pytest.mark.slow
+def test_a_cached_evaluation_does_not_load_the_model(tiny: dict[str, Path], tmp_path: Path, one_thread: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rerun on its cache (database, queries, codebook images, distractors, codebook, index), an
+    evaluation never builds the extractor, and scores and ranks as the first run did."""
+    first = asmk_with_distractors(tiny, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(extract_features_module, "load_extractor", lambda *_: pytest.fail("the model was loaded"))
+        m.setattr(DelfExtractor, "from_checkpoint", lambda *_, **__: pytest.fail("the model was loaded"))
+        again = asmk_with_distractors(tiny, tmp_path)
+    assert again.initial == first.initial and again.final == first.final
+    np.testing.assert_array_equal(again.initial_ranks, first.initial_ranks)
+    assert list(again.distractor_names) == list(first.distractor_names) and again.distractors == 6
+
+
+def test_lazy_extractor_reads_the_network_from_a_matching_file(tiny: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A feature file of the same checkpoint, PCA file and settings tells what the network would
+    (its attributes, with the model never built); any difference, or a file without them, builds it."""
+    conf = ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES)))
+    real = feature_attrs(load_extractor(conf, tiny["ckpt"], tiny["pca"]), tiny["ckpt"], tiny["pca"], tmp_path)
+    with FeatureWriter(tmp_path / "f.h5", real) as w:
+        w.write("x.jpg", {"keypoints": np.zeros((0, 2)), "descriptors": np.zeros((0, 40)), "scores": np.zeros(0),
+                          "scales": np.zeros(0), "image_size": [10, 10]})
+    recorded = file_attrs(tmp_path / "f.h5")
+    builds: list[object] = []
+    load = extract_features_module.load_extractor
+    monkeypatch.setattr(extract_features_module, "load_extractor", lambda *a: builds.append(a) or load(*a))
+    lazy = LazyExtractor(conf, tiny["ckpt"], tiny["pca"], "cpu", recorded)
+    assert feature_attrs(lazy, tiny["ckpt"], tiny["pca"], tmp_path) == real and builds == []
+    assert lazy.conf.pca_dims == 40 and lazy.scales == (0.7071, 1.0) and builds == []
+    assert lazy.receptive_field.size > 0 and len(builds) == 1    # anything else builds it, once
+    assert feature_attrs(lazy, tiny["ckpt"], tiny["pca"], tmp_path) == real and len(builds) == 1
+    # descriptors: the PCA's 40 or 16 dimensions, or the network's 256 (resnet18's layer3) without it
+    for changed, attrs, dim in (({"pca_dims": 16}, recorded, 16), ({"use_pca": False}, recorded, 256),
+                                ({}, {**recorded, "checkpoint_sha256": "0" * 64}, 40),   # another checkpoint's
+                                ({}, {k: v for k, v in recorded.items() if k != "arch"}, 40)):
+        builds.clear()
+        lazy = LazyExtractor(replace(conf, **changed), tiny["ckpt"], tiny["pca"], "cpu", attrs)
+        assert builds == []
+        assert lazy.network_attrs()["descriptor_dim"] == dim and len(builds) == 1, changed
 
 
 @pytest.mark.slow

@@ -37,8 +37,8 @@ from extract.evaluation.feature_cache import (
 )
 from extract.evaluation.metrics import PROTOCOLS, evaluate, protocol_gnd
 from extract.evaluation.revisitop import Dataset, EvalError, check_images, load_ranks
-from extract.extraction.extract_features import load_extractor
-from extract.extraction.feature_file import GLOBAL_KEY
+from extract.extraction.extract_features import LazyExtractor
+from extract.extraction.feature_file import GLOBAL_KEY, FeatureFileError, file_attrs
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import StoredIndex
 from extract.retrieval.faiss_search import faiss_gpu
@@ -125,6 +125,15 @@ def retrieve(ds: Dataset, store: FeatureStore | None, queries: Sequence[dict[str
     return initial, final, nbytes
 
 
+def recorded_attrs(path: Path) -> dict[str, Any] | None:
+    """The root attributes of the feature file ``path``; None without one (or an unreadable one:
+    the cache's own checks then say why)."""
+    try:
+        return file_attrs(path) if path.is_file() else None
+    except FeatureFileError:
+        return None
+
+
 def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Path, *,
                      pca_path: str | Path | None = None, extraction: ExtractionConfig | None = None,
                      matching: MatchConfig | None = None, conf: EvalConfig | None = None,
@@ -139,13 +148,15 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     ``codebook_dir`` (default: <features_dir>/../../asmk, i.e. repo/<expr>/asmk). ``distractors``
     (a folder or image list) are added to the database; with ASMK*, each distractor extracted now
     is aggregated into the index as soon as it is extracted. The features of both image sets are
-    cached next to ``features_dir`` (<features_dir>/../<set name>.h5), shared by both datasets."""
+    cached next to ``features_dir`` (<features_dir>/../<set name>.h5), shared by both datasets.
+    The model is loaded only when some image has no cached features."""
     extraction, conf = extraction or ExtractionConfig(), conf or EvalConfig()
     require_codebook_images(conf, codebook_images)
     check_images(ds)
     features_dir = Path(features_dir)
-    ex = load_extractor(extraction, checkpoint, pca_path, device)   # once, for every image set
     with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
+        # one extractor for every image set, its model loaded only if one of them has an image to extract
+        ex = LazyExtractor(extraction, checkpoint, pca_path, device, recorded_attrs(features_dir / "db.h5"))
         db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
         queries = read_all(query_path, ds.qimlist)
         extra = None

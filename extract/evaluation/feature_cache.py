@@ -20,6 +20,7 @@ from extract.evaluation.revisitop import Dataset, EvalError
 from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import (
     Existing,
+    LazyExtractor,
     Written,
     default_workers,
     device_failure,
@@ -56,7 +57,7 @@ def hold_cache(output: str | Path, hint: str = "choose another --features_dir") 
         yield
 
 
-def cache_features(ds: Dataset, ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None,
+def cache_features(ds: Dataset, ex: DelfExtractor | LazyExtractor, checkpoint: str | Path, pca_file: str | Path | None,
                    features_dir: str | Path, overwrite: bool = False, workers: int | None = None) -> tuple[Path, Path]:
     """(db.h5, query.h5) in ``features_dir`` holding every image of ``ds``; images already there
     are skipped. ``checkpoint`` and ``pca_file`` are what ``ex`` was built from (recorded). The
@@ -125,7 +126,7 @@ def image_set_file(source: str | Path, features_root: str | Path) -> Path:
     return Path(features_root) / f"{set_name(source)}.h5"
 
 
-def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor,
+def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor | LazyExtractor,
                     checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
                     existing: Existing | None = None, written: Written | None = None
                     ) -> tuple[Path, list[str]]:

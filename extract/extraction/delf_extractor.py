@@ -147,6 +147,13 @@ def largest_weight(model: nn.Module) -> tuple[float, str]:
     return max(found, default=(0.0, ""))
 
 
+def conf_in_effect(conf: ExtractionConfig, pca: bool) -> ExtractionConfig:
+    """The configuration an extractor applies (its feature files' attributes): the scales as
+    floats; without a PCA file (``pca`` False) no PCA, no whitening and 0 dimensions."""
+    return replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca,
+                   pca_dims=conf.pca_dims if pca else 0, use_whitening=conf.use_whitening and pca)
+
+
 class DelfExtractor:
     """Image -> DeLF keypoints, descriptors, scores, scales and attention maps.
 
@@ -185,10 +192,7 @@ class DelfExtractor:
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
             raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are "
                            f"{model.feature_dim}-d")
-        # the configuration in effect: without a PCA file, no PCA and 0 dimensions
-        self.conf = replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca is not None,
-                            pca_dims=conf.pca_dims if pca is not None else 0,
-                            use_whitening=conf.use_whitening and pca is not None)
+        self.conf = conf_in_effect(conf, pca is not None)
         self.device = torch.device(device)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype(self.device)
@@ -213,6 +217,15 @@ class DelfExtractor:
     def global_dim(self) -> int:
         """Dimension of the global descriptor; 0 when none is extracted."""
         return self.model.global_dim if self.global_scales else 0
+
+    def network_attrs(self) -> dict[str, Any]:
+        """What a feature file records of the network: descriptor dimension, architecture, target
+        layer, receptive field (size, stride, padding); with a DELG model, ``global_dim`` and
+        ``global_scales`` too (DELG only, so that DeLF files keep their attributes)."""
+        rf = self.receptive_field
+        delg = {"global_dim": self.global_dim, "global_scales": list(self.global_scales)} if self.global_scales else {}
+        return {**delg, "descriptor_dim": self.descriptor_dim, "arch": self.model.arch,
+                "target_layer": self.model.target_layer, "receptive_field": [rf.size, rf.stride, rf.padding]}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, pca_path: str | Path | None = None,

@@ -26,8 +26,16 @@ from tqdm import tqdm
 
 from extract.config import ExtractionConfig, part_path
 from extract.errors import OptionError, UserError
-from extract.extraction.delf_extractor import DelfExtractor, too_small
-from extract.extraction.feature_file import FeatureFileError, FeatureWriter, feature_names, first_line, iter_features
+from extract.extraction.delf_extractor import DelfExtractor, conf_in_effect, too_small
+from extract.extraction.feature_file import (
+    FeatureFileError,
+    FeatureWriter,
+    feature_names,
+    first_line,
+    iter_features,
+    plain_attr,
+    storable_attr,
+)
 from extract.extraction.images import Decoded, image_loader, list_images
 from extract.extraction.report import Report
 from extract.extraction.workshare import WorkShare
@@ -112,21 +120,70 @@ def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str
     return DelfExtractor.from_checkpoint(checkpoint, pca_file, conf, device=device)
 
 
-def feature_attrs(ex: DelfExtractor, checkpoint: str | Path, pca_file: str | Path | None, input_path: str | Path,
-                  save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
-    """Root attributes of a feature file: the extraction config in effect, the model (with a DELG
-    model, ``global_dim`` and ``global_scales`` too), the sha256 sums of the checkpoint and PCA
-    file, the device type and TF32 state (features of a CPU and a GPU differ in the last bits,
-    enough to change a selection at the threshold: a file holds one kind), and (informational)
-    where the run took them from."""
+# what every feature file records of the network (DELG files: global_dim and global_scales too)
+NETWORK_ATTRS = frozenset({"descriptor_dim", "arch", "target_layer", "receptive_field"})
+
+
+class LazyExtractor:
+    """:func:`load_extractor`'s extractor, built at its first use, so that a run whose features are
+    all in their files never loads the network. What a feature file records of the network
+    (:meth:`DelfExtractor.network_attrs`) is read from ``recorded``, the root attributes of a
+    feature file, when it was made from the same checkpoint and PCA file (sha256) with the same
+    settings; a call, or anything else of the extractor, builds it."""
+
+    def __init__(self, conf: ExtractionConfig, checkpoint: str | Path, pca_file: str | Path | None = None,
+                 device: str | torch.device = "cpu", recorded: dict[str, Any] | None = None) -> None:
+        self._args = (conf, checkpoint, pca_file, device)
+        self._built: DelfExtractor | None = None
+        self._recorded: dict[str, Any] | None = None
+        self.conf = conf_in_effect(conf, conf.use_pca and pca_file is not None)
+        self.device = torch.device(device)
+        if recorded is not None and NETWORK_ATTRS <= set(recorded):
+            now = {"checkpoint_sha256": file_sha256(checkpoint),
+                   "pca_sha256": file_sha256(pca_file) if self.conf.use_pca and pca_file is not None else "",
+                   **{k: plain_attr(storable_attr(v)) for k, v in asdict(self.conf).items()}}
+            if all(k in recorded and recorded[k] == v for k, v in now.items()):
+                self._recorded = recorded
+
+    def extractor(self) -> DelfExtractor:
+        """The extractor, built on the first call."""
+        if self._built is None:
+            self._built = load_extractor(*self._args)
+        return self._built
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return self.conf.scale_list
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self._recorded["checkpoint_sha256"] if self._recorded is not None else self.extractor().checkpoint_sha256
+
+    def network_attrs(self) -> dict[str, Any]:
+        """:meth:`DelfExtractor.network_attrs`, recorded or of the extractor."""
+        if self._recorded is None:
+            return self.extractor().network_attrs()
+        return {k: v for k, v in self._recorded.items() if k in NETWORK_ATTRS | {"global_dim", "global_scales"}}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.extractor()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.extractor(), name)
+
+
+def feature_attrs(ex: DelfExtractor | LazyExtractor, checkpoint: str | Path, pca_file: str | Path | None,
+                  input_path: str | Path, save_attention: bool = False, workers: int = 1) -> dict[str, Any]:
+    """Root attributes of a feature file: the extraction config in effect, the network
+    (:meth:`DelfExtractor.network_attrs`), the sha256 sums of the checkpoint and PCA file, the
+    device type and TF32 state (features of a CPU and a GPU differ in the last bits, enough to
+    change a selection at the threshold: a file holds one kind), and (informational) where the run
+    took them from."""
     pca_file = Path(pca_file) if ex.conf.use_pca and pca_file is not None else None
-    rf = ex.receptive_field
-    # DELG only, so that DeLF files keep their attributes
-    delg = {"global_dim": ex.global_dim, "global_scales": list(ex.global_scales)} if ex.global_scales else {}
-    return {**delg,
-        **asdict(ex.conf), "descriptor_dim": ex.descriptor_dim, "save_attention": save_attention,
-        "arch": ex.model.arch, "target_layer": ex.model.target_layer,
-        "receptive_field": [rf.size, rf.stride, rf.padding],
+    return {**ex.network_attrs(),
+        **asdict(ex.conf), "save_attention": save_attention,
         "checkpoint_sha256": ex.checkpoint_sha256, "pca_sha256": file_sha256(pca_file) if pca_file else "",
         "input_path": str(Path(input_path).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
         "device_type": ex.device.type, "tf32": tf32_enabled(ex.device),
@@ -193,7 +250,7 @@ def _extract_one(ex: DelfExtractor, path: Path, image: torch.Tensor | None, size
 def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path: str | Path,
                      output_path: str | Path, *, pca_path: str | Path | None = None, save_attention: bool = False,
                      workers: int | None = None, overwrite: bool = False, device: str | torch.device = "cpu",
-                     share: WorkShare | None = None, extractor: DelfExtractor | None = None,
+                     share: WorkShare | None = None, extractor: DelfExtractor | LazyExtractor | None = None,
                      existing: Existing | None = None, written: Written | None = None
                      ) -> Report:
     """Extract every image of ``input_path`` (a folder, searched recursively, or a text file of
@@ -202,7 +259,8 @@ def extract_features(conf: ExtractionConfig, checkpoint: str | Path, input_path:
     refused unless ``overwrite``; so is one made on another device type or TF32 setting. ``workers``
     decoding processes (default :func:`default_workers`). Returns the report (``report.output`` is
     the file). ``extractor``: the extractor of ``conf``, ``checkpoint`` and ``pca_path`` on ``device``
-    when the caller has it loaded already (evaluate.py loads the model once for all its image sets).
+    when the caller has it already (evaluate.py's :class:`LazyExtractor` serves all its image sets and
+    loads the model only when one of them has an image to extract).
     ``existing(names)``: called, the output locked and its attributes checked, with the names of
     this process's images already in the file (list order) before the others are extracted;
     ``written(name, arrays)``: after each image this process writes, with its arrays as a reader

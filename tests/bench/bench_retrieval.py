@@ -10,6 +10,12 @@ descriptors) on synthetic clustered descriptors.
   inverted-file scan apart) with exact and with HNSW word assignment, database assignment time,
   HNSW's words against the exact ones (m = 1 and 5) and its rankings against exact assignment's
   (top-1, top-10 overlap), index memory per image, extrapolation to ROxf+1M.
+- assign: exact word assignment of one image (1,000 descriptors) against 65,536 words at each
+  --asmk_dims, on a k-means-like codebook and on uniformly random unit vectors: faiss's flat search
+  (IndexFlatL2, k = 1 and 5: the exact assignment before extract/retrieval/asmk/assignment.py),
+  the certified bfloat16 and float32 products (m = 1 and 5) and the bare bfloat16 product alone
+  (the floor: the full output, and blocked as the certified product does it), interleaved in one
+  run, with the ratios, whether the words equal faiss's and how many short lists certify.
 - stored: the ASMK* index on disk (extract/retrieval/asmk/stored_index.py) of a synthetic database whose images
   share visual words as real ones do (each image draws its words from one of a few hundred
   scenes' pools of Zipf-popular words; the distinct words per image are printed), built to the
@@ -44,7 +50,7 @@ removal on the knn part's data (40-D, one thread, shared 2-core AMD EPYC, load 3
   338 / 1,048 us (recall 0.75 / 0.84 / 0.91 / 0.96). At equal recall faiss is ~2.5x faster
   (0.88: ~250 us vs 606 us); its build is slower (11.9 s vs 2.5 s CPU: one flat k-means level).
 
-    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk|stored|real]
+    .venv/bin/python tests/bench/bench_retrieval.py [--part all|knn|codebook|asmk|assign|stored|real]
 """
 from __future__ import annotations
 
@@ -58,22 +64,25 @@ import dataclasses
 import multiprocessing
 import tempfile
 from dataclasses import replace
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
+import torch
 
 from extract.config import AsmkConfig, ExtractionConfig, IndexConfig, with_recorded
 from extract.extraction.extract_features import extract_features, load_extractor
 from extract.extraction.feature_file import FeatureWriter, iter_features, plain_attr
 from extract.extraction.pca import load_pca
+from extract.retrieval.asmk.assignment import NearestWords, Prepared, default_method, kept_groups, shortlist
 from extract.retrieval.asmk.codebook import VisualWords, codebook, rounded
 from extract.retrieval.asmk.kernel import aggregate
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import ForwardStore, StoredIndex, build_inverted, index_identity, update_index
 from extract.retrieval.faiss_search import KnnIndex, faiss_threads, kmeans
 from extract.retrieval.vote import rank
-from tests.bench.common import machine_report, timed, unit
+from tests.bench.common import compare, machine_report, timed, unit
 from train.runtime import repo_dir
 
 PER_IMAGE = 1000
@@ -246,6 +255,66 @@ def bench_asmk(args: argparse.Namespace) -> None:
                       f"{np.mean(got[:, 0] == q_ref[:, 0]):.3f} equal, "
                       f"{np.mean([len(set(a) & set(b)) for a, b in zip(got, q_ref, strict=True)]) / 5:.3f} "
                       f"of the exact 5 found")
+
+
+# --- assign ------------------------------------------------------------------------------------
+def blocked_product(x: torch.Tensor, prep: Prepared) -> None:
+    """The bfloat16 product alone, as :func:`shortlist` blocks it (into one reused block of keys)."""
+    aug = torch.cat([x.to(torch.bfloat16), torch.ones((len(x), 4), dtype=torch.bfloat16)], 1)
+    keys = torch.empty((prep.tile, len(x)), dtype=torch.bfloat16)
+    for s in range(0, len(prep.augmented), prep.tile):
+        torch.mm(prep.augmented[s:s + prep.tile], aug.T, out=keys)
+
+
+def bench_assign(args: argparse.Namespace) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        assign_parts(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def assign_parts(args: argparse.Namespace) -> None:
+    print(f"\n[assign] exact word assignment of one image ({PER_IMAGE} descriptors, rounded to float16 as ASMK* "
+          f"does) against {args.codebook_size} words; faiss and torch threads {args.threads}; medians of "
+          f"{args.repeats} interleaved rounds; this CPU's exact method: {default_method(torch.device('cpu'), 128)} "
+          f"at 128-D, {default_method(torch.device('cpu'), 40)} at 40-D")
+    rng = np.random.default_rng(11)
+    for dim in args.asmk_dims:
+        for data in ("codebook", "uniform"):
+            if data == "codebook":   # k-means-like: centroids around parts, descriptors near centroids
+                centroids = clustered(args.codebook_size, dim, seed=4)
+                x = noisy(centroids[rng.integers(0, args.codebook_size, PER_IMAGE)], 0.5, rng)
+            else:
+                centroids = unit(rng.standard_normal((args.codebook_size, dim), dtype=np.float32))
+                x = unit(rng.standard_normal((PER_IMAGE, dim), dtype=np.float32))
+            x = rounded(x)
+            flat = faiss.IndexFlatL2(dim)
+            flat.add(centroids)
+            exact = {method: NearestWords(centroids, method) for method in ("bf16", "fp32")}
+            prep = exact["bf16"].prepared(torch.device("cpu"))
+            xt, cb, xb = torch.from_numpy(x), torch.from_numpy(centroids).bfloat16(), torch.from_numpy(x).bfloat16()
+            fns = {"faiss flat k=1": partial(flat.search, x, 1), "faiss flat k=5": partial(flat.search, x, 5)}
+            for method, words in exact.items():
+                fns[f"{method} m=1"] = partial(words, x, 1)
+                fns[f"{method} m=5"] = partial(words, x, 5)
+            fns["bf16 product alone, (1000, 65536) out"] = partial(torch.mm, xb, cb.T)
+            fns["bf16 product alone, blocked"] = partial(blocked_product, xt, prep)
+            with faiss_threads(args.threads):
+                times = compare(fns, args.repeats)
+                same = {m: {method: int((words(x, m) != flat.search(x, m)[1]).any(1).sum())
+                            for method, words in exact.items()} for m in (1, 5)}
+            certified = {m: [float(shortlist(xt, prep, m, keep)[1].float().mean()) for keep in kept_groups(m)]
+                         for m in (1, 5)}
+            print(f"{dim}-D, {data} data: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+            for m in (1, 5):
+                base = times[f"faiss flat k={m}"]
+                print(f"  m={m}: faiss flat / bf16 {base / times[f'bf16 m={m}']:.2f}x, faiss flat / fp32 "
+                      f"{base / times[f'fp32 m={m}']:.2f}x (goal on an AMX CPU: >= {2.5 if dim <= 64 else 1.5}x); "
+                      f"rows whose words differ from faiss's: bf16 {same[m]['bf16']}, fp32 {same[m]['fp32']}; "
+                      f"certified by bf16 short lists of {' / '.join(map(str, kept_groups(m)))} groups: "
+                      f"{' / '.join(f'{c:.3f}' for c in certified[m])}")
 
 
 # --- stored index ------------------------------------------------------------------------------
@@ -515,7 +584,7 @@ def bench_real(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk", "stored", "real"), default="all")
+    p.add_argument("--part", choices=("all", "knn", "codebook", "asmk", "assign", "stored", "real"), default="all")
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--dim", type=int, default=40, help="descriptor dimension for knn")
     p.add_argument("--asmk_dims", type=int, nargs="+", default=[40, 128])
@@ -527,6 +596,7 @@ def main() -> None:
                    help="asmk: HNSW efSearch values whose query assignment is timed")
     p.add_argument("--queries", type=int, default=70)
     p.add_argument("--assign_images", type=int, default=50, help="database images timed for word assignment")
+    p.add_argument("--repeats", type=int, default=7, help="assign: interleaved rounds per timing")
     p.add_argument("--kmeans_iters", type=int, default=AsmkConfig.kmeans_iters)
     p.add_argument("--sample_iters", type=int, default=1)
     p.add_argument("--stored_images", type=int, nargs="+", default=[5000, 100_000],
@@ -539,8 +609,8 @@ def main() -> None:
                    help="real: codebook sizes (those with too few training descriptors per word are skipped)")
     args = p.parse_args()
     print(f"{machine_report()}; faiss {faiss.__version__}")
-    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk), ("stored", bench_stored),
-                    ("real", bench_real)):
+    for part, f in (("knn", bench_knn), ("codebook", bench_codebook), ("asmk", bench_asmk), ("assign", bench_assign),
+                    ("stored", bench_stored), ("real", bench_real)):
         if args.part in ("all", part):
             f(args)
 

@@ -1,8 +1,9 @@
 """ASMK*'s visual-word codebook: k-means training, the codebook file, and word assignment
 (:class:`VisualWords`).
 
-Word assignment is exact (asmk's Codebook, faiss) or approximate (an HNSW graph over the
-centroids, faiss: the default for large codebooks; see :class:`VisualWords`).
+Word assignment is exact (extract/retrieval/asmk/assignment.py) or approximate (an HNSW graph
+over the centroids, faiss: the default for large low-dimensional codebooks on a CPU; see
+:class:`VisualWords`).
 
 Descriptors are rounded to float16 (numpy's round to nearest) before codebook training, word
 assignment and aggregation: a feature file that stores them as float16 (``--descriptor_dtype
@@ -24,12 +25,12 @@ from typing import Any, Callable, Mapping
 import faiss
 import h5py
 import numpy as np
-from asmk.codebook import Codebook
-from asmk.index import initialize_index
+import torch
 
 from extract.config import ASSIGNMENTS, HNSW_MAX_DIM, HNSW_MIN_WORDS, AsmkConfig
 from extract.errors import OptionError
 from extract.extraction.feature_file import plain_attr, storable_attr
+from extract.retrieval.asmk.assignment import NearestWords
 from extract.retrieval.faiss_search import as_rows, faiss_threads, kmeans
 from train.outputs import atomic_path
 
@@ -117,18 +118,19 @@ def codebook(path: Path, descriptors: Callable[[], np.ndarray], config: AsmkConf
 
 
 class VisualWords:
-    """A codebook's centroids and nearest-word assignment (L2). Exact: asmk's Codebook (a flat
-    faiss index over the centroids, on faiss's GPU ``gpu`` when given: the run's, see
-    :func:`extract.retrieval.faiss_search.faiss_gpu`; None: the CPU). HNSW: a faiss
-    IndexHNSWSQ graph over the centroids held as float16 (HNSW_STORAGE: half the memory the
-    search walks, so faster, and the same recall on the bench), built here in memory (never
-    stored) on one thread, so that the same centroids give the same graph and the same words;
-    approximate. On the bench's synthetic 65 536 words (tests/bench/bench_retrieval.py) at 40-D
-    with the defaults (48 links, efConstruction 160, efSearch 32): several times faster than exact
-    and nearly the same words; at 128-D faster but markedly fewer equal (docs/benchmarks.md).
-    ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS words of at most
-    HNSW_MAX_DIM dimensions on the CPU (``gpu`` None), else exact (cheap for small codebooks; a
-    flat GPU search is fast)."""
+    """A codebook's centroids and nearest-word assignment (L2). Exact: :class:`NearestWords`
+    (extract/retrieval/asmk/assignment.py: a blocked bfloat16 product certified by an exact
+    re-ranking where the device multiplies bfloat16 natively, else float32 or faiss's flat search;
+    the same words whichever, faiss ``IndexFlatL2``'s). HNSW: a faiss IndexHNSWSQ graph over the
+    centroids held as float16 (HNSW_STORAGE: half the memory the search walks, so faster, and the
+    same recall on the bench), built here in memory (never stored) on one thread, so that the same
+    centroids give the same graph and the same words; approximate. On the bench's synthetic 65 536
+    words (tests/bench/bench_retrieval.py) at 40-D with the defaults (48 links, efConstruction 160,
+    efSearch 32): faster than exact and nearly the same words; at 128-D markedly fewer equal
+    (docs/benchmarks.md). ``config.assignment`` auto: HNSW for codebooks of at least HNSW_MIN_WORDS
+    words of at most HNSW_MAX_DIM dimensions on the CPU, else exact. ``gpu``: the CUDA device index
+    of the run (:func:`extract.retrieval.faiss_search.faiss_gpu`), where numpy rows are assigned;
+    None: the CPU. A torch tensor is assigned on its own device."""
 
     def __init__(self, centroids: np.ndarray, config: AsmkConfig | None = None, gpu: int | None = None) -> None:
         config = config or AsmkConfig()
@@ -141,6 +143,7 @@ class VisualWords:
         if self.kind == "auto":
             large = self.size >= HNSW_MIN_WORDS and self.dim <= HNSW_MAX_DIM
             self.kind = "hnsw" if large and gpu is None else "exact"
+        self.exact = NearestWords(self.centroids, device="cpu" if gpu is None else f"cuda:{gpu}")
         self.ef_search = config.hnsw_ef_search
         if self.kind == "hnsw":
             self._hnsw = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_fp16, config.hnsw_neighbors)
@@ -148,23 +151,25 @@ class VisualWords:
             with faiss_threads(1):
                 self._hnsw.train(self.centroids)
                 self._hnsw.add(self.centroids)
-        else:
-            self._book = Codebook(initialize_index(gpu_id=gpu), size=self.size)
-            self._book.index(self.centroids)
 
-    def assign(self, x: np.ndarray, m: int) -> np.ndarray:
+    def assign(self, x: np.ndarray | torch.Tensor, m: int) -> np.ndarray | torch.Tensor:
         """The ``m`` nearest words (n, min(m, K)) int64 of each row of ``x`` (n, D), nearest
-        first. HNSW marks words it did not reach (fewer than ``m`` found, e.g. in a part of the
-        graph its search cannot get to) with -1: such rows get their exact words."""
+        first: numpy for a numpy array; for a torch tensor, a tensor on its device (exact words
+        are computed there). HNSW marks words it did not reach (fewer than ``m`` found, e.g. in a
+        part of the graph its search cannot get to) with -1: such rows get their exact words."""
+        if isinstance(x, torch.Tensor):
+            if self.kind == "exact":
+                return self.exact(x, min(m, self.size))
+            return torch.from_numpy(self.assign(x.cpu().numpy(), m)).to(x.device)
         m = min(m, self.size)
         x = as_rows(x)
         if not len(x):
             return np.empty((0, m), np.int64)
         if self.kind == "exact":
-            return self._book.quantize(x, multiple_assignment=m)[1]
+            return self.exact(x, m)
         self._hnsw.hnsw.efSearch = max(self.ef_search, m)
         words = self._hnsw.search(x, m)[1].astype(np.int64, copy=False)
         short = (words < 0).any(axis=1)
         if short.any():
-            words[short] = faiss.knn(x[short], self.centroids, m)[1]
+            words[short] = self.exact(x[short], m)
         return words
