@@ -34,7 +34,7 @@ import torchvision
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from extract.config import ExtractionConfig, with_recorded
+from extract.config import MIN_IMAGE_SIDE, ExtractionConfig, with_recorded
 from extract.errors import OptionError
 from extract.extraction.images import fit_size, resize_tf1, shrink, to_rgb
 from extract.extraction.pca import PCA_KEYS, PcaError, apply_pca, load_pca
@@ -44,7 +44,6 @@ from train.delg import GLOBAL_SCALES, Delg, pool_scales
 from train.outputs import file_sha256
 from train.runtime import autocast
 
-MIN_IMAGE_SIDE = 32
 SCALE_TOLERANCE = 1e-3  # a pyramid scale within this of a global scale shares its forward pass
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
@@ -161,8 +160,10 @@ class DelfExtractor:
         conf = conf or ExtractionConfig()
         if not conf.scale_list or min(conf.scale_list) <= 0:
             raise OptionError(f"scales must be positive, got {list(conf.scale_list)}")
-        if conf.top_k < 1 or 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
-            raise OptionError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE} (or 0: no limit)")
+        if conf.top_k < 1:
+            raise OptionError(f"top_k {conf.top_k}: need at least 1")
+        if 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
+            raise OptionError(f"max_image_size {conf.max_image_size}: need 0 (no limit) or at least {MIN_IMAGE_SIDE}")
         if pca is not None and not 1 <= conf.pca_dims <= len(pca["pca_mean"]):
             raise PcaError(f"pca_dims {conf.pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
