@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping
 
 from extract.errors import OptionError
-from train.cli import positive_int
+from train.cli import number, positive_int
 
 DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MODELS = ("affine", "homography")
@@ -34,7 +34,7 @@ MIN_IMAGE_SIDE = 32  # px: the shorter side an image needs for features, and the
 
 def image_side_limit(value: str | int) -> int:
     """argparse type of --max_image_size: 0 (no limit) or at least :data:`MIN_IMAGE_SIDE`."""
-    n = int(value)
+    n = number(value, int)
     if n != 0 and n < MIN_IMAGE_SIDE:
         raise argparse.ArgumentTypeError(f"expected 0 (no limit) or at least {MIN_IMAGE_SIDE}, got {value}")
     return n

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import extract.evaluate as evaluate_module
+import extract.evaluation.figures as figures_module
 import extract.retrieval.asmk.codebook as codebook_module
 import extract.retrieval.asmk.stored_index as stored_index_module
 from extract.config import AsmkConfig, EvalConfig, ExtractionConfig, MatchConfig
@@ -334,7 +335,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
         drawn.update(rankings)
         return write_figures(ds, rankings, *a)
 
-    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    monkeypatch.setattr(figures_module, "write_figures", spy)
     figures = tiny["tmp"] / "figures"
     assert main(args + ["--output", str(out), "--figures", str(figures)]) == 0
     reranked = json.loads(out.read_text())
@@ -551,7 +552,7 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         images.extend(database_image(i) for i in range(len(next(iter(rankings.values())))))
         return write_figures(ds, rankings, out_dir, database_image)
 
-    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    monkeypatch.setattr(figures_module, "write_figures", spy)
     assert main(args + ["--distractors", str(distractors), "--output", str(out), "--figures", str(tmp / "fig")]) == 0
     monkeypatch.undo()
     # the figures find every database image, the distractors' in their folder

@@ -39,9 +39,17 @@ class ScriptParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog} --help lists the flags\n")
 
 
+def number(value: str | int | float, kind: type[int] | type[float]) -> int | float:
+    """``kind(value)``, or argparse's message for a word that is not one (for the checks below)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}") from None
+
+
 def positive_int(value: str | int) -> int:
     """argparse type: an integer >= 1."""
-    n = int(value)
+    n = number(value, int)
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return n
@@ -49,7 +57,7 @@ def positive_int(value: str | int) -> int:
 
 def non_negative_int(value: str | int) -> int:
     """argparse type: an integer >= 0."""
-    n = int(value)
+    n = number(value, int)
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return n

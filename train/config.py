@@ -19,6 +19,7 @@ from .cli import (
     add_config_file_arg,
     config_from_args,
     non_negative_int,
+    number,
     parse_args_given,
     positive_int,
 )
@@ -42,21 +43,21 @@ MAX_WORKERS = 20  # the seed's --workers
 
 
 def _positive_float(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not x > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
     return x
 
 
 def _non_negative_float(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return x
 
 
 def _fraction(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not 0 <= x < 0.5:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {value}")
     return x

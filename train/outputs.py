@@ -5,9 +5,9 @@ One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole r
 in a small side file ``<output>.lock`` beside the output (file or folder) that records the holder's
 pid and start time. The kernel releases the lock when its holder exits, however it exits (SIGKILL
 included), so a stale side file never blocks the next run; the file itself is left in place,
-except by a run that failed before writing anything (:func:`removed_if_failed`), which removes the
-side file it made while holding its lock (a process that opened the file meanwhile finds, once it
-holds the lock, that the file is no longer there, and locks the new one).
+except by a command that failed (:func:`removed_if_failed`): it removes the side file it made, while
+holding its lock (a process that opened the file meanwhile finds, once it holds the lock, that the
+file is no longer there, and locks the new one).
 Forked children (DataLoader workers) close their copy of the lock file at once, so that workers
 orphaned by a killed holder never keep its lock alive.
 """
@@ -133,9 +133,9 @@ def _remove_unheld_lock(path: Path) -> None:
 def removed_if_failed(*outputs: str | os.PathLike) -> Iterator[None]:
     """A block that writes ``outputs`` (files or folders); when it raises, what it created that
     holds no work is removed: each output's lock file, if the block made it and no process holds
-    it, then the folders the block made, deepest first, those left empty. A command that fails at
-    its start (a missing input, a refused run) leaves no folder behind; one that fails later keeps
-    what it wrote."""
+    it, then the folders the block made that are empty, deepest first. A command that fails at its
+    start (a missing input, a refused run) leaves no folder behind; one that fails later keeps what
+    it wrote."""
     locks = [lock_file_for(output) for output in outputs if not lock_file_for(output).exists()]
     folders = {folder for output in map(Path, outputs) for folder in (output, *output.parents)
                if not folder.exists()}
