@@ -18,12 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.official.releases import RELEASES
-from train.cli import ScriptParser, add_bool_flag
+from extract.official.convert import (
+    RELEASES,
+    ConversionError,
+    UnknownModel,
+    convert_release,
+    format_variables,
+    list_variables,
+)
+from train.checkpoint import CheckpointError
+from train.cli import add_bool_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="the unpacked release folder (holding model/ and pca/)")
     p.add_argument("--expr", help="experiment to write: repo/<expr>/keypoint/ckpt/fix.pth.tar and "
                                   "repo/<expr>/pca/pca.h5")
@@ -42,16 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.list and not args.expr:
         parser.error("--expr is required (or --list)")
-    # the flags first, then torch: --help and a bad flag need no torch
-    from extract.official.convert import (
-        ConversionError,
-        UnknownModel,
-        convert_release,
-        format_variables,
-        list_variables,
-    )
-    from train.checkpoint import CheckpointError
-
     try:
         if args.list:
             print(format_variables(list_variables(args.source)))

@@ -27,7 +27,6 @@ import torch
 from extract.errors import UserError
 from extract.extraction.pca import save_pca
 from extract.official.datum import DatumError, read_datum
-from extract.official.releases import RELEASES
 from train.checkpoint import checkpoint_dict
 from train.delf import Delf
 from train.outputs import atomic_path, file_sha256
@@ -42,6 +41,20 @@ OFFICIAL_EXTRACTION = {"scale_list": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.
                        "iou_thres": 1.0, "top_k": 1000, "max_image_size": 0, "use_pca": True,
                        "use_whitening": False, "resize": "tf1", "boxes": "official"}
 TF_BATCHNORM_EPS = 1e-5  # slim's resnet_arg_scope default, and PyTorch's
+
+
+@dataclass(frozen=True)
+class Release:
+    """A known official release: its PCA dimension and what it is."""
+
+    pca_dims: int
+    about: str
+
+
+RELEASES = {
+    "delf_v1_20171026": Release(40, "DELF, ICCV 2017 (Google-Landmarks-clean)"),
+    "delf_gld_20190411": Release(128, "DELF trained on Google Landmarks v1 (Detect-to-Retrieve, CVPR 2019)"),
+}
 
 
 class ConversionError(UserError):
