@@ -21,14 +21,18 @@ from train.cli import ScriptParser
 from train.config import ARCHS
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--expr", default="demo", help="experiment name: outputs in repo/<expr>/")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="'smoke' is a seconds-long run of the same steps (used by the tests)")
     parser.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone (default resnet18: fast on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
