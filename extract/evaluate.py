@@ -147,6 +147,10 @@ def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
 
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
+    for flag, images in (("--codebook_images", args.codebook_images if conf.method == "asmk" else None),
+                         ("--distractors", args.distractors)):
+        if images is not None and not images.exists():  # before hours of extraction, not after
+            raise UserError(f"{flag} {images}: no such folder or image list")
     check_images(ds)
     extraction, checkpoint, pca_file, device = extraction_from_args(args)
     matching = config_from_args(MatchConfig, args)

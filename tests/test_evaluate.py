@@ -259,6 +259,17 @@ def test_script_error_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--codebook_images", "--distractors"])
+def test_a_missing_image_set_is_refused_before_any_extraction(tmp_path: Path, flag: str, expr: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    root = small_gnd(tmp_path)
+    argv = ["--dataset", "roxford5k", "--data_root", str(root), "--load_expr", expr, "--codebook_images",
+            str(tmp_path), flag, str(tmp_path / "none")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"error: {flag} {tmp_path / 'none'}: no such folder or image list\n"
+    assert not (repo_dir() / expr).exists()
+
+
 # --- end to end --------------------------------------------------------------------------------
 def view(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """A random perspective view of ``img`` (corners moved by up to ``strength`` of the size)
