@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 OFFICIAL_VENV ?= .venv-official
 
-.PHONY: install install-dev install-convert official-env test test-fast test-min lint demo demo-clean reproduce bench clean
+.PHONY: install install-cpu install-dev install-convert official-env test test-fast test-min lint demo demo-clean reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install -r requirements.txt
 	touch $@
+
+# PyPI's torch for Linux brings CUDA (nvidia-*, triton: .venv 6.3 GB). install-cpu, run first on a fresh
+# clone (or after make clean), takes torch and torchvision (bounds from requirements.txt) from PyTorch's
+# CPU wheel index, then the rest as install does (.venv about 1.8 GB); make demo / make test then keep it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+install-cpu:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --index-url $(TORCH_CPU_INDEX) $$(grep -oE '^torch(vision)?>=[0-9.]+' requirements.txt)
+	$(MAKE) install
 
 install-dev: $(VENV)/.installed-dev
 
@@ -41,7 +52,7 @@ $(OFFICIAL_VENV)/.installed: tests/official/requirements.txt
 test: install-dev
 	@test -x $(OFFICIAL_VENV)/bin/python || echo "note: $(OFFICIAL_VENV) is missing, so the official-model tests \
 	(tests/test_official.py) that need TensorFlow are skipped; build it with: make official-env"
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 test-fast: install-dev
 	$(PY) -m pytest -m "not slow"

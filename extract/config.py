@@ -15,18 +15,29 @@ counts 0 inliers.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
 from extract.errors import OptionError
+from train.cli import number, positive_int
 
 DEFAULT_SCALES = (0.25, 0.3535, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MODELS = ("affine", "homography")
 RESIZES = ("antialias", "tf1")
 BOX_CONVENTIONS = ("half_pixel", "official")
 DESCRIPTOR_DTYPES = ("float32", "float16")
+MIN_IMAGE_SIDE = 32  # px: the shorter side an image needs for features, and the least --max_image_size
+
+
+def image_side_limit(value: str | int) -> int:
+    """argparse type of --max_image_size: 0 (no limit) or at least :data:`MIN_IMAGE_SIDE`."""
+    n = number(value, int)
+    if n != 0 and n < MIN_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"expected 0 (no limit) or at least {MIN_IMAGE_SIDE}, got {value}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -40,9 +51,9 @@ class ExtractionConfig:
         "for receptive field R and stride S: 0.887 for torchvision's resnet50 layer3 (267, 16), 0.80 for the "
         "official slim layout's block3 (291, 32), 0.79 for DELG's strided layer3 (267, 32); cells of adjacent "
         "scales at most 0.5. So 0.92 removes nothing; 0.85 removes direct neighbours at stride 16 only")})
-    top_k: int = field(default=1000, metadata={"help": "features kept per image"})
+    top_k: int = field(default=1000, metadata={"help": "features kept per image", "type": positive_int})
     max_image_size: int = field(default=1024, metadata={
-        "help": "larger images are first shrunk to this longest side (0: no limit)"})
+        "help": "larger images are first shrunk to this longest side (0: no limit)", "type": image_side_limit})
     resize: str = field(default="antialias", metadata={"choices": RESIZES, "help": (
         "pyramid resize: antialias (bilinear with half-pixel centres, antialiased when shrinking) or tf1 (TF1 "
         "resize_bilinear, the official DELF extractor's: no half-pixel centres, no antialiasing, level sizes "

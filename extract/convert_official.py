@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extract.official.convert import UnknownModel, convert_release
 from extract.official.release import RELEASES, ConversionError, format_variables, list_variables
 from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag
+from train.cli import ScriptParser, add_bool_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="the unpacked release folder (holding model/ and pca/)")
     p.add_argument("--expr", help="experiment to write: repo/<expr>/keypoint/ckpt/fix.pth.tar and "
                                   "repo/<expr>/pca/pca.h5")

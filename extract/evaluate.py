@@ -38,37 +38,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Sequence
 
 from extract.config import EvalConfig, MatchConfig, dataset_features_dir
 from extract.errors import UserError
-from extract.evaluation.evaluate_dataset import (
-    METHOD_NAMES,
-    Scores,
-    evaluate_dataset,
-    require_codebook_images,
-    write_json,
-)
-from extract.evaluation.figures import make_folder, write_figures
 from extract.evaluation.metrics import evaluate, format_rows, format_table
 from extract.evaluation.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
-from extract.extraction.feature_file import FeatureFileError
-from extract.extraction.images import image_path
-from extract.extraction.pca import PcaError
 from extract.flags import add_extraction_args, add_match_args, extraction_from_args
-from extract.retrieval.asmk.codebook import CodebookError
-from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
-from train.runtime import repo_dir
+from train.cli import (
+    ScriptParser,
+    add_bool_flag,
+    add_config_args,
+    add_config_file_arg,
+    config_from_args,
+    parse_args_given,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from extract.evaluation.evaluate_dataset import Scores
 
 log = logging.getLogger("delf")
 
 
 # --- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Revisited Oxford/Paris evaluation (mAP, mP@k; E/M/H).")
+    p = ScriptParser(description="Revisited Oxford/Paris evaluation (mAP, mP@k; E/M/H).")
     add_config_file_arg(p)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--data_root", type=Path, required=True,
@@ -113,6 +109,10 @@ class Outcome:
 def run(args: argparse.Namespace) -> None:
     """The evaluation the flags describe: prints the score tables, writes --output (scores and
     the resolved settings) and --figures."""
+    from extract.evaluation.evaluate_dataset import write_json
+    from extract.evaluation.figures import make_folder, write_figures
+    from extract.extraction.images import image_path
+
     ds = load_dataset(args.data_root, args.dataset)
     if args.figures is not None:  # before the work, not after it
         check_images(ds)
@@ -142,8 +142,15 @@ def score_given(args: argparse.Namespace, ds: Dataset) -> Outcome:
 
 def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
     """DeLF end to end as the flags describe; prints the tables."""
+    from extract.evaluation.evaluate_dataset import METHOD_NAMES, evaluate_dataset, require_codebook_images
+    from train.runtime import repo_dir
+
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
+    for flag, images in (("--codebook_images", args.codebook_images if conf.method == "asmk" else None),
+                         ("--distractors", args.distractors)):
+        if images is not None and not images.exists():  # before hours of extraction, not after
+            raise UserError(f"{flag} {images}: no such folder or image list")
     check_images(ds)
     extraction, checkpoint, pca_file, device = extraction_from_args(args)
     matching = config_from_args(MatchConfig, args)
@@ -176,6 +183,12 @@ def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate; returns the exit status (1 on an error, printed without a traceback)."""
     args = parse_args_given(build_parser(), argv)
+    # the flags first, then torch: --help and a bad flag need no torch
+    from extract.extraction.feature_file import FeatureFileError
+    from extract.extraction.pca import PcaError
+    from extract.retrieval.asmk.codebook import CodebookError
+    from train.checkpoint import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         run(args)

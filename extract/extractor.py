@@ -19,33 +19,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from extract.config import PcaFitConfig, features_path, pca_path
-from extract.errors import UserError
-from extract.extraction.extract_features import extract_features
-from extract.extraction.feature_file import FeatureFileError
-from extract.extraction.images import InputError
-from extract.extraction.pca import PcaError
-from extract.extraction.pca_fitting import fit_pca_file
-from extract.extraction.report import Report
-from extract.extraction.workshare import WorkShare
 from extract.flags import add_extraction_args, model_files
-from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_args, add_config_file_arg, config_from_args, parse_args_given
-from train.outputs import OutputInUse, OutputWriteError
-from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
+from train.cli import (
+    ScriptParser,
+    add_bool_flag,
+    add_config_args,
+    add_config_file_arg,
+    config_from_args,
+    parse_args_given,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from extract.extraction.report import Report
+    from extract.extraction.workshare import WorkShare
 
 log = logging.getLogger("delf")
 
 
-EXPECTED_ERRORS = (CheckpointError, PcaError, FeatureFileError, InputError, UserError, OutputInUse,
-                   OutputWriteError)
+def expected_errors() -> tuple[type[Exception], ...]:
+    """The errors :func:`main` prints in one line (imported once the flags are parsed: torch)."""
+    from extract.errors import UserError
+    from extract.extraction.feature_file import FeatureFileError
+    from extract.extraction.images import InputError
+    from extract.extraction.pca import PcaError
+    from train.checkpoint import CheckpointError
+    from train.outputs import OutputInUse, OutputWriteError
+
+    return CheckpointError, PcaError, FeatureFileError, InputError, UserError, OutputInUse, OutputWriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_file_arg(p)
     p.add_argument("--mode", choices=("pca", "delf"), default="delf", help="fit the PCA, or extract features")
     p.add_argument("--input_path", required=True, help="image folder (recursive) or a text file of image paths")
@@ -67,16 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, device: torch.device, share: WorkShare) -> Report:
-    """The --mode run the flags describe; returns its report."""
+    """The --mode run the flags describe; returns its report. A run that fails before writing
+    anything leaves no new folder (nor lock file) behind."""
+    from extract.extraction.extract_features import extract_features
+    from extract.extraction.pca_fitting import fit_pca_file
+    from train.outputs import removed_if_failed
+
     conf, checkpoint, pca_file = model_files(args)
     common = {"workers": args.workers, "overwrite": args.overwrite, "device": device, "share": share}
     if args.mode == "pca":
         output = Path(args.output_path) if args.output_path else pca_path(args.load_expr, args.pca_parameters_path)
-        return fit_pca_file(conf, checkpoint, args.input_path, output, config_from_args(PcaFitConfig, args),
-                            **common)
+        with removed_if_failed(output):
+            return fit_pca_file(conf, checkpoint, args.input_path, output, config_from_args(PcaFitConfig, args),
+                                **common)
     output = features_path(args.load_expr, args.input_path, args.output_path)
-    return extract_features(conf, checkpoint, args.input_path, output, pca_path=pca_file,
-                            save_attention=args.save_attention, **common)
+    with removed_if_failed(output):
+        return extract_features(conf, checkpoint, args.input_path, output, pca_path=pca_file,
+                                save_attention=args.save_attention, **common)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     extracted or already in the output; 1: none, or an error, reported without a traceback)."""
     try:
         args = parse_args_given(build_parser(), argv)
+        # the flags first, then torch: --help and a bad flag need no torch
+        from extract.extraction.workshare import WorkShare
+        from train.runtime import deterministic_mode, setup_logging, setup_runtime, teardown_runtime
+
         runtime = setup_runtime(args.device, args.gpu_id, backend="gloo")  # its collectives are on the CPU
     except SystemExit as e:  # argparse errors and --help; a bad --device
         if isinstance(e.code, str):
@@ -96,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with deterministic_mode(args.deterministic):
             report = run(args, runtime.device, WorkShare.join(runtime))
-    except EXPECTED_ERRORS as e:
+    except expected_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

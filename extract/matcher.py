@@ -15,21 +15,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import os
 from typing import Any, Sequence
 
 from extract.config import MatchConfig
 from extract.errors import OptionError, UserError
-from extract.extraction.feature_file import FeatureFileError, read_features
-from extract.extraction.images import BadImage, load_image
-from extract.extraction.pca import PcaError
 from extract.flags import add_extraction_args, add_match_args, extractor_from_args
-from extract.matching.verification import match_features
-from train.checkpoint import CheckpointError
-from train.cli import add_bool_flag, add_config_file_arg, config_from_args, parse_args_given
+from train.cli import ScriptParser, add_bool_flag, add_config_file_arg, config_from_args, parse_args_given
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Match two images with DeLF features and RANSAC.")
+    p = ScriptParser(description="Match two images with DeLF features and RANSAC.")
     p.add_argument("images", nargs=2, metavar="IMG", help="two image paths, or two feature names "
                    "with --features")
     p.add_argument("--features", type=Path, help="HDF5 feature file: IMG1 IMG2 are names in it")
@@ -49,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _load(args: argparse.Namespace) -> tuple[list[dict], list[Any] | None]:
     """Features of the two images, and the images themselves when a figure is asked for."""
+    from extract.extraction.feature_file import read_features
+    from extract.extraction.images import BadImage, load_image
+
     if args.features is not None:
         feats = [read_features(args.features, name) for name in args.images]
         if args.output is None:
@@ -74,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Match two images (or two entries of a feature file); print the inlier count. Returns the
     exit status; expected errors are printed without a traceback."""
     args = parse_args(argv)
+    # the flags first, then torch: --help and a bad flag need no torch
+    from extract.extraction.feature_file import FeatureFileError
+    from extract.extraction.pca import PcaError
+    from extract.matching.verification import match_features
+    from train.checkpoint import CheckpointError
+
     try:
         feats, images = _load(args)
     except (FeatureFileError, CheckpointError, PcaError, UserError) as e:
@@ -99,7 +104,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import matplotlib
-
-    matplotlib.use("Agg")
+    os.environ["MPLBACKEND"] = "Agg"  # figures go to files (as matplotlib.use("Agg"), without importing it)
     sys.exit(main())

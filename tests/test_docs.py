@@ -250,10 +250,10 @@ def test_documented_extraction_and_matching_commands_run(tmp_path: Path) -> None
         words = [str(images) if re.fullmatch(r"<[^>]+>", w) else w for w in words]
         words = [str(images / ("astronaut.jpg" if w == "a.jpg" else "chelsea.jpg")) if w in ("a.jpg", "b.jpg")
                  else w for w in words]
+        if "--output" in words:  # (before the next check: an output under repo/ goes to tmp_path too)
+            words[words.index("--output") + 1] = str(tmp_path / words[words.index("--output") + 1])
         if any(w.startswith(("repo/", "cls/")) for w in words):
             continue
-        if "--output" in words:
-            words[words.index("--output") + 1] = str(tmp_path / words[words.index("--output") + 1])
         argv = [sys.executable if w in PYTHONS else w for w in words] + ["--attn_thres", "0"]  # random attention
         if "--load_expr" in words:
             expr = words[words.index("--load_expr") + 1]

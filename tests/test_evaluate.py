@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import extract.evaluate as evaluate_module
+import extract.evaluation.figures as figures_module
 import extract.extraction.extract_features as extract_features_module
 import extract.retrieval.asmk.codebook as codebook_module
 import extract.retrieval.asmk.stored_index as stored_index_module
@@ -264,6 +265,17 @@ def test_script_error_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--codebook_images", "--distractors"])
+def test_a_missing_image_set_is_refused_before_any_extraction(tmp_path: Path, flag: str, expr: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    root = small_gnd(tmp_path)
+    argv = ["--dataset", "roxford5k", "--data_root", str(root), "--load_expr", expr, "--codebook_images",
+            str(tmp_path), flag, str(tmp_path / "none")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"error: {flag} {tmp_path / 'none'}: no such folder or image list\n"
+    assert not (repo_dir() / expr).exists()
+
+
 # --- end to end --------------------------------------------------------------------------------
 def view(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """A random perspective view of ``img`` (corners moved by up to ``strength`` of the size)
@@ -340,7 +352,7 @@ def test_end_to_end(tiny: dict[str, Path], one_thread: None, monkeypatch: pytest
         drawn.update(rankings)
         return write_figures(ds, rankings, *a)
 
-    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    monkeypatch.setattr(figures_module, "write_figures", spy)
     figures = tiny["tmp"] / "figures"
     assert main(args + ["--output", str(out), "--figures", str(figures)]) == 0
     reranked = json.loads(out.read_text())
@@ -557,7 +569,7 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
         images.extend(database_image(i) for i in range(len(next(iter(rankings.values())))))
         return write_figures(ds, rankings, out_dir, database_image)
 
-    monkeypatch.setattr(evaluate_module, "write_figures", spy)
+    monkeypatch.setattr(figures_module, "write_figures", spy)
     assert main(args + ["--distractors", str(distractors), "--output", str(out), "--figures", str(tmp / "fig")]) == 0
     monkeypatch.undo()
     # the figures find every database image, the distractors' in their folder

@@ -22,6 +22,7 @@ from extract.extraction.extract_features import default_workers, extract_feature
 from extract.extraction.feature_file import feature_names, file_attrs, read_features
 from extract.extraction.pca import fit_pca, save_pca
 from extract.extraction.pca_fitting import fit_pca_file
+from extract.extraction.report import Report
 from extract.extractor import build_parser as extractor_parser
 from extract.extractor import main
 from extract.matcher import parse_args as matcher_args
@@ -101,6 +102,42 @@ def test_missing_fix_checkpoint_names_the_cp_command(images: Path, expr: str, ca
 def test_unknown_flag_is_an_error(capsys):
     assert main(["--input_path", "x", "--no_such_flag", "1"]) == 2
     assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--top_k", "-5", "argument --top_k: expected a positive integer, got -5"),
+    ("--max_image_size", "20", "argument --max_image_size: expected 0 (no limit) or at least 32, got 20"),
+    ("--mode", "fit", "argument --mode: invalid choice: 'fit' (choose from 'pca', 'delf')"),
+])
+def test_a_bad_flag_value_is_one_line_and_the_way_to_help(flag: str, value: str, message: str,
+                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The line that matters and where the flags are listed, not argparse's whole usage block."""
+    monkeypatch.setattr(sys, "argv", ["extractor.py"])
+    assert main(["--input_path", "x", flag, value]) == 2
+    assert capsys.readouterr().err == f"extractor.py: error: {message}\nextractor.py --help lists the flags\n"
+
+
+def test_a_run_failing_at_its_start_leaves_no_folder(tmp_path: Path, ckpt: Path, images: Path, capsys) -> None:
+    """No folder, no lock file from a run that wrote nothing; a folder that was there stays."""
+    bad = tmp_path / "bad"
+    write_bad_images(bad)
+    pca = tmp_path / "new" / "pca" / "pca.h5"
+    assert main(["--load_from", str(ckpt), "--mode", "pca", "--input_path", str(bad), "--output_path", str(pca)]
+                + FAST) == 1
+    assert "PCA needs at least as many descriptors" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    features = tmp_path / "kept" / "sub" / "f.h5"
+    assert main(["--load_from", str(ckpt), "--input_path", str(images), "--output_path", str(features),
+                 "--pca_parameters_path", str(tmp_path / "none.h5")] + FAST) == 1
+    assert "none.h5: no such PCA file" in capsys.readouterr().err
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_the_report_counts_in_words() -> None:
+    one = Report(Path("f.h5"), 1, 2)
+    assert one.text() == "f.h5: 1 image extracted, 2 already there, 0 skipped or without features\n"
+    assert Report(Path("f.h5"), 2).text().startswith("f.h5: 2 images extracted, 0 already there")
 
 
 def test_pca_of_another_checkpoint_is_refused(tmp_path: Path, ckpt: Path, images: Path, capsys):

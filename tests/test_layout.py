@@ -3,14 +3,20 @@ module imports a script."""
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from train.runtime import PROJECT_ROOT
 
 PACKAGES = ("train", "extract")
 SCRIPTS = {"train/main.py", "extract/extractor.py", "extract/matcher.py", "extract/evaluate.py",
            "extract/convert_official.py", "extract/demo.py", "extract/download.py", "extract/reproduce.py"}
+HEAVY = ("torch", "torchvision", "h5py", "faiss", "matplotlib", "cv2", "sklearn", "PIL", "tensorflow")
 
 
 def modules() -> set[str]:
@@ -107,3 +113,21 @@ def test_shared_io_has_one_home() -> None:
                                                                                   "file_sha256"):
                 defined.setdefault(node.name, []).append(m)
     assert defined == {n: ["train/outputs.py"] for n in ("atomic_path", "OutputLock", "file_sha256")}
+
+
+# convert_official.py lists the known releases from extract/official/convert.py, which imports torch
+@pytest.mark.parametrize("script", sorted(SCRIPTS - {"extract/convert_official.py"}))
+@pytest.mark.parametrize("argv", [["--help"], ["--no_such_flag"]])
+def test_help_and_a_bad_flag_import_no_heavy_module(script: str, argv: list[str]) -> None:
+    """A script parses its flags before importing torch (and the rest of the heavy stack): --help and
+    a mistyped flag answer at once, in a few MB."""
+    code = ("import json, runpy, sys\n"
+            f"sys.argv = [{script!r}, *{argv!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({script!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    status = e.code\n"
+            f"print(json.dumps([status, sorted(m for m in {HEAVY!r} if m in sys.modules)]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    status, heavy = json.loads(done.stdout.splitlines()[-1])
+    assert (status, heavy) == (0 if argv == ["--help"] else 2, []), done.stderr[-2000:]

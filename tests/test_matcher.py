@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-import extract.matcher as matcher_module
+import extract.extraction.feature_file as feature_file_module
 from extract.config import MatchConfig
 from extract.errors import InputMismatch, OptionError
 from extract.extraction.feature_file import FeatureWriter
@@ -209,8 +209,12 @@ def test_cli_from_feature_file(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert "needs --images_root" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.jpg"), str(tmp_path / "imgs" / "a.jpg")]) == 1
     assert "nope.jpg: no such file" in capsys.readouterr().err
+    assert main(["--features", str(tmp_path / "none.h5"), "a.jpg", "sub/b.jpg"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.h5'}: no such file\n"
+    assert main(["--features", str(tmp_path), "a.jpg", "sub/b.jpg"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder, not a feature file\n"
     # a ValueError of numpy's is a bug, not a user error: its traceback is kept
-    monkeypatch.setattr(matcher_module, "read_features", lambda *a: np.arange(3).reshape(2, 2))
+    monkeypatch.setattr(feature_file_module, "read_features", lambda *a: np.arange(3).reshape(2, 2))
     with pytest.raises(ValueError, match="cannot reshape array of size 3"):
         main(["--features", str(h5), "a.jpg", "sub/b.jpg"])
 

@@ -14,9 +14,10 @@ import torchvision
 
 from tests.utils import save_keypoint_checkpoint
 from train.checkpoint import CheckpointError, checkpoint_dict, describe, load_backbone, load_file, load_model
+from train.config import IMAGENET_MEAN, IMAGENET_STD
 from train.delf import Delf, PretrainedUnavailable, feature_dim
 from train.delg import Delg
-from train.layers import IMAGENET_MEAN, IMAGENET_STD, SpatialAttention2d, WeightedSum2d
+from train.layers import SpatialAttention2d, WeightedSum2d
 
 NCLS = 5
 

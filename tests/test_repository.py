@@ -48,6 +48,12 @@ def imported_modules(path) -> set[str]:
     return found
 
 
+def test_the_readme_front_page_stays_short() -> None:
+    """The README is the front page: the details live in docs/ (a line and a link each)."""
+    lines = (PROJECT_ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move details to docs/"
+
+
 def test_no_file_cites_a_document_outside_the_repository() -> None:
     spec = re.compile(r"\b" + "SP" + r"EC\b")  # the background document, not part of the repository
     offenders = [str(p.relative_to(PROJECT_ROOT)) for p in python_files() if spec.search(p.read_text())]

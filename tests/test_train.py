@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import fcntl
 import json
 import os
 import pickle
@@ -35,6 +36,7 @@ from train.config import TrainConfig, parse_args
 from train.delf import Delf, PretrainedUnavailable
 from train.main import main
 from train.objective import StepOutput
+from train.outputs import OutputLock, lock_file_for, removed_if_failed
 from train.run import _check_resumable, build_model, train
 from train.runtime import PROJECT_ROOT, repo_dir
 from train.solver import Settings, Solver, build_optimizer, correct_topk
@@ -101,6 +103,20 @@ def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: 
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_bad_flag_value_is_one_line_and_the_way_to_help(capsys: pytest.CaptureFixture) -> None:
+    """The line that matters and where the flags are listed, not the 37 lines of usage before it."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--arch", "resnet99"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "main.py: error: argument --arch: invalid choice: 'resnet99' (choose from 'resnet18', 'resnet34', "
+        "'resnet50', 'resnet101', 'resnet152')\nmain.py --help lists the flags\n")
+    with pytest.raises(SystemExit):  # a problem between flags: the same two lines
+        main(["--finetune_val_path", "v"])
+    assert capsys.readouterr().err == ("main.py: error: --finetune_train_path is required for --stage finetune\n"
+                                       "main.py --help lists the flags\n")
 
 
 def test_flags_map_onto_the_config_and_its_defaults() -> None:
@@ -547,6 +563,53 @@ def _hold_lock(stage: Path) -> subprocess.Popen:
     proc = subprocess.Popen([PYTHON, "-c", code, str(stage)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def test_a_refused_start_leaves_no_folder(tmp_path: Path, expr: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(finetune_argv(expr, (tmp_path / "none", tmp_path / "none")))
+    assert str(exit_.value) == f"error: {tmp_path / 'none'}: no such data folder"
+    assert not (repo_dir() / expr).exists()
+
+
+def test_removed_if_failed_removes_only_what_holds_no_work(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b" / "out.h5"
+    with pytest.raises(RuntimeError), removed_if_failed(out):
+        OutputLock(out).release()
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), removed_if_failed(out):  # work is kept, and its folders
+        out.parent.mkdir(parents=True)
+        out.write_text("work")
+        raise RuntimeError("failed")
+    assert out.read_text() == "work"
+    other = tmp_path / "c" / "out"
+    with pytest.raises(RuntimeError), removed_if_failed(other):  # a lock another holder has stays
+        held = OutputLock(other)
+        raise RuntimeError("failed")
+    assert lock_file_for(other).is_file()
+    held.release()
+    with removed_if_failed(tmp_path / "d" / "out"):  # success: nothing removed
+        OutputLock(tmp_path / "d" / "out").release()
+    assert lock_file_for(tmp_path / "d" / "out").is_file()
+
+
+def test_a_lock_file_removed_before_it_is_locked_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that opened the lock file just before a failed run's clean-up removed it locks
+    the file that is then at the path, never the removed one (two writers would each hold one)."""
+    out = tmp_path / "out"
+    flock, calls = fcntl.flock, []
+
+    def flock_after_removal(fd: int, operation: int) -> None:
+        if not calls:
+            lock_file_for(out).unlink()
+        calls.append(operation)
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    with OutputLock(out) as lock:
+        assert os.path.samestat(os.fstat(lock._file.fileno()), os.stat(lock_file_for(out)))
+    assert len(calls) == 3  # the removed file, the new one, the release
 
 
 def test_killed_holders_lock_does_not_block_the_rerun(image_data: tuple[Path, Path], expr: str) -> None:

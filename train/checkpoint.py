@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from train.config import STAGES
-from train.delf import ARCHS, LAYOUTS, TARGET_LAYERS, Delf, feature_dim
+from train.config import ARCHS, ATTENTION_POOLS, INPUT_NORMS, LAYOUTS, STAGES, TARGET_LAYERS
+from train.delf import Delf, feature_dim
 from train.delg import CLASSIFIERS, Delg
-from train.layers import ATTENTION_POOLS, INPUT_NORMS
 from train.outputs import atomic_path
 
 SEED_MODULES = ("base", "layer4", "attn", "pool", "logits")

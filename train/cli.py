@@ -1,5 +1,5 @@
-"""Command-line plumbing shared by every script: boolean flags, typed configs as flags, and
-``--config FILE``.
+"""Command-line plumbing shared by every script: the parser (:class:`ScriptParser`: a bad flag is one
+line), boolean flags, value checks, typed configs as flags, and ``--config FILE``.
 
 A config is a frozen dataclass whose fields carry their defaults and help
 (``field(default=..., metadata={"help": "..."})``); :func:`add_config_args` turns its fields into
@@ -29,6 +29,38 @@ else:  # the same parser, before it joined the standard library
 
 C = TypeVar("C")
 Container = argparse.ArgumentParser | argparse._ArgumentGroup  # noqa: SLF001 (argparse has no public name)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: a bad flag or value prints one line and where to find the flags,
+    not the whole usage block, and exits with status 2 (as argparse does)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog} --help lists the flags\n")
+
+
+def number(value: str | int | float, kind: type[int] | type[float]) -> int | float:
+    """``kind(value)``, or argparse's message for a word that is not one (for the checks below)."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}") from None
+
+
+def positive_int(value: str | int) -> int:
+    """argparse type: an integer >= 1."""
+    n = number(value, int)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def non_negative_int(value: str | int) -> int:
+    """argparse type: an integer >= 0."""
+    n = number(value, int)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return n
 
 
 def str2bool(value: str | bool) -> bool:

@@ -13,46 +13,51 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from .cli import add_config_args, add_config_file_arg, config_from_args, parse_args_given
-from .dataloader import MAX_WORKERS
-from .delf import ARCHS, LAYOUTS, TARGET_LAYERS
-from .layers import ATTENTION_POOLS, INPUT_NORMS
-from .runtime import repo_dir
+from .cli import (
+    ScriptParser,
+    add_config_args,
+    add_config_file_arg,
+    config_from_args,
+    non_negative_int,
+    number,
+    parse_args_given,
+    positive_int,
+)
 
+# The values the options take. They are defined here, where the parser needs them, because this
+# module imports no torch (a script's --help stays light); the model (train/delf.py, train/layers.py)
+# and the data loader (train/dataloader.py) take them from here.
 STAGES = ("finetune", "keypoint", "delg")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-
-
-def _positive_int(value: str | int) -> int:
-    n = int(value)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
-def _non_negative_int(value: str | int) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return n
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# "torchvision": torchvision's ResNet (v1.5); "slim": TF-slim's resnet_v1, the official DELF models' (train/slim.py)
+LAYOUTS = ("torchvision", "slim")
+TARGET_LAYERS = ("layer3", "layer4")
+ATTENTION_POOLS = ("sum", "mean")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per channel of RGB in [0, 1] for each input normalisation: "imagenet" (torchvision's
+# models), "tf" ((pixel - 128) / 128 on [0, 255] pixels: the official DELF models)
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf": ((128 / 255,) * 3, (128 / 255,) * 3)}
+MAX_WORKERS = 20  # the seed's --workers
 
 
 def _positive_float(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not x > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
     return x
 
 
 def _non_negative_float(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return x
 
 
 def _fraction(value: str | float) -> float:
-    x = float(value)
+    x = number(value, float)
     if not 0 <= x < 0.5:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {value}")
     return x
@@ -103,24 +108,24 @@ class TrainConfig:
     delg_train_path: str | None = _opt(None, "ImageFolder with the delg stage's train images (with --train_csv: "
                                        "the GLDv2 image root)", "data")
     delg_val_path: str | None = _opt(None, "ImageFolder with the delg stage's val images", "data")
-    finetune_sample_size: int = _opt(256, "finetune resize", "data", type=_positive_int)
-    finetune_crop_size: int = _opt(224, "finetune crop", "data", type=_positive_int)
-    keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=_positive_int)
-    keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=_positive_int)
-    delg_sample_size: int = _opt(576, "delg resize", "data", type=_positive_int)
-    delg_crop_size: int = _opt(512, "delg crop", "data", type=_positive_int)
+    finetune_sample_size: int = _opt(256, "finetune resize", "data", type=positive_int)
+    finetune_crop_size: int = _opt(224, "finetune crop", "data", type=positive_int)
+    keypoint_sample_size: int = _opt(900, "keypoint resize", "data", type=positive_int)
+    keypoint_crop_size: int = _opt(720, "keypoint crop", "data", type=positive_int)
+    delg_sample_size: int = _opt(576, "delg resize", "data", type=positive_int)
+    delg_crop_size: int = _opt(512, "delg crop", "data", type=positive_int)
     train_csv: str | None = _opt(None, "Google Landmarks v2 train.csv (id,url,landmark_id) or train_clean.csv "
                                  "(landmark_id,images), any stage: --<stage>_train_path is then the image root "
                                  "(<root>/a/b/c/abc....jpg) and the val images are split off the CSV", "data")
     min_images_per_class: int = _opt(2, "--train_csv: landmarks with fewer usable images are left out", "data",
-                                     type=_positive_int)
+                                     type=positive_int)
     val_fraction: float = _opt(0.2, "--train_csv: fraction of each landmark's images held out for validation "
                                "(deterministic: by sha1 of the image id)", "data", type=_fraction)
     workers: int | None = _opt(None, f"data-loading processes per training process; when omitted: the CPUs "
                                f"shared among this node's training processes, at most {MAX_WORKERS} (the seed's "
-                               "value)", "data", type=_non_negative_int)
+                               "value)", "data", type=non_negative_int)
     ncls: int | None = _opt(None, "number of classes; when omitted: the training folder's", "data",
-                            type=_positive_int)
+                            type=positive_int)
     # model
     arch: str = _opt("resnet50", "ResNet backbone", "model", choices=ARCHS)
     target_layer: str = _opt("layer3", "layer the local features come from", "model", choices=TARGET_LAYERS)
@@ -139,9 +144,9 @@ class TrainConfig:
     use_random_gamma_rescale: bool = _opt(True, "keypoint stage: resize each training batch by a random factor "
                                           "in [0.3535, 1]", "model", aliases=("--use_random_gamma_scaling",))
     global_dim: int = _opt(2048, "delg stage: global descriptor dimension (whitening layer output)", "model",
-                           type=_positive_int)
+                           type=positive_int)
     autoencoder_dim: int = _opt(128, "delg stage: local descriptor dimension (autoencoder code; 0: no autoencoder, "
-                                "the layer3 features)", "model", type=_non_negative_int)
+                                "the layer3 features)", "model", type=non_negative_int)
     delg_block3_strides: bool = _opt(True, "delg stage: subsample layer3 by 2 for the local branch (local grid "
                                      "stride 32, as the official trainer's block3_strides); false: stride 16. "
                                      "The global branch is unchanged", "model")
@@ -154,18 +159,18 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum (the seed had none)", "optimisation", type=_non_negative_float)
     weight_decay: float = _opt(1e-4, "L2 penalty", "optimisation", type=_non_negative_float)
     lr_gamma: float = _opt(0.5, "learning-rate decay factor", "optimisation", type=_positive_float)
-    lr_stepsize: int = _opt(10, "decay every N epochs", "optimisation", type=_positive_int)
-    finetune_epoch: int = _opt(30, "finetune stage epochs", "optimisation", type=_non_negative_int)
-    keypoint_epoch: int = _opt(30, "keypoint stage epochs", "optimisation", type=_non_negative_int)
-    delg_epoch: int = _opt(30, "delg stage epochs", "optimisation", type=_non_negative_int)
+    lr_stepsize: int = _opt(10, "decay every N epochs", "optimisation", type=positive_int)
+    finetune_epoch: int = _opt(30, "finetune stage epochs", "optimisation", type=non_negative_int)
+    keypoint_epoch: int = _opt(30, "keypoint stage epochs", "optimisation", type=non_negative_int)
+    delg_epoch: int = _opt(30, "delg stage epochs", "optimisation", type=non_negative_int)
     attention_loss_weight: float = _opt(1.0, "delg stage: weight of the attention classifier's loss", "optimisation",
                                         type=_non_negative_float)
     reconstruction_loss_weight: float = _opt(10.0, "delg stage: weight of the autoencoder's reconstruction loss",
                                              "optimisation", type=_non_negative_float)
     clip_grad_norm: float = _opt(10.0, "delg stage: clip the gradients' global L2 norm to this (0: off)",
                                  "optimisation", type=_non_negative_float)
-    train_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
-    val_batch_size: int = _opt(8, "batch size per process", "optimisation", type=_positive_int)
+    train_batch_size: int = _opt(8, "batch size per process", "optimisation", type=positive_int)
+    val_batch_size: int = _opt(8, "batch size per process", "optimisation", type=positive_int)
     # device
     gpu_id: str | None = _opt(None, "CUDA_VISIBLE_DEVICES, set before CUDA starts; when omitted: left alone",
                               "device")
@@ -202,6 +207,8 @@ class TrainConfig:
 
     def output_dir(self) -> Path:
         """``repo_dir()/<expr>/<stage>``: receives ``ckpt/`` and ``log/``."""
+        from .runtime import repo_dir  # torch: not imported to parse the flags
+
         return repo_dir() / self.expr / self.stage
 
     # --- checks --------------------------------------------------------------------------------
@@ -221,6 +228,8 @@ class TrainConfig:
                     return f"--{f.name}: {e}"
         expr = PurePath(self.expr)
         if not self.expr or expr.is_absolute() or ".." in expr.parts:
+            from .runtime import repo_dir
+
             return f"--expr {self.expr!r}: give a plain name; outputs go to {repo_dir()}/<expr>/"
         train_path, val_path = self.data_paths
         if train_path is None:
@@ -257,7 +266,7 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser: one flag per :class:`TrainConfig` field, grouped."""
-    p = argparse.ArgumentParser(
+    p = ScriptParser(
         prog="main.py", description="Train DeLF in two stages (finetune, then keypoint: attention), or DELG in "
                                     "one (--stage delg: global descriptor + attention).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

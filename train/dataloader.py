@@ -15,10 +15,10 @@ import torchvision.datasets as datasets
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 
+from .config import MAX_WORKERS
 from .runtime import epoch_seed
 
 MAX_RETRIES = 100
-MAX_WORKERS = 20  # the seed's --workers
 SAMPLE_STRIDE = 2_000_003  # epoch_seed stride of the per-sample augmentation seeds (> any dataset length)
 SampleKey = tuple[int, int, int]
 """(run seed, epoch, dataset index): what :class:`EpochSampler` hands the dataset."""

@@ -10,14 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .layers import ATTENTION_POOLS, INPUT_NORMS, GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
+from .config import ARCHS, ATTENTION_POOLS, INPUT_NORMS, LAYOUTS, TARGET_LAYERS
+from .layers import GlobalAvgPool2d, ImageNormalize, SpatialAttention2d, WeightedSum2d
 from .slim import SLIM_UNITS, SlimResNet
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-# "torchvision": torchvision's ResNet (v1.5); "slim": TF-slim's resnet_v1, the official DELF models' (train/slim.py)
-LAYOUTS = ("torchvision", "slim")
 STAGES = ("finetune", "keypoint", "inference")
-TARGET_LAYERS = ("layer3", "layer4")
 BASE_ORDER = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 GAMMA_RANGE = (0.3535, 1.0)
 

@@ -5,11 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# (mean, std) per channel of RGB in [0, 1] for each input normalisation: "imagenet" (torchvision's
-# models), "tf" ((pixel - 128) / 128 on [0, 255] pixels: the official DELF models)
-INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf": ((128 / 255,) * 3, (128 / 255,) * 3)}
+from .config import ATTENTION_POOLS, INPUT_NORMS
 
 
 class ImageNormalize(nn.Module):
@@ -56,9 +52,6 @@ class GlobalAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3), keepdim=True)
-
-
-ATTENTION_POOLS = ("sum", "mean")
 
 
 class WeightedSum2d(nn.Module):

@@ -16,27 +16,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.checkpoint import CheckpointError
 from train.config import TrainConfig, parse_args
-from train.dataloader import DataError
-from train.delf import PretrainedUnavailable
-from train.outputs import OutputWriteError
-from train.run import RunRefused, train
-from train.runtime import setup_logging, setup_runtime, teardown_runtime
-from train.solver import TrainingDiverged
 
-__all__ = ["TrainConfig", "main", "train"]
+__all__ = ["TrainConfig", "main"]
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parse ``argv`` (default: sys.argv[1:]) and train one stage; returns its output folder.
-    User errors exit with a one-line ``error: ...`` message (SystemExit), never a traceback."""
+    User errors exit with a one-line ``error: ...`` message (SystemExit), never a traceback; a run
+    refused at its start leaves no folder behind."""
     cfg = parse_args(argv)
+    # the flags first, then torch: --help and a bad flag need no torch
+    from train.checkpoint import CheckpointError
+    from train.dataloader import DataError
+    from train.delf import PretrainedUnavailable
+    from train.outputs import OutputWriteError, removed_if_failed
+    from train.run import RunRefused, train
+    from train.runtime import setup_logging, setup_runtime, teardown_runtime
+    from train.solver import TrainingDiverged
+
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
     runtime = setup_runtime(cfg.device, cfg.gpu_id)
     out_dir = cfg.output_dir()
     try:
-        return train(cfg, runtime)
+        with removed_if_failed(out_dir):
+            return train(cfg, runtime)
     except (RunRefused, DataError, CheckpointError, PretrainedUnavailable, OutputWriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except TrainingDiverged as e:

@@ -5,8 +5,10 @@ one writer per output (:class:`OutputLock`).
 One writer per output: an exclusive OS lock (``fcntl.flock``) held for a whole run. The lock lives
 in a small side file ``<output>.lock`` beside the output (file or folder) that records the holder's
 pid and start time. The kernel releases the lock when its holder exits, however it exits (SIGKILL
-included), so a stale side file never blocks the next run; the file itself is left in place
-(removing it could race with a process that just opened it).
+included), so a stale side file never blocks the next run; the file itself is left in place,
+except by a command that failed (:func:`removed_if_failed`): it removes the side file it made, while
+holding its lock (a process that opened the file meanwhile finds, once it holds the lock, that the
+file is no longer there, and locks the new one).
 Forked children (DataLoader workers) close their copy of the lock file at once, so that workers
 orphaned by a killed holder never keep its lock alive. A filesystem that gives no ``flock`` (some
 network and FUSE mounts) is refused in one line (:class:`OutputLockUnavailable`).
@@ -84,19 +86,24 @@ class OutputLock:
     def __init__(self, output: str | os.PathLike, hint: str = "choose another output") -> None:
         self.output = Path(output)
         self.path = lock_file_for(self.output)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 (held until release)
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder()
-            self._file.close()
-            self._file = None
-            raise OutputInUse(self.output, holder, hint) from None
-        except OSError as e:
-            self._file.close()
-            self._file = None
-            raise OutputLockUnavailable(self.path, e) from None
+        self._file: IO[str] | None = None
+        while self._file is None:  # again when the locked file was removed meanwhile (removed_if_failed)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder()
+                self._file.close()
+                self._file = None
+                raise OutputInUse(self.output, holder, hint) from None
+            except OSError as e:
+                self._file.close()
+                self._file = None
+                raise OutputLockUnavailable(self.path, e) from None
+            if not _is_file_at(self._file, self.path):
+                self._file.close()
+                self._file = None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -120,6 +127,52 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _is_file_at(file: IO[str], path: Path) -> bool:
+    """Whether the open ``file`` is the one at ``path`` now."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove_unheld_lock(path: Path) -> None:
+    """Remove lock file ``path`` unless a process holds it (removed while locked: see OutputLock)."""
+    try:
+        file = open(path)  # noqa: SIM115 (closed below)
+    except OSError:
+        return
+    with file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        if _is_file_at(file, path):
+            path.unlink()
+
+
+@contextmanager
+def removed_if_failed(*outputs: str | os.PathLike) -> Iterator[None]:
+    """A block that writes ``outputs`` (files or folders); when it raises, what it created that
+    holds no work is removed: each output's lock file, if the block made it and no process holds
+    it, then the folders the block made that are empty, deepest first. A command that fails at its
+    start (a missing input, a refused run) leaves no folder behind; one that fails later keeps what
+    it wrote."""
+    locks = [lock_file_for(output) for output in outputs if not lock_file_for(output).exists()]
+    folders = {folder for output in map(Path, outputs) for folder in (output, *output.parents)
+               if not folder.exists()}
+    try:
+        yield
+    except BaseException:
+        for lock in locks:
+            _remove_unheld_lock(lock)
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            try:
+                folder.rmdir()  # only when empty; a file output is no folder: left alone
+            except OSError:
+                pass
+        raise
 
 
 @contextmanager

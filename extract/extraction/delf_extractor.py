@@ -35,7 +35,7 @@ import torchvision
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from extract.config import ExtractionConfig, with_recorded
+from extract.config import MIN_IMAGE_SIDE, ExtractionConfig, with_recorded
 from extract.errors import OptionError
 from extract.extraction.images import fit_size, resize_tf1, shrink, to_rgb
 from extract.extraction.pca import PCA_KEYS, PcaError, apply_pca, load_pca
@@ -47,7 +47,6 @@ from train.runtime import amp_dtype, autocast, cudnn_benchmark
 
 log = logging.getLogger("delf")
 
-MIN_IMAGE_SIDE = 32
 # fp16 (--amp on a GPU without bf16) holds up to 65504: folded weights or biases above this, times
 # activations of a few tens, would overflow it
 FP16_SAFE_WEIGHT = 2048.0
@@ -185,8 +184,10 @@ class DelfExtractor:
         conf = conf or ExtractionConfig()
         if not conf.scale_list or min(conf.scale_list) <= 0:
             raise OptionError(f"scales must be positive, got {list(conf.scale_list)}")
-        if conf.top_k < 1 or 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
-            raise OptionError(f"need top_k >= 1 and max_image_size >= {MIN_IMAGE_SIDE} (or 0: no limit)")
+        if conf.top_k < 1:
+            raise OptionError(f"top_k {conf.top_k}: need at least 1")
+        if 0 < conf.max_image_size < MIN_IMAGE_SIDE or conf.max_image_size < 0:
+            raise OptionError(f"max_image_size {conf.max_image_size}: need 0 (no limit) or at least {MIN_IMAGE_SIDE}")
         if pca is not None and not 1 <= conf.pca_dims <= len(pca["pca_mean"]):
             raise PcaError(f"pca_dims {conf.pca_dims} is outside 1..{len(pca['pca_mean'])} (the PCA file's dimension)")
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:

@@ -292,6 +292,10 @@ def open_features(path: str | Path) -> h5py.File:
     """``path`` opened for reading; a file another process writes is reported as in use."""
     try:
         return _open_h5(path, "r")
+    except FileNotFoundError:
+        raise FeatureFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FeatureFileError(f"{path}: a folder, not a feature file") from None
     except OSError as e:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({first_line(e)})") from None
 

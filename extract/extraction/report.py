@@ -30,8 +30,8 @@ class Report:
         return total
 
     def text(self) -> str:
-        lines = [f"{self.output}: {self.processed} images extracted, {self.existing} already there, "
-                 f"{len(self.skipped)} skipped or without features"]
+        lines = [f"{self.output}: {self.processed} image{'' if self.processed == 1 else 's'} extracted, "
+                 f"{self.existing} already there, {len(self.skipped)} skipped or without features"]
         lines += [f"  {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines) + "\n"
 

@@ -24,29 +24,10 @@ from extract.config import ExtractionConfig, MatchConfig
 from extract.extraction.feature_file import iter_features
 from extract.extraction.images import load_image
 from extract.make_demo.landmarks import DemoDataset, build_dataset
+from extract.make_demo.presets import PRESETS, Preset
 from extract.matching.drawing import draw_matches
 from extract.matching.verification import MatchResult, match_features
 from train.runtime import PROJECT_ROOT, repo_dir
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Dataset size and training length of a demo run."""
-
-    classes: int
-    train_per_class: int
-    val_per_class: int
-    size: int  # training images, px
-    query_size: int
-    finetune_epochs: int
-    keypoint_epochs: int
-
-
-PRESETS = {
-    "full": Preset(6, 24, 6, 112, 320, finetune_epochs=6, keypoint_epochs=20),
-    "smoke": Preset(3, 4, 1, 64, 160, finetune_epochs=1, keypoint_epochs=1),
-}
-
 
 # The official verification's RANSAC residual is for images of this longest side (the extractor's default).
 OFFICIAL_IMAGE_SIZE = ExtractionConfig().max_image_size
