@@ -18,9 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.official.convert import UnknownModel, convert_release
 from extract.official.release import RELEASES, ConversionError, format_variables, list_variables
-from train.checkpoint import CheckpointError
 from train.cli import ScriptParser, add_bool_flag
 
 
@@ -45,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.list and not args.expr:
         parser.error("--expr is required (or --list)")
+    # the flags first, then torch: --help and a bad flag need no torch
+    from extract.official.convert import UnknownModel, convert_release
+    from train.checkpoint import CheckpointError
+
     try:
         if args.list:
             print(format_variables(list_variables(args.source)))

@@ -26,7 +26,7 @@ from extract.config import DownloadConfig, data_root, parameters_dir
 from extract.downloads.fetch import fetch_items, file_url
 from extract.downloads.registry import ITEMS
 from extract.errors import UserError
-from train.cli import add_config_args, config_from_args
+from train.cli import ScriptParser, add_config_args, config_from_args
 from train.outputs import OutputInUse
 
 
@@ -38,7 +38,7 @@ def item_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", type=item_name, metavar="NAME", help=f"what to download: {', '.join(ITEMS)}")
     p.add_argument("--data_root", type=Path, help="folder of the datasets (default repo/data)")
     p.add_argument("--parameters_dir", type=Path, help="folder of the releases (default repo/parameters)")

@@ -24,21 +24,8 @@ import shlex
 from typing import Sequence
 
 from extract.config import DownloadConfig, data_root, parameters_dir, reproduce_dir
-from extract.errors import UserError
-from extract.evaluation.revisitop import EvalError
-from extract.extraction.feature_file import FeatureFileError
-from extract.extraction.images import InputError
-from extract.extraction.pca import PcaError
-from extract.reproduction.pipeline import reproduce, shown
-from extract.reproduction.setups import SETUPS
-from extract.reproduction.table import summary_table, write_reproduction
-from extract.retrieval.asmk.codebook import CodebookError
-from train.checkpoint import CheckpointError
-from train.cli import add_config_args, config_from_args
-from train.outputs import OutputInUse, OutputWriteError
-
-EXPECTED_ERRORS = (UserError, EvalError, FeatureFileError, InputError, PcaError, CodebookError, CheckpointError,
-                   OutputInUse, OutputWriteError)
+from extract.reproduction.setups import SETUPS, shown
+from train.cli import ScriptParser, add_config_args, config_from_args
 
 
 def setup_name(text: str) -> str:
@@ -49,7 +36,7 @@ def setup_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("setups", nargs="*", type=setup_name, metavar="SETUP", help=f"one or more of: {', '.join(SETUPS)}")
     p.add_argument("--list", action="store_true", help="print every setup, its config and published figures, and stop")
     p.add_argument("--data_root", type=Path, help="folder of the datasets (default repo/data)")
@@ -81,6 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.setups:
         parser.error("name a setup (or --list)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # the flags first, then torch: --help and a bad flag need no torch
+    from extract.errors import UserError
+    from extract.evaluation.revisitop import EvalError
+    from extract.extraction.feature_file import FeatureFileError
+    from extract.extraction.images import InputError
+    from extract.extraction.pca import PcaError
+    from extract.reproduction.pipeline import reproduce
+    from extract.reproduction.table import summary_table, write_reproduction
+    from extract.retrieval.asmk.codebook import CodebookError
+    from train.checkpoint import CheckpointError
+    from train.outputs import OutputInUse, OutputWriteError
+
+    expected = (UserError, EvalError, FeatureFileError, InputError, PcaError, CodebookError, CheckpointError,
+                OutputInUse, OutputWriteError)
     conf = config_from_args(DownloadConfig, args)
     output = args.output_dir or reproduce_dir()
     done = []
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = write_reproduction(r, output / name)
             print(f"{name}: wrote {', '.join(str(p) for p in written)}")
             done.append(r)
-    except EXPECTED_ERRORS as e:
+    except expected as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary_table(done))

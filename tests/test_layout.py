@@ -115,8 +115,7 @@ def test_shared_io_has_one_home() -> None:
     assert defined == {n: ["train/outputs.py"] for n in ("atomic_path", "OutputLock", "file_sha256")}
 
 
-# convert_official.py lists the known releases from extract/official/convert.py, which imports torch
-@pytest.mark.parametrize("script", sorted(SCRIPTS - {"extract/convert_official.py"}))
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
 @pytest.mark.parametrize("argv", [["--help"], ["--no_such_flag"]])
 def test_help_and_a_bad_flag_import_no_heavy_module(script: str, argv: list[str]) -> None:
     """A script parses its flags before importing torch (and the rest of the heavy stack): --help and

@@ -33,10 +33,10 @@ from extract.evaluation.evaluate_dataset import Scores, evaluate_dataset
 from extract.evaluation.revisitop import DATASETS, EvalError, check_images, load_dataset
 from extract.flags import add_extraction_args, add_match_args, extraction_from_args
 from extract.official.convert import convert_release, output_paths
-from extract.reproduction.setups import Setup
+from extract.reproduction.setups import Setup, shown
 from train.checkpoint import load_file
 from train.cli import ConfigFileError, add_config_args, config_from_args, read_config_file
-from train.runtime import PROJECT_ROOT, repo_dir
+from train.runtime import repo_dir
 
 log = logging.getLogger("delf")
 
@@ -62,15 +62,6 @@ class Reproduction:
         """(protocol, published mAP, this run's mAP, difference) per published protocol."""
         return [(protocol, published, self.final[protocol]["mAP"], self.final[protocol]["mAP"] - published)
                 for protocol, published in self.setup.published.mAP.items()]
-
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the project when inside it, as the docs write paths."""
-    path = Path(path)
-    try:
-        return path.resolve().relative_to(PROJECT_ROOT).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def evaluation_args(config: Path, device: str = "auto") -> argparse.Namespace:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from train.runtime import PROJECT_ROOT
-
+PROJECT_ROOT = Path(__file__).resolve().parents[2]   # train.runtime's, without importing torch
 CONFIGS = PROJECT_ROOT / "configs"
 
 
@@ -68,3 +67,12 @@ SETUPS: dict[str, Setup] = {s.name: s for s in (
     Setup("delf_gld_rpar_asmk_sp", CONFIGS / "rpar_delf_gld_asmk_sp.toml", "roxford5k", "delf_gld_20190411",
           _teichmann(80.2, 58.6), NO_REGIONS),
 )}
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the project when inside it, as the docs write paths."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from extract.evaluation.evaluate_dataset import Scores, write_json
-from extract.reproduction.pipeline import Reproduction, shown
+from extract.reproduction.pipeline import Reproduction
+from extract.reproduction.setups import shown
 from train.outputs import atomic_path
 
 PROTOCOL_NAMES = {"easy": "Easy", "medium": "Medium", "hard": "Hard"}
