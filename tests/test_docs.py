@@ -291,3 +291,16 @@ def test_documented_python_imports_exist() -> None:
                         assert hasattr(module, alias.name), f"{doc.name}:{line}: {node.module} has no {alias.name}"
                         checked += 1
     assert checked >= 10
+
+
+def test_documented_outputs_stay_out_of_the_project_root() -> None:
+    """A documented command writes under repo/ (git-ignored), a named temporary folder or a
+    placeholder the user fills, never into the project's own folders."""
+    written = []
+    for command in SCRIPTED:
+        for flag, value in zip(command.words, command.words[1:]):
+            if flag in ("--output", "--figures", "--output_path", "--output_dir"):
+                written.append((command, value))
+    assert len(written) >= 10
+    bad = [f"{c}: {v}" for c, v in written if not v.startswith(("repo/", "/tmp/", "<", "$"))]
+    assert bad == []
