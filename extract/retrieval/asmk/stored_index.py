@@ -21,7 +21,8 @@ arrays (never a pickle):
   uint32 (blocks, 2) the crc32 of each block's bytes in codes.npy and in ids.npy (a block: the
   consecutive words whose lists start in one window of ``crc_block_bytes`` bytes of the two files'
   lists together, :func:`crc_blocks`); ``meta.json``. Queries memory-map the big arrays and read
-  only the lists of their words.
+  only the lists of their words, one slice per list (:func:`concat_slices`); the varints are
+  decoded from each value's last byte, the other bytes of the longer values only for those.
 
 Checksums: each json file carries the crc32 of its own contents (``json_crc32``); a manifest
 records each data file's size and crc32 — of the whole file, except codes.npy and ids.npy, whose
