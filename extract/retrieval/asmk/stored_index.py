@@ -21,7 +21,8 @@ arrays (never a pickle):
   uint32 (blocks, 2) the crc32 of each block's bytes in codes.npy and in ids.npy (a block: the
   consecutive words whose lists start in one window of ``crc_block_bytes`` bytes of the two files'
   lists together, :func:`crc_blocks`); ``meta.json``. Queries memory-map the big arrays and read
-  only the lists of their words.
+  only the lists of their words, one slice per list (:func:`concat_slices`); the varints are
+  decoded from each value's last byte, the other bytes of the longer values only for those.
 
 Checksums: each json file carries the crc32 of its own contents (``json_crc32``); a manifest
 records each data file's size and crc32 — of the whole file, except codes.npy and ids.npy, whose
@@ -58,7 +59,6 @@ from extract.errors import UserError
 from extract.retrieval.asmk.codebook import DESCRIPTOR_ROUNDING, HNSW_STORAGE, VisualWords
 from extract.retrieval.asmk.kernel import (
     code_record,
-    concat_ranges,
     image_norms,
     kernel_scores,
     represent,
@@ -247,16 +247,23 @@ def encode_varints(values: np.ndarray) -> np.ndarray:
 
 def _decode_varints(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(the int64 values of concatenated LEB128 encodings, the index of each value's last byte;
-    None when every value takes one byte)."""
+    None when every value takes one byte). Each value's last byte is read for all, the longer
+    values' other bytes only for them (most of an index's differences take one byte)."""
     ends = np.flatnonzero(data < 128)      # each value's last byte
-    if len(ends) == len(data):             # one byte each (most of an index's differences)
+    if len(ends) == len(data):             # one byte each
         return data.astype(np.int64), None
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    sizes = ends - starts + 1
-    values = (data[starts] & 127).astype(np.int64)
-    for k in range(1, int(sizes.max()) if len(sizes) else 0):
-        longer = np.flatnonzero(sizes > k)
-        values[longer] |= (data[starts[longer] + k] & 127).astype(np.int64) << (7 * k)
+    values = data[ends].astype(np.int64)
+    longer = np.flatnonzero(np.diff(ends, prepend=-1) > 1)   # values of several bytes
+    if not len(longer):
+        return values, ends
+    last = ends[longer]
+    sizes = last - np.concatenate([[-1], ends])[longer]
+    top = 7 * (sizes - 1)
+    more = values[longer] << top
+    for k in range(int(sizes.max()) - 1):
+        has = np.flatnonzero(sizes > k + 1)
+        more[has] |= (data[last[has] - (sizes[has] - 1) + k] & 127).astype(np.int64) << (7 * k)
+    values[longer] = more
     return values, ends
 
 
@@ -282,6 +289,13 @@ def list_ids(deltas: np.ndarray, lengths: np.ndarray, num_images: int) -> tuple[
         return deltas, f"an id not below the image count {num_images}"
     deltas[starts[1:]] -= last[:-1]
     return np.cumsum(deltas), None
+
+
+def concat_slices(array: np.ndarray, lo: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The rows lo[j] .. lo[j] + lengths[j] - 1 of ``array`` for every j, concatenated (a copy):
+    one slice per range, far cheaper than gathering by an index array of every row."""
+    slices = [array[a:a + n] for a, n in zip(lo.tolist(), lengths.tolist(), strict=True)]
+    return np.concatenate(slices) if slices else array[:0].copy()
 
 
 # --- forward store -------------------------------------------------------------------------------
@@ -675,7 +689,7 @@ class StoredIndex:
         increasing and below the image count; else AsmkIndexError naming ids.npy."""
         byte_lo = self.id_offsets[words]
         byte_len = self.id_offsets[words + 1] - byte_lo
-        data = np.take(self._id_bytes, concat_ranges(byte_lo, byte_len))
+        data = concat_slices(self._id_bytes, byte_lo, byte_len)
         deltas, ends = _decode_varints(data)
         problem = None
         if ends is None:
@@ -701,7 +715,7 @@ class StoredIndex:
         lo = self.offsets[words]
         lengths = self.offsets[words + 1] - lo
         images = self._read_ids(words, lengths)
-        records = np.take(self._code_rows, concat_ranges(lo, lengths), axis=0).view(self._record)[:, 0]
+        records = concat_slices(self._code_rows, lo, lengths).view(self._record)[:, 0]
         return kernel_scores(codes, lengths, [records[name] for name in records.dtype.names], images,
                              self.kernel, self.norm)
 
