@@ -400,27 +400,18 @@ def test_codebook_file_errors_and_atomic_write(tmp_path: Path) -> None:
 
 
 def test_faiss_gpu_follows_the_runs_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With faiss-gpu (faked: its GPU calls record the GPU and run on the CPU) k-means and the
-    exact word assignment run on the run's GPU, not GPU 0 or every GPU; a CPU run stays on the
-    CPU (and may use HNSW), as does a GPU that faiss does not see."""
+    """With faiss-gpu (faked: its GPU calls record the GPU and run on the CPU) k-means runs on the
+    run's GPU, not GPU 0 or every GPU, and the exact word assignment is set on that GPU's torch
+    device; a CPU run stays on the CPU (and may use HNSW), as does a GPU that faiss does not see."""
     used: list[tuple[str, int]] = []
-
-    class GpuIndexFlatConfig:
-        device = -1
 
     def index_cpu_to_gpu(resources: object, device: int, index: faiss.Index) -> faiss.Index:
         used.append(("k-means", device))
         return index
 
-    def gpu_index_flat_l2(resources: object, dim: int, config: GpuIndexFlatConfig) -> faiss.Index:
-        used.append(("words", config.device))
-        return faiss.IndexFlatL2(dim)
-
     monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
-    monkeypatch.setattr(faiss, "GpuIndexFlatConfig", GpuIndexFlatConfig, raising=False)
-    monkeypatch.setattr(faiss, "GpuIndexFlatL2", gpu_index_flat_l2, raising=False)
     assert [faiss_gpu(d) for d in ("cpu", torch.device("cpu"), "cuda:1", torch.device("cuda", 0), "cuda:2", None)] \
         == [None, None, 1, 0, None, None]
 
@@ -431,9 +422,8 @@ def test_faiss_gpu_follows_the_runs_device(monkeypatch: pytest.MonkeyPatch) -> N
     np.testing.assert_array_equal(on_gpu, kmeans(x, 64, niter=5, seed=0))
     assert used == [("k-means", 1)]  # the CPU run touched no GPU
     words = VisualWords(on_gpu, AsmkConfig(codebook_size=64), gpu=1)
-    assert words.kind == "exact" and used[-1] == ("words", 1)
-    np.testing.assert_array_equal(words.assign(x[:50], 3), VisualWords(on_gpu, AsmkConfig(codebook_size=64),
-                                                                         ).assign(x[:50], 3))
+    assert words.kind == "exact" and words.exact.device == torch.device("cuda", 1)
+    assert VisualWords(on_gpu, AsmkConfig(codebook_size=64)).exact.device == torch.device("cpu")
     monkeypatch.setattr(codebook_module, "HNSW_MIN_WORDS", 64)  # auto: HNSW on the CPU, exact on a GPU
     assert (VisualWords(on_gpu).kind, VisualWords(on_gpu, gpu=0).kind) == ("hnsw", "exact")
-    assert used[-1] == ("words", 0) and len(used) == 3
+    assert used == [("k-means", 1)]

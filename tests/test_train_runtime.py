@@ -15,9 +15,11 @@ import torch.utils.data as data
 
 import extract.extractor as extractor_cli
 import train.main as train_cli
+import train.run as train_run
 import train.runtime as runtime
 import train.solver as solver_module
 from extract.errors import UserError
+from extract.extraction.workshare import WorkShare
 from tests.utils import assert_same_training, run_trainer
 from train.checkpoint import load_file
 from train.config import TrainConfig, parse_args
@@ -152,7 +154,7 @@ def test_gpu_id_on_a_cpu_machine_is_the_same_warning_from_both_clis(monkeypatch:
     """--gpu_id 4 without CUDA: trainer and extractor both say it falls back, as a warning (the
     extractor sets up logging after the device: an info line was lost there; Python prints a
     warning without any logging set up)."""
-    monkeypatch.setattr(train_cli, "train", lambda cfg, rt: tmp_path)
+    monkeypatch.setattr(train_run, "train", lambda cfg, rt: tmp_path)   # main() imports it after parsing
     train_cli.main(["--finetune_train_path", "t", "--finetune_val_path", "v", "--gpu_id", "4"])
     assert extractor_cli.main(["--input_path", str(tmp_path / "none"), "--gpu_id", "4",
                                "--load_from", str(tmp_path / "none.pth.tar")]) == 1
@@ -194,7 +196,7 @@ def test_extraction_starts_no_nccl(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         raise UserError("stop here")
 
     monkeypatch.setattr(extractor_cli, "run", run)
-    monkeypatch.setattr(extractor_cli.WorkShare, "join", lambda rt: None)
+    monkeypatch.setattr(WorkShare, "join", lambda rt: None)
     assert extractor_cli.main(["--input_path", str(tmp_path)]) == 1
     assert devices == [torch.device("cuda", 1)]
     assert calls == [("set_device", torch.device("cuda", 1)), ("gloo", {})]
