@@ -18,10 +18,17 @@ The official DELF extractor's conventions (``resize="tf1"``, ``boxes="official"`
 official models default to them): TF1 ``resize_bilinear`` without half-pixel centres
 (:func:`extract.extraction.images.resize_tf1`), and boxes divided by the nominal scale times the shrink ratio,
 with no half-pixel shift, so the centre of cell (i, j) is at stride * (i, j) / scale.
+
+Precision: fp32 by default. With ``amp`` on a CPU that computes bf16 natively (avx512_bf16 or
+amx_bf16: :func:`train.runtime.native_bf16`) the inference copy holds its weights in bf16 and runs
+without autocast (:func:`to_bf16` says which parts stay float32 and why); on a CPU that would
+emulate bf16, several times slower than fp32, ``amp`` is dropped with a one-line warning. On CUDA
+``amp`` is autocast.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,13 +49,14 @@ from train.checkpoint import load_model
 from train.delf import Delf, ReceptiveField
 from train.delg import GLOBAL_SCALES, Delg, pool_scales
 from train.outputs import file_sha256
-from train.runtime import autocast
+from train.runtime import autocast, native_bf16
 
 MIN_IMAGE_SIDE = 32
 SCALE_TOLERANCE = 1e-3  # a pyramid scale within this of a global scale shares its forward pass
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
 _CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv1", "bn"), ("0", "1"))
+log = logging.getLogger("delf")
 
 
 def too_small(width: int, height: int, max_image_size: int) -> str | None:
@@ -132,6 +140,50 @@ def fold_batchnorm(model: Delf) -> Delf:
     return model
 
 
+class Cast(nn.Module):
+    """Casts its input to ``dtype``: a border between the bf16 and the float32 parts of a model."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}"
+
+
+def to_bf16(model: Delf | Delg) -> Delf | Delg:
+    """``model`` (an inference copy: BatchNorm folded) with the bulk of its arithmetic in bf16,
+    changed in place and returned; run it without autocast.
+
+    In bf16 (weights and activations): the backbone (convolutions with their BatchNorm folded in,
+    ReLUs, residual sums, max-pools) to the local feature map, the attention's first 1x1
+    convolution (C -> 512), and with DELG its layer4 and the autoencoder's encoder (the local
+    descriptors). The feature map leaves the model in bf16; the extractor gathers the selected
+    rows as float32.
+
+    In float32, with the reason:
+
+    - the input normalisation, cast to bf16 once at its end (one rounding of the pixels);
+    - the attention's last convolution (512 -> 1) and softplus, i.e. the scores: they decide the
+      threshold, the NMS order and the top-k cut, and a bf16 score (8 significant bits) would
+      tie and reorder cells that fp32 tells apart; 512 multiply-adds per cell cost nothing;
+    - the extractor's L2 normalisations and PCA (mean subtraction and projection cancel digits
+      that bf16 does not have) and, with DELG, GeM (a cube), the whitening layer and the
+      multi-scale pooling of the global descriptor: one vector per image or row, no cost.
+    """
+    bf16 = [*model.backbone(), model.attn.conv1]
+    if isinstance(model, Delg):
+        bf16 += [model.layer4, *([model.autoencoder.encoder] if model.autoencoder_dim else [])]
+    for module in bf16:
+        module.to(torch.bfloat16)
+    model.normalize = nn.Sequential(model.normalize, Cast(torch.bfloat16))
+    model.attn.conv2 = nn.Sequential(Cast(torch.float32), model.attn.conv2)
+    return model
+
+
 class DelfExtractor:
     """Image -> DeLF keypoints, descriptors, scores, scales and attention maps.
 
@@ -149,10 +201,11 @@ class DelfExtractor:
     take a pass of their own. Images too small for features get a zero vector. The local
     descriptors of a DELG model with an autoencoder are its code (PCA is then not needed).
 
-    ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
+    ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``; with
+    ``conf.amp`` on a CPU with native bf16 mostly in bf16: :func:`to_bf16`, ``self.bf16`` True) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
-    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
-    file's attributes.
+    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file; ``amp``
+    False on a CPU without native bf16): the feature file's attributes.
     """
 
     def __init__(self, model: Delf | Delg, conf: ExtractionConfig | None = None, *,
@@ -168,12 +221,21 @@ class DelfExtractor:
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
             raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are "
                            f"{model.feature_dim}-d")
-        # the configuration in effect: without a PCA file, no PCA and 0 dimensions
+        self.device = torch.device(device)
+        cpu_amp = conf.amp and self.device.type == "cpu"
+        self.bf16 = cpu_amp and native_bf16()
+        emulated = cpu_amp and not self.bf16
+        if emulated:
+            log.warning("--amp: this CPU has no native bf16 (avx512_bf16/amx_bf16), where bf16 would be slower "
+                        "than fp32: extracting in fp32")
+        # the configuration in effect: without a PCA file, no PCA and 0 dimensions; amp only where it runs
         self.conf = replace(conf, scale_list=tuple(float(s) for s in conf.scale_list), use_pca=pca is not None,
                             pca_dims=conf.pca_dims if pca is not None else 0,
-                            use_whitening=conf.use_whitening and pca is not None)
-        self.device = torch.device(device)
+                            use_whitening=conf.use_whitening and pca is not None,
+                            amp=conf.amp and not emulated)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
+        if self.bf16:
+            self.model = to_bf16(self.model)
         self.receptive_field = model.receptive_field()
         # on the device once, not per image
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
@@ -276,7 +338,7 @@ class DelfExtractor:
         for scale, with_global in zip(self.scales, self._global_levels):
             x, ratio = self.scale_image(base, scale, size)
             x = x[None].contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.conf.amp):
+            with autocast(self.device, self.conf.amp and not self.bf16):
                 if with_global:
                     fmap, attn, g = self.model.extract_with_global(x)
                     global_descs.append(g[0])
@@ -313,7 +375,7 @@ class DelfExtractor:
     def _global_only(self, base: torch.Tensor, scale: float) -> torch.Tensor:
         """The global descriptor (D,) at a scale that is not a pyramid level: a pass of its own."""
         x, _ = self.scale_image(base, scale, (base.shape[-1], base.shape[-2]))
-        with autocast(self.device, self.conf.amp):
+        with autocast(self.device, self.conf.amp and not self.bf16):
             return self.model.global_descriptor(self.model.features(x[None].contiguous(
                 memory_format=torch.channels_last)))[0]
 
