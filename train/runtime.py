@@ -179,11 +179,11 @@ def setup_logging(is_main: bool = True) -> None:
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names of native bf16 arithmetic
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as /proc/cpuinfo's first ``flags`` line lists them; empty where
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """This CPU's feature flags as the first ``flags`` line of ``cpuinfo`` lists them; empty where
     there is none (not Linux, or not x86)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     return frozenset(line.split(":", 1)[1].split())

@@ -167,12 +167,18 @@ def to_bf16(model: Delf | Delg) -> Delf | Delg:
     In float32, with the reason:
 
     - the input normalisation, cast to bf16 once at its end (one rounding of the pixels);
-    - the attention's last convolution (512 -> 1) and softplus, i.e. the scores: they decide the
-      threshold, the NMS order and the top-k cut, and a bf16 score (8 significant bits) would
-      tie and reorder cells that fp32 tells apart; 512 multiply-adds per cell cost nothing;
-    - the extractor's L2 normalisations and PCA (mean subtraction and projection cancel digits
-      that bf16 does not have) and, with DELG, GeM (a cube), the whitening layer and the
-      multi-scale pooling of the global descriptor: one vector per image or row, no cost.
+    - the attention's last convolution (512 -> 1) and softplus, i.e. the scores: they are compared
+      with the threshold and sorted, and bf16 would round them to about three significant digits
+      (steps of 0.5 near the official threshold 100), making ties fp32 does not have; 512
+      multiply-adds per cell cost nothing;
+    - the extractor's L2 normalisations and PCA: subtracting the PCA mean from a unit descriptor
+      cancels leading digits, and bf16 has too few left to keep the projected descriptor within
+      a cosine of 0.999 of fp32's; with DELG, GeM (a cube), the whitening layer
+      and the multi-scale pooling of the global descriptor: one vector per image or row, no cost.
+
+    The feature map itself carries bf16's rounding (relative 2^-9 per operation through the
+    backbone), which moves the scores slightly: where the threshold rather than ``top_k`` decides
+    the features, their count can differ from fp32's (docs/deviations.md).
     """
     bf16 = [*model.backbone(), model.attn.conv1]
     if isinstance(model, Delg):
