@@ -67,8 +67,8 @@ class ExtractionConfig:
     use_whitening: bool = field(default=False, metadata={
         "help": "delf: divide the PCA projections by sqrt(variance) before the final L2 (official DeLF: false)"})
     amp: bool = field(default=False,
-                      metadata={"help": "bf16 autocast on CPU (fast only with avx512_bf16/AMX) and on Ampere+ GPUs, "
-                                "fp16 on older GPUs"})
+                      metadata={"help": "CPU with avx512_bf16/AMX: the network in bf16 (fp32 elsewhere, with a "
+                                "warning); GPU: bf16 autocast on Ampere+, fp16 on older GPUs"})
     descriptor_dtype: str = field(default="float32", metadata={"choices": DESCRIPTOR_DTYPES, "help": (
         "how the feature file stores descriptors: float16 halves them (e.g. 1M distractors kept for spatial "
         "verification); readers return float32 either way")})

@@ -203,12 +203,28 @@ def setup_logging(is_main: bool = True) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 / AMX); True when torch cannot tell."""
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names of native bf16 arithmetic
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """This CPU's feature flags as the first ``flags`` line of ``cpuinfo`` lists them; empty where
+    there is none (not Linux, or not x86)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether a CPU with ``flags`` (this one's by default: :func:`cpu_flags`) computes bf16
+    natively: avx512_bf16 or amx_bf16. Elsewhere oneDNN emulates bf16, several times slower than
+    fp32 (an AVX512 CPU without these included); a CPU whose flags cannot be read counts as
+    emulating."""
+    return not BF16_CPU_FLAGS.isdisjoint(cpu_flags() if flags is None else flags)
 
 
 def warn_if_slow_amp(device: torch.device, enabled: bool) -> None:

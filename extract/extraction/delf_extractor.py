@@ -18,6 +18,12 @@ The official DELF extractor's conventions (``resize="tf1"``, ``boxes="official"`
 official models default to them): TF1 ``resize_bilinear`` without half-pixel centres
 (:func:`extract.extraction.images.resize_tf1`), and boxes divided by the nominal scale times the shrink ratio,
 with no half-pixel shift, so the centre of cell (i, j) is at stride * (i, j) / scale.
+
+Precision: fp32 by default. With ``amp`` on a CPU that computes bf16 natively (avx512_bf16 or
+amx_bf16: :func:`train.runtime.native_bf16`) the inference copy holds its weights in bf16 and runs
+without autocast (:func:`to_bf16` says which parts stay float32 and why); on a CPU that would
+emulate bf16, several times slower than fp32, ``amp`` is dropped with a one-line warning. On CUDA
+``amp`` is autocast.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ from train.checkpoint import load_model
 from train.delf import Delf, ReceptiveField
 from train.delg import GLOBAL_SCALES, Delg, pool_scales
 from train.outputs import file_sha256
-from train.runtime import amp_dtype, autocast, cudnn_benchmark
+from train.runtime import amp_dtype, autocast, cudnn_benchmark, native_bf16
 
 log = logging.getLogger("delf")
 
@@ -54,6 +60,7 @@ SCALE_TOLERANCE = 1e-3  # a pyramid scale within this of a global scale shares i
 # (conv, BatchNorm) child pairs where the BN directly follows the conv: ResNet blocks, the
 # downsample and base Sequentials, the attention head.
 _CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv1", "bn"), ("0", "1"))
+log = logging.getLogger("delf")
 
 
 def too_small(width: int, height: int, max_image_size: int) -> str | None:
@@ -153,6 +160,56 @@ def conf_in_effect(conf: ExtractionConfig, pca: bool) -> ExtractionConfig:
                    pca_dims=conf.pca_dims if pca else 0, use_whitening=conf.use_whitening and pca)
 
 
+class Cast(nn.Module):
+    """Casts its input to ``dtype``: a border between the bf16 and the float32 parts of a model."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}"
+
+
+def to_bf16(model: Delf | Delg) -> Delf | Delg:
+    """``model`` (an inference copy: BatchNorm folded) with the bulk of its arithmetic in bf16,
+    changed in place and returned; run it without autocast.
+
+    In bf16 (weights and activations): the backbone (convolutions with their BatchNorm folded in,
+    ReLUs, residual sums, max-pools) to the local feature map, the attention's first 1x1
+    convolution (C -> 512), and with DELG its layer4 and the autoencoder's encoder (the local
+    descriptors). The feature map leaves the model in bf16; the extractor gathers the selected
+    rows as float32.
+
+    In float32, with the reason:
+
+    - the input normalisation, cast to bf16 once at its end (one rounding of the pixels);
+    - the attention's last convolution (512 -> 1) and softplus, i.e. the scores: they are compared
+      with the threshold and sorted, and bf16 would round them to about three significant digits
+      (steps of 0.5 near the official threshold 100), making ties fp32 does not have; 512
+      multiply-adds per cell cost nothing;
+    - the extractor's L2 normalisations and PCA: subtracting the PCA mean from a unit descriptor
+      cancels leading digits, and bf16 has too few left to keep the projected descriptor within
+      a cosine of 0.999 of fp32's; with DELG, GeM (a cube), the whitening layer
+      and the multi-scale pooling of the global descriptor: one vector per image or row, no cost.
+
+    The feature map itself carries bf16's rounding (relative 2^-9 per operation through the
+    backbone), which moves the scores slightly: where the threshold rather than ``top_k`` decides
+    the features, their count can differ from fp32's (docs/deviations.md).
+    """
+    bf16 = [*model.backbone(), model.attn.conv1]
+    if isinstance(model, Delg):
+        bf16 += [model.layer4, *([model.autoencoder.encoder] if model.autoencoder_dim else [])]
+    for module in bf16:
+        module.to(torch.bfloat16)
+    model.normalize = nn.Sequential(model.normalize, Cast(torch.bfloat16))
+    model.attn.conv2 = nn.Sequential(Cast(torch.float32), model.attn.conv2)
+    return model
+
+
 class DelfExtractor:
     """Image -> DeLF keypoints, descriptors, scores, scales and attention maps.
 
@@ -170,12 +227,14 @@ class DelfExtractor:
     take a pass of their own. Images too small for features get a zero vector. The local
     descriptors of a DELG model with an autoencoder are its code (PCA is then not needed).
 
-    ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``) as
+    ``model`` is copied for inference (BatchNorm folded, channels_last, on ``device``; with
+    ``conf.amp`` on a CPU with native bf16 mostly in bf16: :func:`to_bf16`, ``self.bf16`` True) as
     ``self.model``; the caller's model is not modified. ``self.conf`` is the configuration in
-    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file): the feature
-    file's attributes. ``conf.amp`` autocasts to :func:`train.runtime.amp_dtype`: bf16 on CPU and
-    recent GPUs, fp16 on GPUs without bf16, where a folded weight beyond :data:`FP16_SAFE_WEIGHT`
-    makes it run in float32 instead (a warning; ``self.conf.amp`` is then False).
+    effect (``use_pca`` and ``use_whitening`` False and ``pca_dims`` 0 without a PCA file; ``amp``
+    False on a CPU without native bf16): the feature file's attributes. On a GPU ``conf.amp``
+    autocasts to :func:`train.runtime.amp_dtype`: bf16 on recent GPUs, fp16 on GPUs without bf16,
+    where a folded weight beyond :data:`FP16_SAFE_WEIGHT` makes it run in float32 instead (a
+    warning; ``self.conf.amp`` is then False).
     """
 
     def __init__(self, model: Delf | Delg, conf: ExtractionConfig | None = None, *,
@@ -193,8 +252,15 @@ class DelfExtractor:
         if pca is not None and len(pca["pca_mean"]) != model.feature_dim:
             raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are "
                            f"{model.feature_dim}-d")
-        self.conf = conf_in_effect(conf, pca is not None)
         self.device = torch.device(device)
+        cpu_amp = conf.amp and self.device.type == "cpu"
+        self.bf16 = cpu_amp and native_bf16()
+        emulated = cpu_amp and not self.bf16
+        if emulated:
+            log.warning("--amp: this CPU has no native bf16 (avx512_bf16/amx_bf16), where bf16 would be slower "
+                        "than fp32: extracting in fp32")
+        # the configuration in effect: without a PCA file, no PCA and 0 dimensions; amp only where it runs
+        self.conf = replace(conf_in_effect(conf, pca is not None), amp=conf.amp and not emulated)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype(self.device)
         if self.conf.amp and self.amp_dtype == torch.float16:
@@ -203,6 +269,8 @@ class DelfExtractor:
                 log.warning("--amp: this GPU has no bf16 and fp16 cannot hold the model safely (|%s| reaches %.3g "
                             "with BatchNorm folded, above %g): extracting in float32", name, value, FP16_SAFE_WEIGHT)
                 self.conf = replace(self.conf, amp=False)
+        if self.bf16:
+            self.model = to_bf16(self.model)
         self.receptive_field = model.receptive_field()
         # on the device once, not per image
         self.pca = None if pca is None else {k: torch.as_tensor(pca[k], device=self.device) for k in PCA_KEYS}
@@ -319,7 +387,7 @@ class DelfExtractor:
         for scale, with_global in zip(self.scales, self._global_levels):
             x, ratio = self.scale_image(base, scale, size)
             x = x[None].contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.conf.amp, self.amp_dtype):
+            with autocast(self.device, self.conf.amp and not self.bf16, self.amp_dtype):
                 if with_global:
                     fmap, attn, g = self.model.extract_with_global(x)
                     global_descs.append(g[0])
@@ -356,7 +424,7 @@ class DelfExtractor:
     def _global_only(self, base: torch.Tensor, scale: float) -> torch.Tensor:
         """The global descriptor (D,) at a scale that is not a pyramid level: a pass of its own."""
         x, _ = self.scale_image(base, scale, (base.shape[-1], base.shape[-2]))
-        with autocast(self.device, self.conf.amp, self.amp_dtype):
+        with autocast(self.device, self.conf.amp and not self.bf16, self.amp_dtype):
             return self.model.global_descriptor(self.model.features(x[None].contiguous(
                 memory_format=torch.channels_last)))[0]
 

@@ -41,7 +41,6 @@ from extract.extraction.report import Report
 from extract.extraction.workshare import WorkShare
 from train.dataloader import default_workers as loader_workers
 from train.outputs import OutputLock, OutputWriteError, file_sha256
-from train.runtime import warn_if_slow_amp
 
 log = logging.getLogger("delf")
 
@@ -114,9 +113,7 @@ def feature_writer(path: str | Path, attrs: dict[str, Any], overwrite: bool = Fa
 
 def load_extractor(conf: ExtractionConfig, checkpoint: str | Path, pca_file: str | Path | None = None,
                    device: str | torch.device = "cpu") -> DelfExtractor:
-    """The extractor of ``checkpoint`` (+ the PCA file when ``conf.use_pca``) on ``device``;
-    warns when ``conf.amp`` would emulate bf16 on this CPU."""
-    warn_if_slow_amp(torch.device(device), conf.amp)
+    """The extractor of ``checkpoint`` (+ the PCA file when ``conf.use_pca``) on ``device``."""
     return DelfExtractor.from_checkpoint(checkpoint, pca_file, conf, device=device)
 
 
