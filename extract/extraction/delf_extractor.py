@@ -253,7 +253,8 @@ class DelfExtractor:
             raise PcaError(f"the PCA file is {len(pca['pca_mean'])}-d but the model's descriptors are "
                            f"{model.feature_dim}-d")
         self.device = torch.device(device)
-        cpu_amp = conf.amp and self.device.type == "cpu"
+        self.amp_dtype = amp_dtype(self.device)
+        cpu_amp = conf.amp and self.device.type == "cpu" and self.amp_dtype == torch.bfloat16
         self.bf16 = cpu_amp and native_bf16()
         emulated = cpu_amp and not self.bf16
         if emulated:
@@ -262,7 +263,6 @@ class DelfExtractor:
         # the configuration in effect: without a PCA file, no PCA and 0 dimensions; amp only where it runs
         self.conf = replace(conf_in_effect(conf, pca is not None), amp=conf.amp and not emulated)
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
-        self.amp_dtype = amp_dtype(self.device)
         if self.conf.amp and self.amp_dtype == torch.float16:
             value, name = largest_weight(self.model)
             if value > FP16_SAFE_WEIGHT:
