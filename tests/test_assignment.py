@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import extract.retrieval.asmk.assignment as assignment
+import train.runtime
 from extract.config import AsmkConfig
 from extract.retrieval.asmk.assignment import NearestWords, default_method, kept_groups, shortlist
 from extract.retrieval.asmk.codebook import VisualWords
@@ -158,7 +159,7 @@ def test_method_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for flags, low, high in (({"avx2", "avx512f"}, "fp32", "faiss"), ({"avx512f", "avx512_bf16"}, "bf16", "bf16"),
                              ({"amx_tile", "amx_bf16"}, "bf16", "bf16"), (set(), "fp32", "faiss")):
-        monkeypatch.setattr(assignment, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(train.runtime, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert (default_method(cpu, 40), default_method(cpu, 128)) == (low, high)
         assert NearestWords(np.eye(128, dtype=np.float32)).method(cpu) == high
     assert NearestWords(np.eye(128, dtype=np.float32), "fp32").method(cpu) == "fp32"

@@ -57,12 +57,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, TypeVar
 
 import faiss
 import numpy as np
 import torch
+
+from train.runtime import native_bf16
 
 # words per group, words per block of the product, descriptors per batch (its memory, bfloat16:
 # 2 bytes per descriptor and word of a block, and per descriptor and group)
@@ -94,29 +95,18 @@ def kept_groups(m: int) -> tuple[int, ...]:
 Words = TypeVar("Words", np.ndarray, torch.Tensor)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16(device: torch.device) -> bool:
+def multiplies_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 natively: CUDA with bfloat16 support, or a CPU with
-    avx512_bf16 or AMX (amx_bf16), which torch's oneDNN uses."""
+    avx512_bf16 or AMX (:func:`train.runtime.native_bf16`), which torch's oneDNN uses."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return device.type == "cpu" and native_bf16()
 
 
 def default_method(device: torch.device, dim: int) -> str:
     """The exact method :class:`NearestWords` uses on ``device`` for ``dim``-D descriptors: bf16
     where it is native, else fp32 (faiss on the CPU from FAISS_MIN_DIM)."""
-    if native_bf16(device):
+    if multiplies_bf16(device):
         return "bf16"
     return "faiss" if device.type == "cpu" and dim >= FAISS_MIN_DIM else "fp32"
 
