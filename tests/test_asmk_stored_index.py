@@ -21,8 +21,10 @@ import pytest
 import extract.retrieval.asmk.stored_index as stored_index_module
 import train.outputs as outputs_module
 from extract.config import AsmkConfig
+from extract.retrieval.asmk import scan
 from extract.retrieval.asmk.codebook import VisualWords
 from extract.retrieval.asmk.memory_index import AsmkIndex
+from extract.retrieval.asmk.scan import scan_lists, stripes
 from extract.retrieval.asmk.stored_index import (
     AsmkIndexError,
     ForwardStore,
@@ -30,7 +32,6 @@ from extract.retrieval.asmk.stored_index import (
     StoredIndex,
     block_crcs,
     crc_blocks,
-    decode_varints,
     encode_varints,
     update_index,
     varint_sizes,
@@ -77,11 +78,69 @@ def test_varints_by_hand() -> None:
     expected = [0, 1, 127, 0x80, 0x01, 0xAC, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]
     assert encode_varints(values).tolist() == expected
     assert varint_sizes(values).tolist() == [1, 1, 1, 2, 2, 5]
-    assert decode_varints(np.array(expected, np.uint8)).tolist() == values.tolist()
-    rng = np.random.default_rng(0)
-    many = rng.integers(0, 2**40, 5000) >> rng.integers(0, 40, 5000)
-    np.testing.assert_array_equal(decode_varints(encode_varints(many)), many)
-    assert len(encode_varints(np.empty(0, np.int64))) == 0 and len(decode_varints(np.empty(0, np.uint8))) == 0
+    assert len(encode_varints(np.empty(0, np.int64))) == 0
+
+
+# a hand-made inverted file of 8-D residuals (one byte each): word 0 lists images 3, 200 and 1000
+# (differences 3, 197, 800), word 1 image 200 (LEB128: 197 = 0xC5 0x01, 800 = 0xA0 0x06, 200 = 0xC8 0x01)
+HAND_IDS = [3, 0xC5, 0x01, 0xA0, 0x06, 0xC8, 0x01]
+HAND_CODES = [[0b00000000], [0b11110000], [0b00000001], [0b11111111]]
+
+
+def hand_scan(ids: list[int] = HAND_IDS, offsets: tuple[int, ...] = (0, 3, 4), images: int = 1001, dim: int = 8,
+              codes: list[list[int]] = HAND_CODES, bounds: list[int] | None = None) -> tuple[int, int, np.ndarray]:
+    """scan_lists of the query words (1, 0) with residuals 0b00001111 and 0 and the kernel 2^-h;
+    with ``bounds``, the threads' stripes of images given (any number, whatever the machine's)."""
+    scores, words = np.zeros(images), np.array([1, 0])
+    arrays = (np.array(ids, np.uint8), np.array([0, 5, 7]), np.array(codes, np.uint8), np.array(offsets), words,
+              np.array([[0b00001111], [0]], np.uint8), 0.5 ** np.arange(9), dim, scores)
+    if bounds is None:
+        problem, word = scan_lists(*arrays)
+    else:
+        problem, i = scan._scan(*arrays, np.array(bounds))
+        word = int(words[i]) if problem != scan.OK else -1
+    return problem, word, scores
+
+
+def test_stripes_by_hand() -> None:
+    """Thread t's stripe: (a^t - a^(t+1)) / (1 - a^T) of the images, a = 0.7: 0.3 / 0.51 of 1001
+    images is 588.8; 0.3 / 0.657 and 0.51 / 0.657 of 1000 are 456.6 and 776.3."""
+    assert scan.DECODE_SHARE == 0.3
+    assert stripes(1001, 2).tolist() == [0, 588, 1001]
+    assert stripes(1000, 3).tolist() == [0, 456, 776, 1000]
+    assert stripes(10, 1).tolist() == [0, 10]
+
+
+# the threads' stripes of images: one thread; the machine's; image 200 first of a stripe; empty stripes
+BOUNDS = [None, [0, 1001], [0, 588, 1001], [0, 200, 1001], [0, 3, 4, 201, 1001], [0, 0, 1000, 1000, 1001]]
+
+
+@pytest.mark.parametrize("bounds", BOUNDS)
+def test_scan_by_hand(bounds: list[int] | None) -> None:
+    """Word 1 first: image 200 at distance 4 (1/16); then word 0: image 3 at 0 (1), image 200 at 4
+    (1/16 more), image 1000 at 1 (1/2); the same however the images are shared among threads."""
+    assert encode_varints(np.array([3, 197, 800, 200])).tolist() == HAND_IDS
+    problem, word, scores = hand_scan(bounds=bounds)
+    assert (problem, word) == (scan.OK, -1)
+    assert {int(i): float(scores[i]) for i in np.flatnonzero(scores)} == {3: 1.0, 200: 0.125, 1000: 0.5}
+
+
+@pytest.mark.parametrize("bounds", BOUNDS)
+@pytest.mark.parametrize(("damage", "problem", "word"), [
+    ({"ids": [3, 0xC5, 0x01, 0xA0, 0x86, 0xC8, 0x01]}, scan.CONTINUES, 0),   # the list's last byte goes on
+    ({"offsets": (0, 3, 5)}, scan.COUNT, 1),                                  # word 1: 2 entries, 1 id
+    ({"images": 700}, scan.DIFFERENCE_RANGE, 0),                              # the difference 800
+    ({"images": 1000}, scan.ID_RANGE, 0),                                     # image 200 + 800
+    ({"ids": [3, 0x00, 0xA0, 0x86, 0x00, 0xC8, 0x01]}, scan.NOT_INCREASING, 0),   # 3, 0, 800 (in 3 bytes)
+    ({"dim": 3}, scan.CODE_BITS, 1),                                          # distance 4 for a 3-D residual
+    # word 0: image 3 at distance 4 (entry 0) before image 1000 beyond 1000 images (entry 2): the first
+    ({"dim": 3, "images": 1000, "codes": [[0b11110000], [0], [0], [0b00001111]]}, scan.CODE_BITS, 0),
+])
+def test_scan_reports_the_first_problem_and_its_word(damage: dict, problem: int, word: int,
+                                                     bounds: list[int] | None) -> None:
+    if bounds is not None:
+        bounds = [min(b, damage.get("images", 1001)) for b in bounds]
+    assert hand_scan(**damage, bounds=bounds)[:2] == (problem, word)
 
 
 @pytest.mark.parametrize("cfg", [AsmkConfig(codebook_size=64),
@@ -391,7 +450,7 @@ def test_list_structure_is_checked_on_every_read(tmp_path: Path, damage: str) ->
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
     assert str(e.value).endswith(INVERTED_HINT.format(folder=folder))
     if damage != "offsets":
-        assert "among the lists of visual words " in str(e.value)
+        assert f", in the list of visual word {w})" in str(e.value)
 
 
 def test_crc_blocks_by_hand() -> None:

@@ -19,7 +19,7 @@ from extract.config import AsmkConfig, IndexConfig
 from extract.errors import InputMismatch, OptionError
 from extract.evaluation.asmk_database import CODEBOOK_LEGACY
 from extract.retrieval.asmk.codebook import CodebookError, VisualWords, codebook, load_codebook, save_codebook
-from extract.retrieval.asmk.kernel import aggregate, code_columns, code_record
+from extract.retrieval.asmk.kernel import aggregate, code_columns
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.faiss_search import KnnIndex, auto_nlist, faiss_gpu, faiss_threads, kmeans
 from tests.utils import held_bytes, unit
@@ -141,14 +141,6 @@ def test_code_columns_keep_bits_and_bytes() -> None:
     hamming = sum(np.bitwise_count(x ^ y).astype(int) for x, y in zip(ca, cb, strict=True))
     np.testing.assert_array_equal(hamming, np.unpackbits(a ^ b, axis=1).sum(1))
     assert [c.dtype for c in code_columns(a[:, :5])] == [np.uint32, np.uint8]
-    # the same words as fields of a record view, without a copy
-    for width in (5, 12, 15):
-        records = a[:, :width].copy().view(code_record(width))[:, 0]
-        fields = [records[name] for name in records.dtype.names]
-        assert code_record(width).itemsize == width
-        for field, column in zip(fields, code_columns(a[:, :width]), strict=True):
-            assert field.dtype == column.dtype
-            np.testing.assert_array_equal(field, column)
 
 
 # D -> B of the Hamming similarity 1 - 2 h / B: asmk packs D sign bits into 32-bit words

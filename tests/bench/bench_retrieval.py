@@ -77,7 +77,7 @@ from extract.extraction.feature_file import FeatureWriter, iter_features, plain_
 from extract.extraction.pca import load_pca
 from extract.retrieval.asmk.assignment import NearestWords, Prepared, default_method, kept_groups, shortlist
 from extract.retrieval.asmk.codebook import VisualWords, codebook, rounded
-from extract.retrieval.asmk.kernel import aggregate
+from extract.retrieval.asmk.kernel import aggregate, code_columns
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import ForwardStore, StoredIndex, build_inverted, index_identity, update_index
 from extract.retrieval.faiss_search import KnnIndex, faiss_threads, kmeans
@@ -361,6 +361,73 @@ class GivenWords(VisualWords):
 
     def assign(self, x: np.ndarray, m: int) -> np.ndarray:
         return self.pending[:, None]
+
+
+# --- the previous scan, for the comparison only: numpy, one slice per list -------------------------
+def _previous_varints(data: np.ndarray) -> np.ndarray:
+    """LEB128 values (int64) of concatenated encodings, each value's last byte read for all."""
+    ends = np.flatnonzero(data < 128)
+    values = data[ends].astype(np.int64)
+    longer = np.flatnonzero(np.diff(ends, prepend=-1) > 1)
+    if len(longer):
+        last = ends[longer]
+        sizes = last - np.concatenate([[-1], ends])[longer]
+        more = values[longer] << 7 * (sizes - 1)
+        for k in range(int(sizes.max()) - 1):
+            has = np.flatnonzero(sizes > k + 1)
+            more[has] |= (data[last[has] - (sizes[has] - 1) + k] & 127).astype(np.int64) << (7 * k)
+        values[longer] = more
+    return values
+
+
+def _previous_record(code_bytes: int) -> np.dtype:
+    """code_columns' words as the fields of a structured dtype of ``code_bytes`` bytes."""
+    names, formats, offsets, start = [], [], [], 0
+    for dtype in (np.uint64, np.uint32, np.uint16, np.uint8):
+        while code_bytes - start >= np.dtype(dtype).itemsize:
+            names.append(f"c{len(names)}")
+            formats.append(dtype)
+            offsets.append(start)
+            start += np.dtype(dtype).itemsize
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": code_bytes})
+
+
+def previous_scan(index: StoredIndex, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """StoredIndex.search before the compiled scan (the commit before extract/retrieval/asmk/scan.py),
+    its checks included: the lists' bytes gathered one slice per list, the varints decoded and
+    summed per list with numpy, the Hamming distances of 8/4/2/1-byte columns with
+    np.bitwise_count, the kernel's values summed per image with np.bincount."""
+    def gather(array: np.ndarray, lo: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return np.concatenate([array[a:a + k] for a, k in zip(lo.tolist(), n.tolist(), strict=True)])
+
+    words = np.asarray(words, np.int64)
+    lo, lengths = index.offsets[words], index.offsets[words + 1] - index.offsets[words]
+    byte_lo = index.id_offsets[words]
+    byte_len = index.id_offsets[words + 1] - byte_lo
+    data = gather(index._id_bytes, byte_lo, byte_len)
+    deltas = _previous_varints(data)
+    bounds = np.cumsum(byte_len)
+    count = np.diff(np.searchsorted(np.flatnonzero(data < 128), bounds), prepend=0)
+    assert not (data[bounds[byte_len > 0] - 1] >= 128).any() and np.array_equal(count, lengths)
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+    assert int(deltas.max()) < index.num_images
+    assert np.count_nonzero(deltas == 0) == np.count_nonzero(deltas[starts] == 0)
+    last = np.add.reduceat(deltas, starts)
+    assert int(last.max()) < index.num_images
+    deltas[starts[1:]] -= last[:-1]
+    images = np.cumsum(deltas)
+    records = gather(index._code_rows, lo, lengths).view(_previous_record(codes.shape[1]))[:, 0]
+    count = np.uint8 if 8 * codes.shape[1] < 256 else np.intp   # the largest distance fits
+    hamming = sum(np.bitwise_count(np.repeat(q, lengths) ^ records[name]).astype(count, copy=False)
+                  for q, name in zip(code_columns(codes), records.dtype.names, strict=True))
+    scores = np.bincount(images, index.kernel[hamming], minlength=index.num_images)
+    return scores / index.norm / np.sqrt(len(codes))
+
+
+def memory_bandwidth(nbytes: int = 1 << 28) -> float:
+    """Bytes per second of np.copyto between two ``nbytes`` arrays (read + write counted), best of 5."""
+    a, b = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    return 2 * nbytes / min(timed(np.copyto, b, a)[1] for _ in range(5))
 
 
 def rss_mib() -> tuple[float, float]:

@@ -45,21 +45,6 @@ def code_columns(codes: np.ndarray) -> list[np.ndarray]:
     return columns
 
 
-def code_record(code_bytes: int) -> np.dtype:
-    """A structured dtype of ``code_bytes`` bytes whose fields are :func:`code_columns`' words
-    (same offsets and types): a (n, B) uint8 array viewed with it gives the columns as fields
-    without a copy."""
-    names, formats, offsets, start = [], [], [], 0
-    for dtype in WORD_DTYPES:
-        width = np.dtype(dtype).itemsize
-        while code_bytes - start >= width:
-            names.append(f"c{len(names)}")
-            formats.append(dtype)
-            offsets.append(start)
-            start += width
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": code_bytes})
-
-
 def aggregate(x: np.ndarray, words: np.ndarray, centroids: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
     """One image's ASMK* representation: per distinct visual word w among ``words`` (n, m) of

@@ -21,8 +21,7 @@ arrays (never a pickle):
   uint32 (blocks, 2) the crc32 of each block's bytes in codes.npy and in ids.npy (a block: the
   consecutive words whose lists start in one window of ``crc_block_bytes`` bytes of the two files'
   lists together, :func:`crc_blocks`); ``meta.json``. Queries memory-map the big arrays and read
-  only the lists of their words, one slice per list (:func:`concat_slices`); the varints are
-  decoded from each value's last byte, the other bytes of the longer values only for those.
+  only the lists of their words, in one compiled pass (extract/retrieval/asmk/scan.py).
 
 Checksums: each json file carries the crc32 of its own contents (``json_crc32``); a manifest
 records each data file's size and crc32 — of the whole file, except codes.npy and ids.npy, whose
@@ -57,13 +56,8 @@ import numpy as np
 from extract.config import AsmkConfig
 from extract.errors import UserError
 from extract.retrieval.asmk.codebook import DESCRIPTOR_ROUNDING, HNSW_STORAGE, VisualWords
-from extract.retrieval.asmk.kernel import (
-    code_record,
-    image_norms,
-    kernel_scores,
-    represent,
-    similarity_kernel,
-)
+from extract.retrieval.asmk.kernel import image_norms, represent, similarity_kernel
+from extract.retrieval.asmk.scan import CODE_BITS, OK, PROBLEMS, scan_lists
 from train.outputs import OutputInUse, OutputLock, OutputLockUnavailable, atomic_path, fsync_folder
 
 log = logging.getLogger("delf")
@@ -243,59 +237,6 @@ def encode_varints(values: np.ndarray) -> np.ndarray:
         byte = (values[has] >> np.uint64(7 * k)) & np.uint64(127)
         out[start[has] + k] = byte.astype(np.uint8) | np.where(sizes[has] > k + 1, 128, 0).astype(np.uint8)
     return out
-
-
-def _decode_varints(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(the int64 values of concatenated LEB128 encodings, the index of each value's last byte;
-    None when every value takes one byte). Each value's last byte is read for all, the longer
-    values' other bytes only for them (most of an index's differences take one byte)."""
-    ends = np.flatnonzero(data < 128)      # each value's last byte
-    if len(ends) == len(data):             # one byte each
-        return data.astype(np.int64), None
-    values = data[ends].astype(np.int64)
-    longer = np.flatnonzero(np.diff(ends, prepend=-1) > 1)   # values of several bytes
-    if not len(longer):
-        return values, ends
-    last = ends[longer]
-    sizes = last - np.concatenate([[-1], ends])[longer]
-    top = 7 * (sizes - 1)
-    more = values[longer] << top
-    for k in range(int(sizes.max()) - 1):
-        has = np.flatnonzero(sizes > k + 1)
-        more[has] |= (data[last[has] - (sizes[has] - 1) + k] & 127).astype(np.int64) << (7 * k)
-    values[longer] = more
-    return values, ends
-
-
-def decode_varints(data: np.ndarray) -> np.ndarray:
-    """The int64 values of concatenated LEB128 encodings (:func:`encode_varints`)."""
-    return _decode_varints(np.asarray(data, np.uint8))[0]
-
-
-def list_ids(deltas: np.ndarray, lengths: np.ndarray, num_images: int) -> tuple[np.ndarray, str | None]:
-    """The image ids (int64) of concatenated lists of ``lengths`` (L,) entries from their
-    ``deltas`` (each list's first id, then the differences; modified), and what is wrong with
-    them, if anything: each list strictly increasing and below ``num_images``. Vectorised: one
-    running sum over all lists, each list's first delta less the previous list's last id."""
-    if not len(deltas):
-        return deltas, None
-    starts = (np.cumsum(lengths) - lengths)[lengths > 0]
-    if int(deltas.view(np.uint64).max()) >= num_images:
-        return deltas, f"an id or difference not below the image count {num_images}"
-    if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
-        return deltas, "ids not strictly increasing"
-    last = np.add.reduceat(deltas, starts)       # each list's last id
-    if int(last.max()) >= num_images:
-        return deltas, f"an id not below the image count {num_images}"
-    deltas[starts[1:]] -= last[:-1]
-    return np.cumsum(deltas), None
-
-
-def concat_slices(array: np.ndarray, lo: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The rows lo[j] .. lo[j] + lengths[j] - 1 of ``array`` for every j, concatenated (a copy):
-    one slice per range, far cheaper than gathering by an index array of every row."""
-    slices = [array[a:a + n] for a, n in zip(lo.tolist(), lengths.tolist(), strict=True)]
-    return np.concatenate(slices) if slices else array[:0].copy()
 
 
 # --- forward store -------------------------------------------------------------------------------
@@ -584,11 +525,8 @@ class StoredIndex:
                           for name, (dtype, shape) in INVERTED_ARRAYS.items()}
         arrays = {name: self._load(name, *expected) for name, expected in self._expected.items()}
         self.codes, self.ids = arrays["codes.npy"], arrays["ids.npy"]
-        # plain ndarray views of the maps, gathered with np.take (several times faster than a
-        # memmap's or a 2-D array's fancy indexing); gathered codes are viewed as records whose
-        # fields are code_columns' words
+        # plain ndarray views of the maps (what the compiled scan takes)
         self._code_rows, self._id_bytes = np.asarray(self.codes), np.asarray(self.ids)
-        self._record = code_record(code_bytes)
         self.offsets, self.id_offsets = arrays["offsets.npy"], arrays["id_offsets.npy"]
         self._block_crc = arrays["block_crc.npy"]
         counts = arrays["counts.npy"].astype(np.int64)
@@ -683,41 +621,23 @@ class StoredIndex:
                           "crc32 in block_crc.npy", self._hint)
         self._checked[todo] = True
 
-    def _read_ids(self, words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """The image ids (int64) of the lists of ``words`` (``lengths`` entries each, as the
-        offsets say), concatenated, checked: as many as the offsets say, each list strictly
-        increasing and below the image count; else AsmkIndexError naming ids.npy."""
-        byte_lo = self.id_offsets[words]
-        byte_len = self.id_offsets[words + 1] - byte_lo
-        data = concat_slices(self._id_bytes, byte_lo, byte_len)
-        deltas, ends = _decode_varints(data)
-        problem = None
-        if ends is None:
-            count = byte_len
-        else:   # each list's values: those that end in its bytes; its last byte must end one
-            bounds = np.cumsum(byte_len)
-            count = np.diff(np.searchsorted(ends, bounds), prepend=0)
-            if (data[bounds[byte_len > 0] - 1] >= 128).any():
-                problem = "a list's last id continues past its bytes"
-        if problem is None and not np.array_equal(count, lengths):
-            problem = "a list holds another number of ids than offsets.npy says"
-        ids, problem = (deltas, problem) if problem else list_ids(deltas, lengths, self.num_images)
-        if problem:
-            raise damaged(self.folder / "ids.npy", f"{problem}, among the lists of visual words "
-                          f"{int(words[0])}..{int(words[-1])}", self._hint)
-        return ids
-
     def search(self, codes: np.ndarray, words: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of an aggregated query (as
-        :meth:`extract.retrieval.asmk.memory_index.AsmkIndex.search`)."""
+        :meth:`extract.retrieval.asmk.memory_index.AsmkIndex.search`): the lists of ``words`` (W,)
+        scanned in one compiled pass (:func:`~extract.retrieval.asmk.scan.scan_lists`), their
+        structure checked; AsmkIndexError naming the file and the list when it is damaged."""
         words = np.asarray(words, np.int64)
+        scores = np.zeros(self.num_images)
+        if not len(words):
+            return scores
         self._check_lists(words)
-        lo = self.offsets[words]
-        lengths = self.offsets[words + 1] - lo
-        images = self._read_ids(words, lengths)
-        records = concat_slices(self._code_rows, lo, lengths).view(self._record)[:, 0]
-        return kernel_scores(codes, lengths, [records[name] for name in records.dtype.names], images,
-                             self.kernel, self.norm)
+        problem, word = scan_lists(self._id_bytes, self.id_offsets, self._code_rows, self.offsets, words,
+                                   np.ascontiguousarray(codes, np.uint8), self.kernel, self.dim, scores)
+        if problem != OK:
+            name = "codes.npy" if problem == CODE_BITS else "ids.npy"
+            raise damaged(self.folder / name, PROBLEMS[problem].format(images=self.num_images, dim=self.dim)
+                          + f", in the list of visual word {word}", self._hint)
+        return scores / self.norm / np.sqrt(len(words))
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
         """ASMK* similarity (num database images,) float64 of one query's (n, D) descriptors."""
