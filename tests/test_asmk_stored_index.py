@@ -97,7 +97,7 @@ def hand_scan(ids: list[int] = HAND_IDS, offsets: tuple[int, ...] = (0, 3, 4), i
     if bounds is None:
         problem, word = scan_lists(*arrays)
     else:
-        problem, i = scan._scan(*arrays, np.array(bounds))
+        problem, i = scan._scan(*arrays, np.array(bounds), scan.last_word_mask(1))
         word = int(words[i]) if problem != scan.OK else -1
     return problem, word, scores
 
@@ -141,6 +141,48 @@ def test_scan_reports_the_first_problem_and_its_word(damage: dict, problem: int,
     if bounds is not None:
         bounds = [min(b, damage.get("images", 1001)) for b in bounds]
     assert hand_scan(**damage, bounds=bounds)[:2] == (problem, word)
+
+
+FUZZ = """
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from extract.retrieval.asmk import scan
+rng = np.random.default_rng(0)
+seen = set()
+for trial in range(400):
+    images, lists, code_bytes = int(rng.integers(1, 300)), int(rng.integers(1, 6)), int(rng.integers(1, 18))
+    lengths = rng.integers(0, 40, lists)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = [np.sort(rng.choice(images, min(n, images), replace=False)) for n in lengths]
+    data = [np.diff(i, prepend=0) for i in ids]
+    id_bytes = (rng.integers(0, 256, int(lengths.sum()) * 2) if trial % 2 else
+                np.concatenate([np.minimum(d, 255) for d in data] + [np.zeros(0, np.int64)])).astype(np.uint8)
+    id_offsets = np.sort(rng.integers(0, len(id_bytes) + 1, lists + 1))
+    id_offsets[0], id_offsets[-1] = 0, len(id_bytes)
+    codes = rng.integers(0, 256, (int(offsets[-1]), code_bytes)).astype(np.uint8)
+    query = rng.integers(0, 256, (lists, code_bytes)).astype(np.uint8)
+    threads = int(rng.integers(1, 5))
+    bounds = np.sort(rng.integers(0, images + 1, threads + 1))
+    bounds[0], bounds[-1] = 0, images
+    scores = np.zeros(images)
+    problem, i = scan._scan(id_bytes, id_offsets, codes, offsets, np.arange(lists), query, np.ones(8 * code_bytes + 1),
+                            8 * code_bytes, scores, bounds, scan.last_word_mask(code_bytes))
+    seen.add(int(problem))
+print(sorted(seen))
+"""
+
+
+def test_damaged_lists_never_index_out_of_bounds(tmp_path: Path) -> None:
+    """Random bytes as lists (and lists whose differences were cut to a byte), random stripes:
+    with numba's bounds checks on (NUMBA_BOUNDSCHECK=1; compiled apart in a fresh cache), every
+    scan returns, reporting a problem or none, and never indexes an array out of bounds."""
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", FUZZ.format(root=str(ROOT))], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert {scan.OK, scan.CONTINUES, scan.COUNT} <= seen and len(seen) >= 5, seen
 
 
 @pytest.mark.parametrize("cfg", [AsmkConfig(codebook_size=64),

@@ -24,6 +24,9 @@ descriptors) on synthetic clustered descriptors.
   word), query time (HNSW assignment, 40-D) and the querying process's RSS (a fresh process:
   the index memory-mapped), the checks' cost (loading; the scan when each block of lists is
   checked against its crc32s at its first read, and again once they all are; StoredIndex.verify(), every byte),
+  the compiled scan (extract/retrieval/asmk/scan.py, on 1 thread and on numba's) against the previous
+  numpy scan (kept here for the comparison: previous_scan), interleaved in one process, with whether
+  their scores are bit-identical, the bytes of lists a query reads and the memory bandwidth (np.copyto),
   extrapolated to ROxf+1M; and the feature file's size with float32 and float16 descriptors.
 - real: how real extracted features share words within an image, on the outputs of `make demo`
   (--demo_expr under repo/ or $DELF_REPO_DIR; skipped with a note when they are absent):
@@ -68,6 +71,7 @@ from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import faiss
+import numba
 import numpy as np
 import torch
 
@@ -437,9 +441,9 @@ def rss_mib() -> tuple[float, float]:
 
 
 def query_stored(folder: str, centroids: np.ndarray, queries: list[np.ndarray], cfg: AsmkConfig,
-                 threads: int) -> dict[str, float | np.ndarray]:
+                 threads: int, repeats: int) -> dict[str, float | np.ndarray]:
     """In a fresh process: the index memory-mapped, HNSW query assignment; times (s per query)
-    and RSS (MiB) before and after the queries."""
+    and RSS (MiB) before and after the queries; the scans compared (:func:`compare_scans`)."""
     with faiss_threads(threads):
         words = VisualWords(centroids, replace(cfg, assignment="hnsw"))
         index, t_load, _ = timed(StoredIndex, Path(folder), words, cfg)
@@ -451,10 +455,38 @@ def query_stored(folder: str, centroids: np.ndarray, queries: list[np.ndarray], 
         after, peak = rss_mib()
         _, t_again, _ = timed(search_all, index, aggregated)      # every list read checked already
         _, t_verify, c_verify = timed(index.verify)
+        scans = compare_scans(index, aggregated, repeats)
     n = len(queries)
     return {"assign": t_assign / n, "aggregate": t_agg / n, "scan": t_scan / n, "scan_again": t_again / n,
             "load": t_load, "verify": t_verify, "verify_cpu": c_verify, "checked_blocks": checked,
-            "rss_before": before, "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1)}
+            "rss_before": before, "rss_after": after, "rss_peak": peak, "top1": np.argmax(scores, axis=1), **scans}
+
+
+def compare_scans(index: StoredIndex, aggregated: list[tuple[np.ndarray, np.ndarray]], repeats: int
+                  ) -> dict[str, float | bool]:
+    """The previous numpy scan against the compiled one on 1 thread and on numba's threads,
+    interleaved (s per query, median of ``repeats`` rounds of all queries); whether their scores
+    are bit-identical; the bytes of lists a query reads; the memory bandwidth."""
+    threads = numba.get_num_threads()
+
+    def compiled(n: int) -> Callable[[], None]:
+        def run() -> None:
+            numba.set_num_threads(n)
+            try:
+                search_all(index, aggregated)
+            finally:
+                numba.set_num_threads(threads)
+        return run
+
+    same = all(np.array_equal(index.search(*a), previous_scan(index, *a)) for a in aggregated)
+    times = compare({"previous": lambda: [previous_scan(index, *a) for a in aggregated],
+                     "compiled_1": compiled(1), "compiled_n": compiled(threads)}, repeats)
+    lengths = [index.offsets[w + 1] - index.offsets[w] for _, w in aggregated]
+    id_bytes = [index.id_offsets[w + 1] - index.id_offsets[w] for _, w in aggregated]
+    read = np.mean([n.sum() * c.shape[1] + b.sum() for n, b, (c, _) in zip(lengths, id_bytes, aggregated, strict=True)])
+    return {**{f"scan_{k}": v / len(aggregated) for k, v in times.items()}, "scan_threads": threads,
+            "scan_identical": same, "scan_entries": float(np.mean([n.sum() for n in lengths])), "scan_bytes": read,
+            "bandwidth": memory_bandwidth()}
 
 
 def bench_stored(args: argparse.Namespace) -> None:
@@ -496,7 +528,8 @@ def bench_stored(args: argparse.Namespace) -> None:
                       f"{t_inverted:.1f} s (CPU {c_inverted:.1f} s)")
                 ctx = multiprocessing.get_context("spawn")
                 with ctx.Pool(1) as pool:
-                    q = pool.apply(query_stored, (str(folder / "inverted"), centroids, queries, cfg, args.threads))
+                    q = pool.apply(query_stored, (str(folder / "inverted"), centroids, queries, cfg, args.threads,
+                                                  args.scan_repeats))
                 total = q["assign"] + q["aggregate"] + q["scan"]
                 print(f"  query (HNSW x{cfg.query_assignments}): {total * 1e3:.0f} ms = assignment "
                       f"{q['assign'] * 1e3:.0f} + aggregation {q['aggregate'] * 1e3:.1f} + memory-mapped scan "
@@ -507,18 +540,30 @@ def bench_stored(args: argparse.Namespace) -> None:
                       f"crc32s, {q['scan'] * 1e3:.1f} ms per scan; again, every block checked already "
                       f"{q['scan_again'] * 1e3:.1f} ms; verify() (every byte, page cache hot) {q['verify']:.2f} s "
                       f"(CPU {q['verify_cpu']:.2f} s, {index.nbytes / q['verify'] / 1e9:.2f} GB/s)")
+                bw, ms = q["bandwidth"], q["scan_bytes"] / q["bandwidth"] * 1e3
+                print(f"  scan per query (interleaved, median of {args.scan_repeats}): previous numpy scan "
+                      f"{q['scan_previous'] * 1e3:.1f} ms; compiled on 1 thread {q['scan_compiled_1'] * 1e3:.1f} ms "
+                      f"({q['scan_previous'] / q['scan_compiled_1']:.2f}x), on {q['scan_threads']} threads "
+                      f"{q['scan_compiled_n'] * 1e3:.1f} ms ({q['scan_previous'] / q['scan_compiled_n']:.2f}x); "
+                      f"scores {'bit-identical' if q['scan_identical'] else 'DIFFERENT'}; "
+                      f"{q['scan_entries'] / 1e6:.2f} M entries, {q['scan_bytes'] / 1e6:.1f} MB of lists read: "
+                      f"{ms:.1f} ms at the measured memory bandwidth {bw / 1e9:.1f} GB/s (np.copyto, 256 MiB)")
                 built = size
             grow = ROXF_1M / size
             append_cpu = c / max(report.added, 1)
             disk = (per_entry * words_per_image * ROXF_1M / 2**30, forward / size * ROXF_1M / 2**30)
             build_h = (assign_cpu * ROXF_1M / 3600, append_cpu * ROXF_1M / 3600)
-            query_ms = (q["assign"] + q["aggregate"] + q["scan"] * grow) * 1e3
+            scan_ms = (q["scan_compiled_n"] * grow * 1e3, q["scan_previous"] * grow * 1e3)
+            query_ms = (q["assign"] + q["aggregate"]) * 1e3 + scan_ms[0]
             # the mapped pages the queries touch grow with the lists, up to the whole inverted file
             rss = q["rss_before"] + min((q["rss_after"] - q["rss_before"]) * grow, disk[0] * 1024)
             print(f"ROxf+1M (linear in the database from {size} images): inverted file {disk[0]:.1f} GiB + forward "
                   f"store {disk[1]:.1f} GiB on disk; build ~{sum(build_h):.0f} CPU h (word assignment "
                   f"{build_h[0]:.0f} h + aggregation, append and inverted file {build_h[1]:.1f} h); query "
-                  f"~{query_ms:.0f} ms (the scan grows with the lists); RSS ~{rss:.0f} MiB after the queries (the "
+                  f"~{query_ms:.0f} ms, of which the scan ~{scan_ms[0]:.0f} ms on {q['scan_threads']} threads "
+                  f"(the previous numpy scan ~{scan_ms[1]:.0f} ms; ~{q['scan_bytes'] * grow / 1e6:.0f} MB of lists "
+                  f"read, ~{q['scan_bytes'] * grow / q['bandwidth'] * 1e3:.0f} ms of memory bandwidth); "
+                  f"RSS ~{rss:.0f} MiB after the queries (the "
                   f"touched lists grow with the database, up to the whole inverted file); verify() "
                   f"~{q['verify'] * grow:.0f} s from the page cache (more from a cold disk)")
         bench_feature_files(dim, args)
@@ -669,6 +714,7 @@ def main() -> None:
     p.add_argument("--stored_images", type=int, nargs="+", default=[5000, 100_000],
                    help="stored: database sizes, built then grown in turn")
     p.add_argument("--stored_dims", type=int, nargs="+", default=[40])
+    p.add_argument("--scan_repeats", type=int, default=5, help="stored: interleaved rounds of the scans compared")
     p.add_argument("--tmp", help="stored: folder for the index; real: for the extracted features (default: "
                    "the system's temporary folder)")
     p.add_argument("--demo_expr", default="demo", help="real: the `make demo` experiment whose outputs are read")
