@@ -143,6 +143,26 @@ def test_scan_reports_the_first_problem_and_its_word(damage: dict, problem: int,
     assert hand_scan(**damage, bounds=bounds)[:2] == (problem, word)
 
 
+@pytest.mark.parametrize("dim", [8, 40, 72, 128])
+@pytest.mark.parametrize("bounds", [None, (0.3, 0.5)])
+def test_scan_is_bit_identical_to_the_in_memory_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dim: int,
+                                                       bounds: tuple[float, float] | None) -> None:
+    """The scan's scores equal the in-memory index's (np.bincount in entry order) bit for bit at
+    codes of 1, 5, 9 and 16 bytes (one 8-byte load, a load and a byte, two loads); with
+    ``bounds``, three threads' stripes cut at those fractions of the images, on any machine."""
+    if bounds is not None:
+        monkeypatch.setattr(scan, "THREADED_ENTRIES", 0)
+        monkeypatch.setattr(scan, "stripes", lambda n, _: np.array([0, int(bounds[0] * n), int(bounds[1] * n), n]))
+    cfg = AsmkConfig(codebook_size=64)
+    centroids, db = database(dim=dim)
+    words = VisualWords(centroids, cfg)
+    index, _, _ = update_index(tmp_path / "ix", words, cfg, list(db), reader(db))
+    memory = AsmkIndex(words, list(db.values()), cfg)
+    queries = [db["i03"][:20], db["i17"], unit(np.random.default_rng(9).normal(size=(25, dim)))]
+    expected = memory.scores(queries)
+    assert np.array_equal(index.scores(queries), expected) and (expected > 0).sum() > 40
+
+
 FUZZ = """
 import sys
 import numpy as np
