@@ -163,6 +163,16 @@ def test_scan_is_bit_identical_to_the_in_memory_index(tmp_path: Path, monkeypatc
     assert np.array_equal(index.scores(queries), expected) and (expected > 0).sum() > 40
 
 
+@pytest.mark.skipif("NUMBA_THREADING_LAYER" in os.environ, reason="NUMBA_THREADING_LAYER chooses the layer")
+def test_scan_threads_are_numbas_own_pool() -> None:
+    """The scan runs on numba's workqueue pool, not its OpenMP layer, whose thread count faiss and
+    torch set (a scan then ran on one thread)."""
+    import numba
+
+    assert hand_scan(bounds=[0, 500, 1001])[0] == scan.OK
+    assert numba.threading_layer() == "workqueue"
+
+
 FUZZ = """
 import sys
 import numpy as np

@@ -25,6 +25,7 @@ in the list's order) was, for the caller's one-line error.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numba
@@ -33,6 +34,12 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
+# numba's threads: its own pool (workqueue) unless NUMBA_THREADING_LAYER says otherwise. Its OpenMP
+# layer shares libgomp's thread count with faiss and torch, which this project sets per step
+# (faiss_threads, limit_threads): the scan then ran on one thread. The workqueue pool serves one
+# parallel call at a time (the scans of one process run one after another).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 if sys.byteorder != "little":
     raise ImportError("extract/retrieval/asmk/scan.py reads codes 8 bytes a load: a little-endian CPU is needed")
 
