@@ -132,10 +132,11 @@ def main() -> None:
                       f"merge and inverted file {t['finish']:.1f} s; {t['entries'] / t['images']:.0f} distinct "
                       f"words per image", flush=True)
     one, two = args.procs[0], args.procs[-1]
-    for given, images in ((False, args.assigned_images), (True, args.images)):
+    for given in (False, True):
         a, b = times[given, one], times[given, two]
+        whole = (a["shared"] + a["finish"]) / (b["shared"] + b["finish"])
         print(f"speed-up {two} / {one} processes, {'given' if given else 'assigned'} words: shared phase "
-              f"{a['shared'] / b['shared']:.2f}x, whole build {(a['shared'] + a['finish']) / (b['shared'] + b['finish']):.2f}x")
+              f"{a['shared'] / b['shared']:.2f}x, whole build {whole:.2f}x")
     per_image = {n: times[False, n]["shared"] / args.assigned_images for n in args.procs}
     per_image[8] = per_image[two] * two / 8
     print(f"ROxf+1M ({ROXF_1M} images), extrapolated: the shared phase at the assigned build's time per image, the "
