@@ -10,7 +10,12 @@ arrays (never a pickle):
   ``counts.bin`` uint32 (N,): entries per image; ``keys.txt``: the images' keys, one a line, each
   stored once. ``manifest.json`` (replaced atomically after the data files are synced) records the
   committed image and entry counts, each file's committed size and crc32, and the index's identity;
-  a rerun truncates the files to it. It is needed to grow the index, not to query it.
+  a rerun truncates the files to it. It is needed to grow the index, not to query it. Under
+  torchrun each process appends the images it aggregates to a part of its own,
+  ``forward/parts/<rank>-of-<size>/`` (the same files and manifest, resumable alike); process 0
+  merges the parts into ``forward/`` in the database's order (as one process appends them), then
+  deletes them: the forward store and the inverted file are a one-process build's, byte for byte.
+  A killed run's parts are merged by the next run, whatever its process count.
 - ``inverted/``: the inverted file made from the complete forward store (rebuilt when it grew;
   written to a temporary folder renamed into place). Per visual word, its entries sorted by
   image: ``codes.npy`` uint8 (E, B); ``offsets.npy`` int64 (K + 1,) each word's first entry;
@@ -37,7 +42,8 @@ naming the file, in one line.
 
 The identity (the codebook's sha256, the aggregation parameters, the features' extraction
 attributes) is compared on reuse; an index made otherwise is refused with the differences.
-Concurrent builds of one folder are refused by a lock (train/outputs.py).
+Concurrent builds of one folder are refused by a lock (train/outputs.py; under torchrun, process
+0's).
 """
 from __future__ import annotations
 
@@ -803,6 +809,7 @@ class IndexBuild:
             raise
         self.stored = set(self.stored_keys)
         self.reused, self.added, self.repeated = len(self.stored_keys), 0, 0
+        self._appended: list[str] = []   # by this process since the last sync()
 
     def _open(self) -> tuple[list[str], bool, bool]:
         """(the stored keys: the forward store's, then its parts', whether the index can grow,
@@ -860,9 +867,18 @@ class IndexBuild:
         self.store.append(key, *represent(self.words, descriptors, self.config.db_assignments,
                                           f"database image {key!r}"))
         self.stored.add(key)
+        self._appended.append(key)
         self.added += 1
         if self.added % self.commit_every == 0:
             self.store.commit()
+
+    def sync(self) -> None:
+        """Learn the images the other processes appended since the last sync (a collective:
+        every process calls it), e.g. before :meth:`append_share` after appending images each
+        process chose itself."""
+        for keys in self.share.gather(self._appended):
+            self.stored.update(keys)
+        self._appended = []
 
     def append_missing(self, keys: Sequence[str], descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]]
                        ) -> None:
