@@ -24,6 +24,7 @@ from extract.retrieval.asmk.stored_index import (
 )
 from tests.test_asmk_stored_index import database, files, reader
 from tests.utils import script_env
+from train.outputs import OutputLock, lock_file_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,16 +103,17 @@ def test_two_processes_write_the_one_process_index(tmp_path: Path, data) -> None
     assert order == list(extra) and (report.added, report.reused) == (1, len(db))
 
 
-@pytest.mark.parametrize("rerun", [2, 3, 1])
-def test_a_killed_process_resumes_with_any_count(tmp_path: Path, data, rerun: int) -> None:
-    """Process 1 of 2 dies before its 6th image (4 committed): the rerun (as many processes,
-    more, or one) aggregates only what no part committed, and writes the same bytes."""
+@pytest.mark.parametrize(("rank", "rerun"), [(0, 2), (1, 3), (1, 1)])
+def test_a_killed_process_resumes_with_any_count(tmp_path: Path, data, rank: int, rerun: int) -> None:
+    """Process ``rank`` of 2 dies (no clean-up) before its 6th image (4 committed) and torchrun
+    stops the other: the rerun (as many processes, more, or one) aggregates only what no part
+    committed, and writes the same bytes."""
     words, cfg, db, one = data
     folder = tmp_path / "killed"
-    done = shared_build(tmp_path, folder, 2, kill=(1, 5))
+    done = shared_build(tmp_path, folder, 2, kill=(rank, 5))
     assert done.returncode != 0
     assert not (folder / "inverted").exists()
-    killed = ForwardStore(part_folder(folder, 1, 2), index_identity(words, cfg, {}), 5)
+    killed = ForwardStore(part_folder(folder, rank, 2), index_identity(words, cfg, {}), 5)
     killed.close()
     assert killed.num_images == 4
     if rerun == 1:
@@ -148,3 +150,16 @@ def test_mismatched_parts_are_refused_in_one_line(tmp_path: Path, data) -> None:
         update_index(folder, words, cfg, list(db), reader({}))
     assert str(e.value) == (f"{second / 'keys.txt'}: image 'i07' is also in {part / 'keys.txt'} (an image is stored "
                             f"once); delete {second} to aggregate its images again")
+
+
+def test_a_second_run_is_refused_on_every_process(tmp_path: Path, data) -> None:
+    """Another run holding the folder: every process stops with the one-line refusal, nothing is
+    written."""
+    folder = tmp_path / "held"
+    with OutputLock(folder):
+        holder = lock_file_for(folder).read_text().strip()
+        done = shared_build(tmp_path, folder, 2)
+    line = f"AsmkIndexError: {folder}: in use by another process ({holder}); wait for it or choose another --load_expr"
+    assert done.returncode != 0
+    assert all(f"[rank{r}]: extract.retrieval.asmk.stored_index.{line}" in done.stderr for r in (0, 1))
+    assert not folder.exists()
