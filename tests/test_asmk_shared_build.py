@@ -86,6 +86,7 @@ def data(tmp_path: Path) -> tuple[VisualWords, AsmkConfig, dict[str, np.ndarray]
     return words, cfg, db, tmp_path / "one"
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_index(tmp_path: Path, data) -> None:
     words, cfg, db, one = data
     runs = reports(shared_build(tmp_path, tmp_path / "two", 2))
@@ -103,6 +104,7 @@ def test_two_processes_write_the_one_process_index(tmp_path: Path, data) -> None
     assert order == list(extra) and (report.added, report.reused) == (1, len(db))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("rank", "rerun"), [(0, 2), (1, 3), (1, 1)])
 def test_a_killed_process_resumes_with_any_count(tmp_path: Path, data, rank: int, rerun: int) -> None:
     """Process ``rank`` of 2 dies (no clean-up) before its 6th image (4 committed) and torchrun
@@ -152,6 +154,7 @@ def test_mismatched_parts_are_refused_in_one_line(tmp_path: Path, data) -> None:
                             f"once); delete {second} to aggregate its images again")
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_on_every_process(tmp_path: Path, data) -> None:
     """Another run holding the folder: every process stops with the one-line refusal, nothing is
     written."""
