@@ -14,6 +14,8 @@ process count, each into an empty folder:
   GivenWords: exact assignment of 100M descriptors would take days here): the same at scale,
   then process 0's merge of the parts (none with one process) and the inverted file.
 
+The inverted files of each kind of build are compared across process counts (sha256 of their bytes).
+
 Each process's time spent generating descriptors (the evaluation reads them from its feature files
 or gets them from the extraction) is measured and left out of the shared phase. The extrapolation:
 ROxf+1M's 1 005 994 images (ROxf's 4 993 and revisitop's 1 001 001 distractors) times the assigned
@@ -31,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -104,7 +107,18 @@ def run(tmp: Path, procs: int, images: int, given: bool, args: argparse.Namespac
         build(0, 1, job)
     else:
         mp.spawn(build, args=(procs, job), nprocs=procs)
-    return json.loads(Path(job["report"]).read_text())
+    return {**json.loads(Path(job["report"]).read_text()), "sha256": inverted_sha256(Path(job["folder"]))}
+
+
+def inverted_sha256(folder: Path) -> str:
+    """sha256 of the names and bytes of the inverted file's files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted((folder / "inverted").iterdir()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -136,7 +150,8 @@ def main() -> None:
         a, b = times[given, one], times[given, two]
         whole = (a["shared"] + a["finish"]) / (b["shared"] + b["finish"])
         print(f"speed-up {two} / {one} processes, {'given' if given else 'assigned'} words: shared phase "
-              f"{a['shared'] / b['shared']:.2f}x, whole build {whole:.2f}x")
+              f"{a['shared'] / b['shared']:.2f}x, whole build {whole:.2f}x; inverted files byte-identical: "
+              f"{a['sha256'] == b['sha256']}")
     per_image = {n: times[False, n]["shared"] / args.assigned_images for n in args.procs}
     per_image[8] = per_image[two] * two / 8
     print(f"ROxf+1M ({ROXF_1M} images), extrapolated: the shared phase at the assigned build's time per image, the "
