@@ -15,6 +15,7 @@ import pytest
 
 from extract.config import AsmkConfig
 from extract.retrieval.asmk.codebook import VisualWords
+from extract.retrieval.asmk.kernel import represent
 from extract.retrieval.asmk.stored_index import (
     AsmkIndexError,
     ForwardStore,
@@ -35,6 +36,7 @@ import numpy as np
 from extract.config import AsmkConfig
 from extract.extraction.workshare import WorkShare
 from extract.retrieval.asmk.codebook import VisualWords
+from extract.retrieval.asmk.kernel import represent
 from extract.retrieval.asmk.stored_index import update_index
 from train.runtime import setup_runtime
 
@@ -128,6 +130,37 @@ def test_a_killed_process_resumes_with_any_count(tmp_path: Path, data, rank: int
     assert all(r["in_order"] and r["reused"] >= 4 and r["added"] + r["reused"] == len(db) for r in runs)
     assert files(folder) == files(one)
     assert not (folder / "forward" / "parts").exists()
+
+
+def test_a_merge_killed_midway_resumes(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts left by a killed run of 2 processes (written here as they would be); one process
+    merges them, killed after its 7th merged image (6 committed); the rerun merges the rest, each
+    image once: the one-process bytes."""
+    words, cfg, db, one = data
+    folder, keys = tmp_path / "ix", list(db)
+    for rank in (0, 1):
+        with ForwardStore(part_folder(folder, rank, 2), index_identity(words, cfg, {}), 5) as store:
+            for key in keys[rank::2][:10]:
+                store.append(key, *represent(words, db[key], cfg.db_assignments, key))
+            store.commit()
+    append, merged = ForwardStore.append, []
+
+    def killed(self: ForwardStore, key: str, codes: np.ndarray, image_words: np.ndarray) -> None:
+        if self.folder == folder / "forward":
+            if len(merged) == 7:
+                raise KeyboardInterrupt
+            merged.append(key)
+        append(self, key, codes, image_words)
+
+    with monkeypatch.context() as m:
+        m.setattr(ForwardStore, "append", killed)
+        with pytest.raises(KeyboardInterrupt):
+            update_index(folder, words, cfg, keys, reader(db), commit_every=3)
+    assert merged == keys[:7] and (folder / "forward" / "parts").is_dir()
+    read: list[str] = []
+    _, order, report = update_index(folder, words, cfg, keys, reader(db, read))
+    assert order == keys and (report.added, report.reused) == (0, len(keys)) and read == []
+    assert files(folder) == files(one) and not (folder / "forward" / "parts").exists()
 
 
 def test_mismatched_parts_are_refused_in_one_line(tmp_path: Path, data) -> None:
