@@ -797,12 +797,13 @@ class IndexBuild:
         self.index: StoredIndex | None = None
         try:
             self.stored_keys, growable, pending = self.share.from_main(self._open)
-            if not growable and self.index is None:
-                self.index = StoredIndex(self.folder / "inverted", words, config, self.identity)
-            elif growable and (self.share.distributed or pending):
+            if not growable:
+                if self.index is None:   # process 0 has it mapped already
+                    self.index = StoredIndex(self.folder / "inverted", words, config, self.identity)
+            elif self.share.distributed or pending:
                 part = part_folder(self.folder, self.share.rank, self.share.size)
                 self.store = ForwardStore(part, self.identity, self.code_bytes, self.folder, part_hint(part))
-            elif growable:
+            else:
                 self.store = self.main
         except BaseException:
             self.close()
