@@ -11,7 +11,9 @@ ranking by ASMK* (codebook trained on --codebook_images, e.g. the other dataset'
 k-NN descriptor votes (--method vote), re-ranking of the top --rerank images by RANSAC inliers
 (each protocol's junk removed first), then the scores; --distractors adds images to the database.
 The ASMK* index is stored beside the codebook (extract/retrieval/asmk/stored_index.py), built once and reused;
-distractors that the evaluation extracts are aggregated into it as they are extracted:
+distractors that the evaluation extracts are aggregated into it as they are extracted. Under
+``torchrun --nproc_per_node N`` (also across nodes) the processes share the distractors' extraction
+and the index build; process 0 does the rest and prints the scores:
 
     python extract/evaluate.py --dataset roxford5k --data_root R --load_expr delf \
         --codebook_images R/rparis6k/jpg --output res.json
@@ -44,7 +46,7 @@ from extract.config import EvalConfig, MatchConfig, dataset_features_dir
 from extract.errors import UserError
 from extract.evaluation.metrics import evaluate, format_rows, format_table
 from extract.evaluation.revisitop import DATASETS, Dataset, EvalError, check_images, load_dataset, load_ranks
-from extract.flags import add_extraction_args, add_match_args, extraction_from_args
+from extract.flags import add_extraction_args, add_match_args, model_files
 from train.cli import (
     ScriptParser,
     add_bool_flag,
@@ -118,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
         check_images(ds)
         make_folder(args.figures)
     out = score_given(args, ds) if args.ranks is not None else run_delf(args, ds)
+    if out is None:   # a process of torchrun's other than 0
+        return
     if args.output is not None:
         write_json(out.final, args.output, out.initial, out.settings)
         print(f"wrote {args.output}")
@@ -140,10 +144,13 @@ def score_given(args: argparse.Namespace, ds: Dataset) -> Outcome:
                    {"given ranking": ranks})
 
 
-def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
-    """DeLF end to end as the flags describe; prints the tables."""
+def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome | None:
+    """DeLF end to end as the flags describe; prints the tables. Under torchrun the processes share
+    the distractors' extraction and the ASMK* index build (evaluate_dataset); process 0 prints and
+    returns the outcome, the others None."""
     from extract.evaluation.evaluate_dataset import METHOD_NAMES, evaluate_dataset, require_codebook_images
-    from train.runtime import repo_dir
+    from extract.extraction.workshare import WorkShare
+    from train.runtime import repo_dir, setup_runtime
 
     conf = config_from_args(EvalConfig, args)
     require_codebook_images(conf, args.codebook_images)
@@ -152,7 +159,9 @@ def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
         if images is not None and not images.exists():  # before hours of extraction, not after
             raise UserError(f"{flag} {images}: no such folder or image list")
     check_images(ds)
-    extraction, checkpoint, pca_file, device = extraction_from_args(args)
+    runtime = setup_runtime(args.device, backend="gloo")   # under torchrun: its collectives are on the CPU
+    share = WorkShare.join(runtime)
+    (extraction, checkpoint, pca_file), device = model_files(args), runtime.device
     matching = config_from_args(MatchConfig, args)
     features_dir = args.features_dir or dataset_features_dir(args.load_expr, ds.name)
     settings = {"dataset": ds.name, "data_root": args.data_root, "checkpoint": checkpoint, "pca": pca_file,
@@ -162,7 +171,9 @@ def run_delf(args: argparse.Namespace, ds: Dataset) -> Outcome:
     result = evaluate_dataset(
         ds, checkpoint, features_dir, pca_path=pca_file, extraction=extraction, matching=matching, conf=conf,
         codebook_images=args.codebook_images, distractors=args.distractors,
-        codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device)
+        codebook_dir=repo_dir() / args.load_expr / "asmk", overwrite=args.overwrite, device=device, share=share)
+    if result is None:
+        return None
     assert result.initial_ranks is not None
     name = METHOD_NAMES[conf.method]
     where = ds.name + (f" + {result.distractors} distractors" if result.distractors else "")
@@ -188,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from extract.extraction.pca import PcaError
     from extract.retrieval.asmk.codebook import CodebookError
     from train.checkpoint import CheckpointError
+    from train.runtime import teardown_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -195,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EvalError, FeatureFileError, CheckpointError, PcaError, CodebookError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        teardown_runtime()   # under torchrun
     return 0
 
 

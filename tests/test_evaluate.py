@@ -42,12 +42,13 @@ from extract.extraction.extract_features import LazyExtractor, feature_attrs, lo
 from extract.extraction.feature_file import FeatureWriter, feature_names, file_attrs, iter_features
 from extract.extraction.images import list_images
 from extract.extraction.pca import fit_pca, save_pca
+from extract.extraction.workshare import WorkShare
 from extract.retrieval.asmk.codebook import load_codebook
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import AsmkIndexError, IndexBuild, StoredIndex
 from extract.retrieval.rerank import Verifier, rerank
 from extract.retrieval.vote import Database, DescriptorIndex, rank, vote_scores
-from tests.utils import held_bytes, photo, save_delg_checkpoint, save_keypoint_checkpoint, unit
+from tests.utils import held_bytes, photo, save_delg_checkpoint, save_keypoint_checkpoint, script_env, unit
 from train.cli import config_from_args
 from train.delf import Delf
 from train.outputs import OutputLock, file_sha256
@@ -584,15 +585,17 @@ def test_asmk_end_to_end(tiny: dict[str, Path], one_thread: None, expr: str, mon
     assert f"{tmp / 'nowhere'}: no such folder or image list" in capsys.readouterr().err
 
 
-def asmk_with_distractors(tiny: dict[str, Path], root: Path, dtype: str = "float32") -> Evaluation:
+def asmk_with_distractors(tiny: dict[str, Path], root: Path, dtype: str = "float32",
+                          share: WorkShare | None = None) -> Evaluation | None:
     """ASMK* (32 words, no re-ranking) on the tiny dataset plus distractors, descriptors stored as
     ``dtype``, outputs under ``root``; the codebook images and distractors are those of
-    :func:`distractor_sets`."""
+    :func:`distractor_sets`; ``share``: under torchrun."""
     codebook_images, distractors = distractor_sets(tiny)
     extraction = ExtractionConfig(attn_thres=0.0, scale_list=tuple(map(float, SCALES)), descriptor_dtype=dtype)
     return evaluate_dataset(load_dataset(tiny["root"], "roxford5k"), tiny["ckpt"], root / "features" / "roxford5k",
                             pca_path=tiny["pca"], extraction=extraction, conf=EvalConfig(codebook_size=32, rerank=0),
-                            codebook_images=codebook_images, distractors=distractors, codebook_dir=root / "asmk")
+                            codebook_images=codebook_images, distractors=distractors, codebook_dir=root / "asmk",
+                            share=share)
 
 
 def distractor_sets(tiny: dict[str, Path]) -> tuple[Path, Path]:
@@ -1003,3 +1006,51 @@ def test_float16_features_verify_and_rank_as_float32(tiny: dict[str, Path], tmp_
         assert files["float16"][name] == files["float32"][name], name
     np.testing.assert_array_equal(runs["float16"].initial_ranks, runs["float32"].initial_ranks)
     assert runs["float16"].initial == runs["float32"].initial and runs["float32"].distractors == 6
+
+
+# evaluate_dataset under torchrun: argv the tiny fixture's paths (JSON), the output folder
+SHARED_EVALUATION = """
+import json, sys
+from pathlib import Path
+from extract.extraction.workshare import WorkShare
+from tests.test_evaluate import asmk_with_distractors
+from train.runtime import setup_runtime, teardown_runtime
+
+share = WorkShare.join(setup_runtime("cpu", backend="gloo"))
+result = asmk_with_distractors({k: Path(v) for k, v in json.loads(sys.argv[1]).items()}, Path(sys.argv[2]),
+                               share=share)
+print(json.dumps({"rank": share.rank, "distractors": result and result.distractors,
+                  "initial": result and result.initial}))
+teardown_runtime()
+"""
+
+
+@pytest.mark.slow
+def test_asmk_evaluation_shared_by_torchrun(tiny: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes (torchrun, gloo, CPU) share the distractors' extraction and the index build:
+    process 0 scores, the other returns None; the index's files (forward store and inverted file)
+    are those one process builds from the same feature files, with the same scores."""
+    distractor_sets(tiny)   # made before the processes start
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_EVALUATION)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def shared() -> list[dict]:
+        done = subprocess.run([*torchrun, str(script), json.dumps({k: str(v) for k, v in tiny.items()}),
+                               str(tmp_path / "two")], capture_output=True, text=True, timeout=900,
+                              env=script_env(str(ROOT)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        return sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                      key=lambda r: r["rank"])
+
+    results = shared()
+    assert [(r["rank"], r["distractors"]) for r in results] == [(0, 6), (1, None)]
+    assert not (index_folder(tmp_path / "two") / "forward" / "parts").exists()
+    reference, _ = read_back_reference(tiny, tmp_path / "two", tmp_path / "one", monkeypatch)
+    assert index_files(tmp_path / "two") == index_files(tmp_path / "one")
+    assert results[0]["initial"] == json.loads(json.dumps(reference.initial))
+    # the distractors extracted beforehand (+1M's step 1): the processes share reading them back
+    shutil.rmtree(index_folder(tmp_path / "two"))
+    again = shared()
+    assert index_files(tmp_path / "two") == index_files(tmp_path / "one") and again == results

@@ -27,6 +27,7 @@ from extract.evaluation.revisitop import Dataset
 from extract.extraction.delf_extractor import DelfExtractor
 from extract.extraction.extract_features import INFORMATIONAL
 from extract.extraction.feature_file import file_attrs
+from extract.extraction.workshare import WorkShare
 from extract.retrieval.asmk.codebook import VisualWords, codebook
 from extract.retrieval.asmk.kernel import hamming_bits
 from extract.retrieval.asmk.stored_index import AsmkIndexError, IndexBuild, StoredIndex, fix_hint
@@ -115,9 +116,11 @@ def stream_distractors(build: IndexBuild, distractors: DistractorSet, read: Read
     """Extract the distractors, each image appended to ``build`` once its features are in the
     file. Those already in the file and not in the index (extracted by another command, or by a
     run killed before its index caught up) are read back (``read``) first, in list order, so that
-    the index keeps the list's order. Images already in the index keep their entries: extracted
-    again (their feature file deleted), they are not appended again. Returns the file and its
-    images in list order."""
+    the index keeps the list's order; under torchrun (``build.share``) each process extracts and
+    appends its share, and those already in the file are read back once the extraction is done,
+    shared among the processes (the parts are merged in list order). Images already in the index
+    keep their entries: extracted again (their feature file deleted), they are not appended
+    again. Returns the file and its images in list order."""
     label = distractors.path.stem
 
     def existing(names: list[str]) -> None:
@@ -126,31 +129,47 @@ def stream_distractors(build: IndexBuild, distractors: DistractorSet, read: Read
     def written(name: str, arrays: dict[str, np.ndarray]) -> None:
         build.append(*database_keys(label, [name]), arrays["descriptors"])
 
-    return distractors.extract(existing=existing, written=written)
+    if not build.share.distributed:
+        return distractors.extract(existing=existing, written=written)
+    # a process's images already in the file are in its part of the file, not in the file until
+    # the extraction merges the parts
+    path, names = distractors.extract(written=written, share=build.share)
+    build.sync()
+    build.append_share(database_keys(label, names), read)
+    return path, names
+
+
+def remove_index(folder: Path) -> None:
+    """Delete the index ``folder``, if any, unless another run holds it (EvalError)."""
+    if folder.exists():
+        with hold_cache(folder, hint="choose another --load_expr"):
+            shutil.rmtree(folder)
 
 
 def asmk_database(ds: Dataset, db_path: Path, centroids: np.ndarray, codebook_path: Path, conf: AsmkConfig,
-                  distractors: DistractorSet | None = None, overwrite: bool = False, gpu: int | None = None
-                  ) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
+                  distractors: DistractorSet | None = None, overwrite: bool = False, gpu: int | None = None,
+                  share: WorkShare | None = None) -> tuple[StoredIndex, list[tuple[Path, list[str]]]]:
     """The stored ASMK* index of the dataset's images (feature file ``db_path``), then the
     ``distractors``, in <codebook's folder>/index_<codebook name>_<database name>/: built when
     missing, completed when a build was killed, grown by new images, else loaded as stored (then
     the database's descriptors are not read); ``overwrite`` builds it afresh; words assigned on
     faiss's GPU ``gpu`` (the run's, :func:`~extract.retrieval.faiss_search.faiss_gpu`). The distractors are
     extracted here, each aggregated as it is extracted (:func:`stream_distractors`); those already
-    in their file are read back once. Returns the index and the database's parts (feature file,
-    image names) in its image order."""
+    in their file are read back once. Under torchrun (``share``: every process calls it) the
+    processes share the images (:class:`~extract.retrieval.asmk.stored_index.IndexBuild`), process 0
+    writes the inverted file, and every process gets the index. Returns the index and the
+    database's parts (feature file, image names) in its image order."""
     paths = {db_path.stem: db_path, **({distractors.path.stem: distractors.path} if distractors else {})}
     folder = codebook_path.parent / ("index_" + "_".join([codebook_path.stem, ds.name, *list(paths)[1:]]))
-    if overwrite and folder.exists():
-        with hold_cache(folder, hint="choose another --load_expr"):
-            shutil.rmtree(folder)
+    share = share or WorkShare()
+    if overwrite:
+        share.from_main(lambda: remove_index(folder))
     read = feature_reader(paths)
     parts: list[tuple[Path, Sequence[str]]] = [(db_path, ds.imlist)]
     t = time.perf_counter()
     # the dataset's and the distractors' features are made alike (compared apart when extracted)
-    with IndexBuild(folder, VisualWords(centroids, conf, gpu), conf, feature_identity(db_path)) as build:
-        build.append_missing(database_keys(db_path.stem, ds.imlist), read)   # first: they keep their places
+    with IndexBuild(folder, VisualWords(centroids, conf, gpu), conf, feature_identity(db_path), share=share) as build:
+        build.append_share(database_keys(db_path.stem, ds.imlist), read)   # first: they keep their places
         if distractors is not None:
             parts.append(stream_distractors(build, distractors, read))
         keys = [k for path, names in parts for k in database_keys(path.stem, names)]

@@ -39,6 +39,7 @@ from extract.evaluation.metrics import PROTOCOLS, evaluate, protocol_gnd
 from extract.evaluation.revisitop import Dataset, EvalError, check_images, load_ranks
 from extract.extraction.extract_features import LazyExtractor
 from extract.extraction.feature_file import GLOBAL_KEY, FeatureFileError, file_attrs
+from extract.extraction.workshare import WorkShare
 from extract.retrieval.asmk.memory_index import AsmkIndex
 from extract.retrieval.asmk.stored_index import StoredIndex
 from extract.retrieval.faiss_search import faiss_gpu
@@ -139,7 +140,7 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
                      matching: MatchConfig | None = None, conf: EvalConfig | None = None,
                      codebook_images: str | Path | None = None, distractors: str | Path | None = None,
                      codebook_dir: str | Path | None = None, overwrite: bool = False,
-                     device: str | torch.device = "cpu") -> Evaluation:
+                     device: str | torch.device = "cpu", share: WorkShare | None = None) -> Evaluation | None:
     """DeLF end to end on ``ds`` (from :func:`extract.evaluation.revisitop.load_dataset`): features cached
     in ``features_dir`` (extracted with ``checkpoint`` and, when ``extraction.use_pca``, the PCA
     file), initial ranking (``conf.method``), RANSAC re-ranking, revisitop scores.
@@ -149,16 +150,23 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
     (a folder or image list) are added to the database; with ASMK*, each distractor extracted now
     is aggregated into the index as soon as it is extracted. The features of both image sets are
     cached next to ``features_dir`` (<features_dir>/../<set name>.h5), shared by both datasets.
-    The model is loaded only when some image has no cached features."""
-    extraction, conf = extraction or ExtractionConfig(), conf or EvalConfig()
+    The model is loaded only when some image has no cached features.
+
+    Under torchrun (``share``: every process calls it, each with its own ``device``) the
+    distractors' extraction and the ASMK* index build are shared among the processes; process 0
+    alone extracts the dataset's images and the codebook's, trains the codebook, ranks and scores,
+    and returns the evaluation; the other processes return None."""
+    extraction, conf, share = extraction or ExtractionConfig(), conf or EvalConfig(), share or WorkShare()
     require_codebook_images(conf, codebook_images)
     check_images(ds)
     features_dir = Path(features_dir)
-    with hold_cache(features_dir):  # one evaluation at a time writes (and reads) this cache
+    with hold_cache(features_dir, share=share):  # one evaluation at a time writes (and reads) this cache
         # one extractor for every image set, its model loaded only if one of them has an image to extract
-        ex = LazyExtractor(extraction, checkpoint, pca_path, device, recorded_attrs(features_dir / "db.h5"))
-        db_path, query_path = cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite)
-        queries = read_all(query_path, ds.qimlist)
+        recorded = share.from_main(lambda: recorded_attrs(features_dir / "db.h5"))   # before process 0 writes it
+        ex = LazyExtractor(extraction, checkpoint, pca_path, device, recorded)
+        db_path, query_path = share.from_main(
+            lambda: cache_features(ds, ex, checkpoint, pca_path, features_dir, overwrite))
+        queries = read_all(query_path, ds.qimlist) if share.is_main else []
         extra = None
         if distractors is not None:
             root = features_dir.parent
@@ -169,13 +177,15 @@ def evaluate_dataset(ds: Dataset, checkpoint: str | Path, features_dir: str | Pa
         if conf.method == "asmk":   # the codebook first: the distractors are aggregated as they are extracted
             assert codebook_images is not None
             folder = Path(codebook_dir) if codebook_dir else features_dir.parent.parent / "asmk"
-            path, centroids = asmk_codebook(codebook_images, features_dir.parent, folder, asmk_config(conf), ex,
-                                            checkpoint, pca_path, overwrite)
+            path, centroids = share.from_main(lambda: asmk_codebook(
+                codebook_images, features_dir.parent, folder, asmk_config(conf), ex, checkpoint, pca_path, overwrite))
             asmk, parts = asmk_database(ds, db_path, centroids, path, asmk_config(conf), extra, overwrite,
-                                        gpu=faiss_gpu(ex.device))
+                                        gpu=faiss_gpu(ex.device), share=share)
             size = asmk.num_images
         elif extra is not None:
-            parts.append(extra.extract())
+            parts.append(extra.extract(share=share))
+        if not share.is_main:
+            return None
         distractor_names: Sequence[str] = parts[1][1] if len(parts) > 1 else ()  # in the database's order
         if conf.method == "asmk" and not conf.reranks:   # the database's features are not opened
             initial, final, nbytes = retrieve(ds, None, queries, conf, matching, asmk)

@@ -39,22 +39,33 @@ from extract.extraction.feature_file import (
     read_array,
 )
 from extract.extraction.images import InputError, image_loader, list_images
+from extract.extraction.workshare import WorkShare
 from train.outputs import OutputInUse, OutputLock, OutputLockUnavailable, OutputWriteError
 
 log = logging.getLogger("delf")
 
 
 @contextmanager
-def hold_cache(output: str | Path, hint: str = "choose another --features_dir") -> Iterator[None]:
-    """This process alone writes ``output`` (a feature cache folder and what an evaluation keeps
-    there, or a codebook file) inside the block; another one holding it raises EvalError saying so
-    (and ``hint``), before anything is touched."""
+def hold_cache(output: str | Path, hint: str = "choose another --features_dir", share: WorkShare | None = None
+               ) -> Iterator[None]:
+    """This run alone writes ``output`` (a feature cache folder and what an evaluation keeps
+    there, or a codebook file) inside the block, its lock held by process 0 (``share``: under
+    torchrun); another run holding it raises EvalError saying so (and ``hint``) on every process,
+    before anything is touched."""
+    held: list[OutputLock] = []
+
+    def lock() -> None:
+        try:
+            held.append(OutputLock(output, hint=hint))
+        except (OutputInUse, OutputLockUnavailable) as e:
+            raise EvalError(str(e)) from None
+
+    (share or WorkShare()).from_main(lock)
     try:
-        lock = OutputLock(output, hint=hint)
-    except (OutputInUse, OutputLockUnavailable) as e:
-        raise EvalError(str(e)) from None
-    with lock:
         yield
+    finally:
+        for taken in held:
+            taken.release()
 
 
 def cache_features(ds: Dataset, ex: DelfExtractor | LazyExtractor, checkpoint: str | Path, pca_file: str | Path | None,
@@ -128,17 +139,18 @@ def image_set_file(source: str | Path, features_root: str | Path) -> Path:
 
 def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtractor | LazyExtractor,
                     checkpoint: str | Path, pca_path: str | Path | None, overwrite: bool = False,
-                    existing: Existing | None = None, written: Written | None = None
+                    existing: Existing | None = None, written: Written | None = None, share: WorkShare | None = None
                     ) -> tuple[Path, list[str]]:
     """Features of every image of a folder (recursive) or image list -- the codebook's training
     images, distractors -- in :func:`image_set_file`, extracted by ``ex`` (made from
     ``checkpoint`` and ``pca_path``: recorded), resumable; returns the file and its image names
     in list order (unusable images are skipped and logged). ``existing``, ``written``: as
-    :func:`extract.extraction.extract_features`'s."""
+    :func:`extract.extraction.extract_features`'s, as is ``share`` (under torchrun: the images
+    shared among the processes)."""
     output = image_set_file(source, features_root)
     try:
         report = extract_features(ex.conf, checkpoint, source, output, pca_path=pca_path, overwrite=overwrite,
-                                  device=ex.device, extractor=ex, existing=existing, written=written)
+                                  device=ex.device, extractor=ex, existing=existing, written=written, share=share)
     except OutputInUse as e:  # another evaluation extracts the same image set: nothing else to choose
         raise EvalError(f"{e.output}: in use by another process ({e.holder}); wait for it") from None
     except (InputError, OutputWriteError) as e:
@@ -147,7 +159,8 @@ def cache_image_set(source: str | Path, features_root: str | Path, ex: DelfExtra
         raise EvalError(f"{e}\n(here: --overwrite extracts again)") from None
     for path, reason in report.skipped:
         log.warning("%s: skipped (%s)", path, reason)
-    stored = set(feature_names(output))
+    # read once process 0 has merged the processes' parts into the file
+    stored = set((share or WorkShare()).from_main(lambda: feature_names(output)))
     return output, [name for name, _ in list_images(source) if name in stored]
 
 

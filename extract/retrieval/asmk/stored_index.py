@@ -10,7 +10,12 @@ arrays (never a pickle):
   ``counts.bin`` uint32 (N,): entries per image; ``keys.txt``: the images' keys, one a line, each
   stored once. ``manifest.json`` (replaced atomically after the data files are synced) records the
   committed image and entry counts, each file's committed size and crc32, and the index's identity;
-  a rerun truncates the files to it. It is needed to grow the index, not to query it.
+  a rerun truncates the files to it. It is needed to grow the index, not to query it. Under
+  torchrun each process appends the images it aggregates to a part of its own,
+  ``forward/parts/<rank>-of-<size>/`` (the same files and manifest, resumable alike); process 0
+  merges the parts into ``forward/`` in the database's order (as one process appends them), then
+  deletes them: the forward store and the inverted file are a one-process build's, byte for byte.
+  A killed run's parts are merged by the next run, whatever its process count.
 - ``inverted/``: the inverted file made from the complete forward store (rebuilt when it grew;
   written to a temporary folder renamed into place). Per visual word, its entries sorted by
   image: ``codes.npy`` uint8 (E, B); ``offsets.npy`` int64 (K + 1,) each word's first entry;
@@ -36,7 +41,8 @@ naming the file, in one line.
 
 The identity (the codebook's sha256, the aggregation parameters, the features' extraction
 attributes) is compared on reuse; an index made otherwise is refused with the differences.
-Concurrent builds of one folder are refused by a lock (train/outputs.py).
+Concurrent builds of one folder are refused by a lock (train/outputs.py; under torchrun, process
+0's).
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import numpy as np
 
 from extract.config import AsmkConfig
 from extract.errors import UserError
+from extract.extraction.workshare import WorkShare
 from extract.retrieval.asmk.codebook import DESCRIPTOR_ROUNDING, HNSW_STORAGE, VisualWords
 from extract.retrieval.asmk.kernel import image_norms, represent, similarity_kernel
 from extract.retrieval.asmk.scan import CODE_BITS, OK, PROBLEMS, scan_lists
@@ -64,6 +71,8 @@ log = logging.getLogger("delf")
 
 FORWARD_FORMAT = "delf-pytorch asmk forward store 2"
 INVERTED_FORMAT = "delf-pytorch asmk inverted file 2"
+# forward/<PARTS>/<rank>-of-<size>/: the part of the forward store each torchrun process appends to
+PARTS = "parts"
 # entries handled at once when the inverted file is made (bounded memory at any database size)
 CHUNK_ENTRIES = 1 << 22
 # bytes read at once when a file's crc32 is computed
@@ -245,15 +254,19 @@ class ForwardStore:
     a context manager. An existing store is resumed from its last commit when its identity equals
     ``identity``, else refused; its manifest, keys and counts are checked (crc32) on opening, its
     words and residuals when read (:func:`build_inverted`, :meth:`verify`). A key is stored once:
-    appending a stored key is refused."""
+    appending a stored key is refused. ``index``: the index folder it belongs to (default: its
+    parent; a part's is two levels up), named in messages; ``hint``: how to go on from damage
+    (default :func:`fix_hint` of ``index``)."""
 
     FILES = ("words.bin", "codes.bin", "counts.bin", "keys.txt")
 
-    def __init__(self, folder: Path, identity: Mapping[str, Any], code_bytes: int) -> None:
+    def __init__(self, folder: Path, identity: Mapping[str, Any], code_bytes: int, index: Path | None = None,
+                 hint: str | None = None) -> None:
         self.folder, self.code_bytes = Path(folder), code_bytes
+        self.index = Path(index) if index is not None else self.folder.parent
+        self.hint = hint = hint or fix_hint(self.index)
         self.manifest = self.folder / "manifest.json"
         self.identity = _json_value(dict(identity))
-        index, hint = self.folder.parent, fix_hint(self.folder.parent)
         new = not self.manifest.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         if new:
@@ -290,7 +303,7 @@ class ForwardStore:
         self._files = {name: open(self.folder / name, "ab") for name in self.FILES}  # noqa: SIM115
         if new:
             self.commit()
-            fsync_folder(index)
+            fsync_folder(self.folder.parent)
 
     def append(self, key: str, codes: np.ndarray, words: np.ndarray) -> None:
         """Add one image (``codes`` (W, B) uint8, ``words`` (W,) increasing) under ``key``, not
@@ -298,7 +311,7 @@ class ForwardStore:
         if "\n" in key:
             raise AsmkIndexError(f"{key!r}: an image key with a line break cannot be stored")
         if key in self.key_set:
-            raise AsmkIndexError(f"{key!r}: already in the index {self.folder.parent} (an image is stored once)")
+            raise AsmkIndexError(f"{key!r}: already in the index {self.index} (an image is stored once)")
         codes = np.ascontiguousarray(codes, np.uint8)
         if codes.shape != (len(words), self.code_bytes):
             raise ValueError(f"{key!r}: codes {codes.shape} for {len(words)} words of {self.code_bytes} bytes")
@@ -331,7 +344,7 @@ class ForwardStore:
             f.flush()
         for name in self.FILES:
             crc = crc32_file(self.folder / name, 0, self.sizes[name])
-            _check_crc(self.folder / name, crc, self.crcs[name], self.manifest, fix_hint(self.folder.parent))
+            _check_crc(self.folder / name, crc, self.crcs[name], self.manifest, self.hint)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The committed (words (E,) uint32, codes (E, B) uint8, counts (N,) uint32),
@@ -670,11 +683,20 @@ class BuildReport:
 
 
 class IndexBuild:
-    """The index folder ``folder`` held by this process (its lock) with its forward store open
-    (resumed from its last commit): images are aggregated and appended as they come, committed
-    every ``commit_every``; :meth:`finish` makes the inverted file. A context manager. Refused
-    (AsmkIndexError) when the index was made from another codebook, assignment or ``features``,
-    or when another process holds ``folder``.
+    """The index folder ``folder`` held by this run (its lock, held by process 0) with its forward
+    store open (resumed from its last commit): images are aggregated and appended as they come,
+    committed every ``commit_every``; :meth:`finish` makes the inverted file. A context manager.
+    Refused (AsmkIndexError) when the index was made from another codebook, assignment or
+    ``features``, or when another run holds ``folder``.
+
+    Under torchrun (``share``: every process of the run makes one, with the same arguments), each
+    process appends the images it aggregates to its own part of the forward store
+    (:func:`part_folder`, a forward store of its own, resumable), and :meth:`finish` has process 0
+    merge the parts into the forward store in the database's order, delete them and make the
+    inverted file: the same bytes as one process's build. The parts of a killed run are kept
+    whatever the process count of the next run (which merges them in the same order); a single
+    process appends to a part of its own (0-of-1) while parts are pending, to the forward store
+    otherwise.
 
     An image is stored once: appending a stored key does nothing (the image keeps its stored
     entries, e.g. when its feature file was deleted and its features extracted again). Without
@@ -683,31 +705,63 @@ class IndexBuild:
     aggregating every image again (delete the folder)."""
 
     def __init__(self, folder: str | Path, words: VisualWords, config: AsmkConfig,
-                 features: Mapping[str, Any] | None = None, commit_every: int = 1000) -> None:
+                 features: Mapping[str, Any] | None = None, commit_every: int = 1000,
+                 share: WorkShare | None = None) -> None:
         self.folder, self.words, self.config, self.commit_every = Path(folder), words, config, commit_every
+        self.share = share or WorkShare()
         self.identity = index_identity(words, config, features or {})
+        self.code_bytes = (words.dim + 7) // 8
+        self._lock: OutputLock | None = None
+        self.main: ForwardStore | None = None    # the forward store (process 0)
+        self.store: ForwardStore | None = None   # what this process appends to: the forward store or its part
+        self.index: StoredIndex | None = None
+        try:
+            self.stored_keys, growable, pending = self.share.from_main(self._open)
+            if not growable:
+                if self.index is None:   # process 0 has it mapped already
+                    self.index = StoredIndex(self.folder / "inverted", words, config, self.identity)
+            elif self.share.distributed or pending:
+                part = part_folder(self.folder, self.share.rank, self.share.size)
+                self.store = ForwardStore(part, self.identity, self.code_bytes, self.folder, part_hint(part))
+            else:
+                self.store = self.main
+        except BaseException:
+            self.close()
+            raise
+        self.stored = set(self.stored_keys)
+        self.reused, self.added, self.repeated = len(self.stored_keys), 0, 0
+        self._appended: list[str] = []   # by this process since the last sync()
+
+    def _open(self) -> tuple[list[str], bool, bool]:
+        """(the stored keys: the forward store's, then its parts', whether the index can grow,
+        whether parts are pending) after locking the folder and opening the forward store (process 0)."""
         try:
             self._lock = OutputLock(self.folder, hint="choose another --load_expr")
         except (OutputInUse, OutputLockUnavailable) as e:
             raise AsmkIndexError(str(e)) from None
-        self.store: ForwardStore | None = None
-        self.index: StoredIndex | None = None
         forward, inverted = self.folder / "forward", self.folder / "inverted"
+        shutil.rmtree(forward / f".{PARTS}.old", ignore_errors=True)   # the parts of a merge killed while deleted
+        if (inverted / "meta.json").exists() and not (forward / "manifest.json").exists():
+            self.index = StoredIndex(inverted, self.words, self.config, self.identity)
+            log.info("ASMK* index %s: no forward store (forward/ deleted): the inverted file of %d images serves "
+                     "the queries; adding images needs the forward store (delete the folder to rebuild it, "
+                     "aggregating every image again)", self.folder, self.index.num_images)
+            return self.index.keys(), False, False
+        self.main = ForwardStore(forward, self.identity, self.code_bytes)
+        parts = self._parts()
         try:
-            if (inverted / "meta.json").exists() and not (forward / "manifest.json").exists():
-                self.index = StoredIndex(inverted, words, config, self.identity)
-                self.stored_keys = self.index.keys()
-                log.info("ASMK* index %s: no forward store (forward/ deleted): the inverted file of %d images serves "
-                         "the queries; adding images needs the forward store (delete the folder to rebuild it, "
-                         "aggregating every image again)", self.folder, self.index.num_images)
-            else:
-                self.store = ForwardStore(forward, self.identity, (words.dim + 7) // 8)
-                self.stored_keys = self.store.keys
-        except BaseException:
-            self._lock.release()
-            raise
-        self.stored = set(self.stored_keys)
-        self.reused, self.added, self.repeated = len(self.stored_keys), 0, 0
+            in_parts = [k for k in _locate(parts) if k not in self.main.key_set]
+        finally:
+            for part in parts:
+                part.close()
+        return [*self.main.keys, *in_parts], True, bool(parts)
+
+    def _parts(self) -> list[ForwardStore]:
+        """The forward store's parts (of any process count), opened: identity and manifest
+        checked, resumed from their last commit."""
+        root = self.folder / "forward" / PARTS
+        folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return [ForwardStore(p, self.identity, self.code_bytes, self.folder, part_hint(p)) for p in folders]
 
     def check(self, keys: Sequence[str]) -> None:
         """Refuse an index holding images not in ``keys`` (the database now)."""
@@ -724,8 +778,8 @@ class IndexBuild:
             f"{fix_hint(self.folder)}, which aggregates every image again")
 
     def append(self, key: str, descriptors: np.ndarray) -> None:
-        """Aggregate one image's (n, D) descriptors and append them under ``key``; nothing when
-        ``key`` is stored (counted in :attr:`repeated`)."""
+        """Aggregate one image's (n, D) descriptors and append them under ``key`` (to this
+        process's store); nothing when ``key`` is stored (counted in :attr:`repeated`)."""
         if key in self.stored:
             self.repeated += 1
             return
@@ -734,13 +788,22 @@ class IndexBuild:
         self.store.append(key, *represent(self.words, descriptors, self.config.db_assignments,
                                           f"database image {key!r}"))
         self.stored.add(key)
+        self._appended.append(key)
         self.added += 1
         if self.added % self.commit_every == 0:
             self.store.commit()
 
+    def sync(self) -> None:
+        """Learn the images the other processes appended since the last sync (a collective:
+        every process calls it), e.g. before :meth:`append_share` after appending images each
+        process chose itself."""
+        for keys in self.share.gather(self._appended):
+            self.stored.update(keys)
+        self._appended = []
+
     def append_missing(self, keys: Sequence[str], descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]]
                        ) -> None:
-        """Append the images of ``keys`` not stored, each once, in ``keys`` order
+        """Append the images of ``keys`` not stored, each once, in ``keys`` order, in this process
         (``descriptors(missing keys)`` yields their (n, D) descriptors in that order; not called
         when none is missing), then commit."""
         missing = list(dict.fromkeys(k for k in keys if k not in self.stored))
@@ -752,37 +815,96 @@ class IndexBuild:
         if self.store is not None:
             self.store.commit()
 
+    def append_share(self, keys: Sequence[str], descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]]
+                     ) -> None:
+        """As :meth:`append_missing`, each process appending its share (every size-th, from its
+        rank on) of the images of ``keys`` not stored; every process calls it with the same keys."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self.stored))
+        if missing and self.store is None:   # on every process alike
+            raise self._cannot_grow(missing)
+        self.append_missing(self.share.share(missing), descriptors)
+
     def finish(self, keys: Sequence[str], chunk: int = CHUNK_ENTRIES) -> tuple[StoredIndex, list[str], BuildReport]:
-        """The index of the database images ``keys`` (all appended by now): the inverted file (re)made when
-        the forward store grew; returns it, its image order (image i of the scores is key i) and
-        a report."""
+        """The index of the database images ``keys`` (all appended by now, by some process):
+        process 0 merges the parts, if any, and (re)makes the inverted file when the forward store
+        grew; every process calls it and gets the index, its image order (image i of the scores is
+        key i) and the run's report."""
+        if self.store is not None:
+            self.store.commit()
+        counts = self.share.gather((self.added, self.repeated))   # every part committed
+        report = BuildReport(sum(a for a, _ in counts), self.reused, sum(r for _, r in counts))
+        order = self.share.from_main(lambda: self._complete(keys, chunk))
+        if self.index is None:   # processes other than 0: mapped while process 0 holds the folder
+            self.index = StoredIndex(self.folder / "inverted", self.words, self.config, self.identity)
+        return self.index, order, report
+
+    def _complete(self, keys: Sequence[str], chunk: int) -> list[str]:
+        """The index's image order once the parts are merged and the inverted file is made from the
+        complete forward store (process 0)."""
         self.check(keys)
-        absent = [k for k in keys if k not in self.stored]
+        if self.main is None:
+            assert self.index is not None
+            return list(self.stored_keys)
+        self._merge(keys)
+        absent = [k for k in keys if k not in self.main.key_set]
         if absent:
             raise ValueError(f"{absent[0]!r}: not appended before finish()")
-        report = BuildReport(self.added, self.reused, self.repeated)
-        if self.store is None:
-            assert self.index is not None
-            return self.index, list(self.stored_keys), report
-        self.store.commit()
         inverted = self.folder / "inverted"
         current = False
         if (inverted / "meta.json").exists():
             meta = _read_json(inverted / "meta.json", INVERTED_FORMAT, fix_hint(self.folder, inverted=True))
-            current = meta.get("images") == self.store.num_images and meta.get("identity") == self.store.identity
+            current = meta.get("images") == self.main.num_images and meta.get("identity") == self.main.identity
         if not current:
-            build_inverted(self.store, inverted, self.words.size, chunk)
+            build_inverted(self.main, inverted, self.words.size, chunk)
         # mapped while no other build can move it
-        index = StoredIndex(inverted, self.words, self.config, self.identity)
-        return index, list(self.store.keys), report
+        self.index = StoredIndex(inverted, self.words, self.config, self.identity)
+        return list(self.main.keys)
+
+    def _merge(self, keys: Sequence[str]) -> None:
+        """Append the parts' images that the forward store lacks to it (their bytes checked
+        first): those of ``keys`` in ``keys`` order (as one process appends them), then any other
+        in part order; commit, then delete the parts (renamed away first: a kill leaves them whole or
+        gone)."""
+        assert self.main is not None
+        root = self.folder / "forward" / PARTS
+        if not root.exists():
+            return
+        parts = self._parts()
+        try:
+            where = _locate(parts)
+            for part in parts:
+                part.verify()
+            arrays = [part.arrays() for part in parts]
+            starts = [np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]) for _, _, counts in arrays]
+            merged = 0
+            for key in [*dict.fromkeys(k for k in keys if k in where), *where]:
+                if key in self.main.key_set:
+                    continue
+                p, i = where[key]
+                words, codes, _ = arrays[p]
+                s, e = starts[p][i], starts[p][i + 1]
+                self.main.append(key, codes[s:e], words[s:e])
+                merged += 1
+                if merged % self.commit_every == 0:
+                    self.main.commit()
+            self.main.commit()
+        finally:
+            for part in parts:
+                part.close()
+        gone = root.with_name(f".{PARTS}.old")
+        root.rename(gone)
+        fsync_folder(root.parent)
+        shutil.rmtree(gone)
 
     def close(self) -> None:
-        """Close the forward store (uncommitted images are dropped by the next build) and release the lock."""
+        """Close the forward store and this process's part (uncommitted images are dropped by the
+        next build) and release the lock."""
         try:
-            if self.store is not None:
-                self.store.close()
+            for store in {id(s): s for s in (self.store, self.main) if s is not None}.values():
+                store.close()
         finally:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> IndexBuild:
         return self
@@ -791,17 +913,44 @@ class IndexBuild:
         self.close()
 
 
+def part_folder(folder: str | Path, rank: int, size: int) -> Path:
+    """The part of the forward store that process ``rank`` of ``size`` appends to:
+    <folder>/forward/parts/<rank>-of-<size>/."""
+    return Path(folder) / "forward" / PARTS / f"{rank}-of-{size}"
+
+
+def part_hint(part: Path) -> str:
+    """How to go on from a damaged part: its images are aggregated again without it."""
+    return f"delete {part} to aggregate its images again"
+
+
+def _locate(parts: Sequence[ForwardStore]) -> dict[str, tuple[int, int]]:
+    """Each key of the ``parts``: (its part, its place there); AsmkIndexError naming both parts'
+    keys.txt when one is in two."""
+    where: dict[str, tuple[int, int]] = {}
+    for p, part in enumerate(parts):
+        for i, key in enumerate(part.keys):
+            if key in where:
+                other = parts[where[key][0]].folder
+                raise AsmkIndexError(f"{part.folder / 'keys.txt'}: image {key!r} is also in {other / 'keys.txt'} "
+                                     f"(an image is stored once); {part_hint(part.folder)}")
+            where[key] = (p, i)
+    return where
+
+
 def update_index(folder: str | Path, words: VisualWords, config: AsmkConfig, keys: Sequence[str],
                  descriptors: Callable[[Sequence[str]], Iterable[np.ndarray]],
                  features: Mapping[str, Any] | None = None, commit_every: int = 1000,
-                 chunk: int = CHUNK_ENTRIES) -> tuple[StoredIndex, list[str], BuildReport]:
+                 chunk: int = CHUNK_ENTRIES, share: WorkShare | None = None
+                 ) -> tuple[StoredIndex, list[str], BuildReport]:
     """The stored index of the database images ``keys`` in ``folder``: the images it lacks are
-    aggregated (``descriptors(missing keys)`` yields their (n, D) descriptors in that order) and
-    appended, committed every ``commit_every`` images; then the inverted file is (re)made when
-    the forward store grew. Returns the index, its image order (the stored keys, then the new
-    ones in ``keys`` order, each once: image i of the scores is key i) and a report. Refused
-    (AsmkIndexError) as :class:`IndexBuild`, and when the index holds images not in ``keys``."""
-    with IndexBuild(folder, words, config, features, commit_every) as build:
+    aggregated (``descriptors(missing keys)`` yields their (n, D) descriptors in that order; under
+    torchrun, ``share``: each process's share of them) and appended, committed every
+    ``commit_every`` images; then the inverted file is (re)made when the forward store grew.
+    Returns the index, its image order (the stored keys, then the new ones in ``keys`` order,
+    each once: image i of the scores is key i) and a report. Refused (AsmkIndexError) as
+    :class:`IndexBuild`, and when the index holds images not in ``keys``."""
+    with IndexBuild(folder, words, config, features, commit_every, share) as build:
         build.check(keys)
-        build.append_missing(keys, descriptors)
+        build.append_share(keys, descriptors)
         return build.finish(keys, chunk)
