@@ -143,8 +143,8 @@ def _scan_list(id_bytes: np.ndarray, p: int, hi: int, codes: np.ndarray, code_by
     num_images, size, last = len(scores), len(codes), len(query) - 1
     query_last = query[last]
     image, count = 0, 0
-    while p < hi:   # the images before the stripe: 8 at a time where 8 bytes hold 8 values
-        if p + 8 <= hi:
+    while p < hi:   # the entry `count`
+        if image < first and p + 8 <= hi:   # before the stripe: 8 at a time where 8 bytes hold 8 values
             x = _load_u64(id_bytes, p)
             if x & TOP_BITS == 0:
                 step = _byte_sum(x)
@@ -160,12 +160,9 @@ def _scan_list(id_bytes: np.ndarray, p: int, hi: int, codes: np.ndarray, code_by
             value |= np.int64(byte & 127) << (shift & 63)
             shift += 7
         image += value
-        if image >= first or shift > 63:
-            break
-        count += 1
-    if count == length:
-        return OK, count
-    while True:   # the entry `count`, just decoded, then the others up to the stripe's end
+        if image < first and shift <= 63:   # before the stripe: unchecked
+            count += 1
+            continue
         if shift > 63 or value >= num_images:
             return DIFFERENCE_RANGE, count
         if count and value == 0:
@@ -190,15 +187,7 @@ def _scan_list(id_bytes: np.ndarray, p: int, hi: int, codes: np.ndarray, code_by
             return CODE_BITS, count
         scores[image] += kernel[distance]
         count += 1
-        if p >= hi:
-            return OK, count
-        value, shift, byte = 0, 0, 128
-        while byte >= 128:
-            byte = id_bytes[p]
-            p += 1
-            value |= np.int64(byte & 127) << (shift & 63)
-            shift += 7
-        image += value
+    return OK, count
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, boundscheck=False)
@@ -209,12 +198,15 @@ def _scan(id_bytes: np.ndarray, id_offsets: np.ndarray, codes: np.ndarray, offse
     index in ``words`` of its list)."""
     threads, num_words, code_bytes = len(bounds) - 1, len(words), codes.shape[1]
     flat = codes.reshape(-1)
+    queries = np.empty((num_words, (code_bytes + 7) // 8), np.uint64)
+    for i in range(num_words):
+        queries[i] = _words(query_codes[i])
     found = np.full((threads, 3), num_words, np.int64)   # each thread's (list, entry, problem)
     for t in numba.prange(threads):
         for i in range(num_words):
             w = words[i]
             problem, at = _scan_list(id_bytes, id_offsets[w], id_offsets[w + 1], flat, code_bytes, offsets[w],
-                                     offsets[w + 1] - offsets[w], _words(query_codes[i]), mask, kernel, dim,
+                                     offsets[w + 1] - offsets[w], queries[i], mask, kernel, dim,
                                      scores, bounds[t], bounds[t + 1])
             if problem != OK:
                 found[t, 0], found[t, 1], found[t, 2] = i, at, problem
